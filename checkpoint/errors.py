@@ -1,0 +1,17 @@
+"""Errors of durable storage. Every class pickles (they cross Ray)."""
+
+
+class CheckpointError(Exception):
+    """Base of everything raised by :mod:`sluiceway.checkpoint`."""
+
+
+class StorageError(CheckpointError):
+    """The checkpoint storage could not be read or written."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint's manifest or state files fail their checks."""
+
+
+class IncompatibleJobError(CheckpointError):
+    """A checkpoint dir holds a job this flow cannot resume."""

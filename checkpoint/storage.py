@@ -1,0 +1,231 @@
+"""One object owns every path of a job's checkpoint storage.
+
+>>> s = JobStorage("memory://doc-root", "clicks")
+>>> s.offsets_path(12)
+'/doc-root/clicks/offsets/0000000012.json'
+>>> s.state_path(12, "count", 1)
+'/doc-root/clicks/checkpoints/0000000012/state/count/1.arrow'
+
+Layout (DESIGN.md)::
+
+    <root>/<job>/
+      job.json               job id, graph, parallelism, key groups, versions
+      offsets/<epoch>.json   planned ranges per source partition (written first)
+      commits/<epoch>.json   epoch finished and its output durable
+      checkpoints/<id>/
+        state/<step>/<subtask>.arrow   one Arrow IPC file, one batch per key group
+        MANIFEST.json        written last
+
+Every write of a JSON document goes to a temporary name first and is then
+moved into place, so a reader never sees half a document. No method turns a
+storage error into "nothing there": a missing file is ``None`` or an empty
+list, anything else raises :class:`StorageError`.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from sluiceway.checkpoint.errors import StorageError
+
+_EPOCH_DIGITS = 10
+
+
+def _epoch_name(n: int) -> str:
+    return f"{n:0{_EPOCH_DIGITS}d}"
+
+
+def open_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Resolve a URL or local path to ``(filesystem, path)`` with a clear error."""
+    try:
+        fs, path = url_to_fs(url)
+    except (ValueError, ImportError) as exc:
+        raise StorageError(
+            f"cannot open storage {url!r}: {exc}. Use a local path or an fsspec URL "
+            "such as file:///data/ckpt, memory://name or s3://bucket/prefix"
+        ) from exc
+    return fs, path.rstrip("/") or "/"
+
+
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path``, then move it into place."""
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.pipe_file(tmp, data)
+    fs.mv(tmp, path)
+
+
+class JobStorage:
+    """The storage of one job under ``<root>/<job>``: paths, logs and documents."""
+
+    def __init__(self, root: str, job: str):
+        if not job or "/" in job or job.startswith("."):
+            raise StorageError(f"job name {job!r} cannot be used as a folder name; use letters, digits, '-' or '_'")
+        self.root_url = root
+        self.job = job
+        self.fs, root_path = open_filesystem(root)
+        self.base = posixpath.join(root_path, job)
+
+    def __repr__(self) -> str:
+        return f"JobStorage({self.root_url!r}, {self.job!r})"
+
+    # ----------------------------------------------------------------- paths
+    @property
+    def job_path(self) -> str:
+        return posixpath.join(self.base, "job.json")
+
+    def offsets_path(self, epoch: int) -> str:
+        return posixpath.join(self.base, "offsets", _epoch_name(epoch) + ".json")
+
+    def commit_path(self, epoch: int) -> str:
+        return posixpath.join(self.base, "commits", _epoch_name(epoch) + ".json")
+
+    def checkpoint_path(self, checkpoint_id: int) -> str:
+        return posixpath.join(self.base, "checkpoints", _epoch_name(checkpoint_id))
+
+    def manifest_path(self, checkpoint_id: int) -> str:
+        return posixpath.join(self.checkpoint_path(checkpoint_id), "MANIFEST.json")
+
+    def state_path(self, checkpoint_id: int, step: str, subtask: int) -> str:
+        return posixpath.join(self.checkpoint_path(checkpoint_id), "state", step, f"{subtask}.arrow")
+
+    def relative(self, path: str) -> str:
+        """A path as recorded in manifests: relative to the checkpoint folder's parent."""
+        return posixpath.relpath(path, self.base)
+
+    def absolute(self, relative_path: str) -> str:
+        return posixpath.join(self.base, relative_path)
+
+    # ------------------------------------------------------------ primitives
+    def _call(self, what: str, path: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised with the path and the cause
+            raise StorageError(
+                f"cannot {what} {self.fs.unstrip_protocol(path)}: {type(exc).__name__}: {exc}. "
+                "Check that the checkpoint dir is a folder you can read and write"
+            ) from exc
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        self._call("write", path, atomic_write, self.fs, path, data)
+
+    def read_bytes(self, path: str) -> bytes | None:
+        try:
+            return self._call("read", path, self.fs.cat_file, path)
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, path: str, doc: Any) -> None:
+        self.write_bytes(path, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+    def read_json(self, path: str) -> Any | None:
+        data = self.read_bytes(path)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise StorageError(f"{self.fs.unstrip_protocol(path)} is not valid JSON: {exc}") from exc
+
+    def _list_numbered(self, folder: str, suffix: str) -> list[int]:
+        path = posixpath.join(self.base, folder)
+        try:
+            names = self._call("list", path, self.fs.ls, path, detail=False)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            stem = posixpath.basename(name.rstrip("/"))
+            if suffix:
+                if not stem.endswith(suffix):
+                    continue
+                stem = stem[: -len(suffix)]
+            if stem.isdigit():
+                out.append(int(stem))
+        return sorted(out)
+
+    def exists(self, path: str) -> bool:
+        return bool(self._call("check", path, self.fs.exists, path))
+
+    def delete_tree(self, path: str) -> None:
+        try:
+            self._call("delete", path, self.fs.rm, path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def check_access(self) -> None:
+        """Fail early, with the cause, when the root cannot hold a job."""
+        self.write_bytes(posixpath.join(self.base, ".probe"), b"ok")
+        self._call("delete", self.base, self.fs.rm, posixpath.join(self.base, ".probe"))
+
+    # ----------------------------------------------------------- documents
+    def read_job(self) -> dict | None:
+        return self.read_json(self.job_path)
+
+    def write_job(self, doc: dict) -> None:
+        self.write_json(self.job_path, doc)
+
+    def write_offsets(self, epoch: int, plan: dict) -> None:
+        self.write_json(self.offsets_path(epoch), plan)
+
+    def read_offsets(self, epoch: int) -> dict | None:
+        return self.read_json(self.offsets_path(epoch))
+
+    def offset_epochs(self) -> list[int]:
+        return self._list_numbered("offsets", ".json")
+
+    def write_commit(self, epoch: int, doc: dict) -> None:
+        self.write_json(self.commit_path(epoch), doc)
+
+    def read_commit(self, epoch: int) -> dict | None:
+        return self.read_json(self.commit_path(epoch))
+
+    def commit_epochs(self) -> list[int]:
+        return self._list_numbered("commits", ".json")
+
+    def checkpoint_ids(self) -> list[int]:
+        """Every checkpoint folder, complete or not."""
+        return self._list_numbered("checkpoints", "")
+
+    def read_manifest(self, checkpoint_id: int) -> dict | None:
+        return self.read_json(self.manifest_path(checkpoint_id))
+
+    def write_manifest(self, checkpoint_id: int, manifest: dict) -> None:
+        """The commit point of a checkpoint: call it after every state file is written."""
+        self.write_json(self.manifest_path(checkpoint_id), manifest)
+
+    def file_size(self, path: str) -> int | None:
+        try:
+            return int(self._call("stat", path, self.fs.size, path))
+        except FileNotFoundError:
+            return None
+
+    def prune_logs(self, below_epoch: int) -> int:
+        """Delete offsets and commit records of epochs before ``below_epoch``."""
+        removed = 0
+        for epoch in self.offset_epochs():
+            if epoch < below_epoch:
+                self._rm(self.offsets_path(epoch))
+                removed += 1
+        for epoch in self.commit_epochs():
+            if epoch < below_epoch:
+                self._rm(self.commit_path(epoch))
+                removed += 1
+        return removed
+
+    def _rm(self, path: str) -> None:
+        try:
+            self._call("delete", path, self.fs.rm_file, path)
+        except FileNotFoundError:
+            pass
+
+    def __reduce__(self):
+        return (JobStorage, (self.root_url, self.job))

@@ -1,0 +1,111 @@
+"""Barrier alignment as a pure state machine.
+
+A task with input channels receives, per channel and in order, data for the
+current epoch followed by that epoch's barrier. It may process epoch *e* only
+when every channel has delivered the barrier of *e*; what a channel sends
+after its barrier belongs to *e+1* and is held back.
+
+>>> a = BarrierAligner(["up0", "up1"], first_epoch=1)
+>>> a.handle(Data("up0", "rows-a"))
+[]
+>>> a.handle(BarrierEvent("up0", Barrier(1, checkpoint=False, watermark=5.0)))
+[]
+>>> a.handle(Data("up0", "rows-b"))  # epoch 2 arrives early on up0: held back
+[]
+>>> a.handle(BarrierEvent("up1", Barrier(1, checkpoint=True, watermark=3.0)))
+[Aligned(barrier=Barrier(epoch=1, checkpoint=True, watermark=3.0), tables=['rows-a'])]
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Hashable
+
+
+class ProtocolError(Exception):
+    """A channel broke the barrier protocol (a bug, never user error)."""
+
+
+@dataclass(frozen=True)
+class Barrier:
+    """End of an epoch on a channel. ``checkpoint``: snapshot state at it."""
+
+    epoch: int
+    checkpoint: bool
+    watermark: float | None = None
+
+
+@dataclass(frozen=True)
+class Data:
+    channel: Hashable
+    table: Any
+
+
+@dataclass(frozen=True)
+class BarrierEvent:
+    channel: Hashable
+    barrier: Barrier
+
+
+@dataclass(frozen=True)
+class Aligned:
+    """Instruction: process epoch ``barrier.epoch`` with ``tables`` (in channel order)."""
+
+    barrier: Barrier
+    tables: list
+
+
+def min_watermark(marks: list[float | None]) -> float | None:
+    """A task's watermark: the minimum over its inputs; unknown if any input's is."""
+    if not marks or any(m is None for m in marks):
+        return None
+    return min(marks)
+
+
+class BarrierAligner:
+    def __init__(self, channels: list[Hashable], first_epoch: int):
+        if not channels:
+            raise ProtocolError("a task with no input channels needs no aligner")
+        self.channels = list(channels)
+        self.next_epoch = first_epoch
+        # Per channel: completed epochs as (barrier, tables), and the tables of the open epoch.
+        self._closed: dict[Hashable, deque[tuple[Barrier, list]]] = {c: deque() for c in self.channels}
+        self._open: dict[Hashable, list] = {c: [] for c in self.channels}
+        self._last_barrier: dict[Hashable, int] = {c: first_epoch - 1 for c in self.channels}
+
+    def handle(self, event: Data | BarrierEvent) -> list[Aligned]:
+        if event.channel not in self._open:
+            raise ProtocolError(f"event on unknown channel {event.channel!r}; channels are {self.channels}")
+        if isinstance(event, Data):
+            self._open[event.channel].append(event.table)
+            return []
+        expected = self._last_barrier[event.channel] + 1
+        if event.barrier.epoch != expected:
+            raise ProtocolError(
+                f"channel {event.channel!r} sent the barrier of epoch {event.barrier.epoch}, expected {expected}"
+            )
+        self._last_barrier[event.channel] = event.barrier.epoch
+        self._closed[event.channel].append((event.barrier, self._open[event.channel]))
+        self._open[event.channel] = []
+        out = []
+        while all(self._closed[c] for c in self.channels):
+            heads = [self._closed[c].popleft() for c in self.channels]
+            barriers = [b for b, _ in heads]
+            out.append(
+                Aligned(
+                    Barrier(
+                        self.next_epoch,
+                        checkpoint=any(b.checkpoint for b in barriers),
+                        watermark=min_watermark([b.watermark for b in barriers]),
+                    ),
+                    [t for _, tables in heads for t in tables],
+                )
+            )
+            self.next_epoch += 1
+        return out
+
+    @property
+    def held_back(self) -> int:
+        """How many events wait for other channels (for metrics and tests)."""
+        return sum(len(q) for q in self._closed.values()) + sum(len(v) for v in self._open.values())

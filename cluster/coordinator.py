@@ -1,0 +1,501 @@
+"""The coordinator actor: drives epochs, completes checkpoints, recovers.
+
+Its loop (:meth:`Coordinator.run`) repeats four phases:
+
+1. **Collect** acks and failure reports from tasks, and the answers of
+   liveness pings (a dead actor or node fails its ping within about a second
+   with the fast health check).
+2. **Recover** if anything failed: new actors for the dead tasks only, every
+   task reset to the latest complete checkpoint, and the epochs planned after
+   it replayed with exactly the ranges of the offsets log.
+3. **Complete** epochs whose tasks have all acknowledged, in order: manifest
+   (the commit point of a checkpoint), sink commits, commit log, retention.
+4. **Plan** the next epoch when the trigger is due and fewer than
+   ``max_epochs_in_flight`` run: offsets log first, then the source tasks.
+
+A coordinator started on an existing checkpoint dir rebuilds its position
+from storage alone (:meth:`_restore_point`).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from sluiceway.checkpoint.errors import CorruptCheckpointError, IncompatibleJobError
+from sluiceway.checkpoint.manifest import build_manifest, latest_complete
+from sluiceway.checkpoint.retention import apply_retention
+from sluiceway.checkpoint.storage import JobStorage
+from sluiceway.checkpoint.types import TaskId
+from sluiceway.cluster.epochs import EpochBook, EpochPlan, TaskAck, plan_epoch, sources_exhausted
+from sluiceway.cluster.errors import JobFailedError
+from sluiceway.cluster.graph import PhysicalPlan
+from sluiceway.cluster.placement import pinned, spread, worker_nodes
+from sluiceway.cluster.task import TaskActor
+
+PING_INTERVAL_S = 0.5
+LOOP_WAIT_S = 0.02
+RESET_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a job runs. Durations in seconds."""
+
+    trigger_s: float = 1.0
+    checkpoint_every: int = 5
+    max_epochs_in_flight: int = 2
+    max_records_per_epoch: int = 1_000_000
+    keep_checkpoints: int = 3
+    max_restarts: int = 3
+    until_idle: bool = False
+    epochs: int | None = None  # stop after this many new epochs in this run
+
+    def __post_init__(self):
+        problems = []
+        if self.trigger_s < 0:
+            problems.append(f"trigger must be >= 0 seconds, got {self.trigger_s}")
+        if self.checkpoint_every < 1:
+            problems.append(f"checkpoint_every must be >= 1 epoch, got {self.checkpoint_every}")
+        if self.max_epochs_in_flight < 1:
+            problems.append(f"max_epochs_in_flight must be >= 1, got {self.max_epochs_in_flight}")
+        if self.max_records_per_epoch < 1:
+            problems.append(f"max_records_per_epoch must be >= 1, got {self.max_records_per_epoch}")
+        if self.keep_checkpoints < 1:
+            problems.append(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.max_restarts < 0:
+            problems.append(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if self.epochs is not None and self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+class Coordinator:
+    """Driver-side logic of the coordinator actor (see module doc)."""
+
+    def __init__(self, plan: PhysicalPlan, storage: JobStorage, options: RunOptions, job_doc: dict):
+        self.plan = plan
+        self.storage = storage
+        self.options = options
+        self.job_doc = job_doc
+        self.sources = plan.sources()
+        self.sinks = plan.sinks()
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._events: list[dict] = []
+        self._events_lock = threading.Lock()
+        self._stop_requested = threading.Event()
+        self.actors: dict[TaskId, object] = {}
+        self.generation = 0
+        self.restarts = 0
+        self.failures: list[str] = []
+        self.bad_checkpoints: set[int] = set()
+        self.stats = {"epochs": 0, "rows_in": 0, "rows_out": 0, "checkpoints": 0}
+        self.last_completed = 0
+        self.last_checkpoint = 0
+        self.stop_reason: str | None = None
+        self.epochs_planned_this_run = 0
+        self.high_water = 0  # highest epoch ever completed; stats count only newer ones
+        self._pings: dict[TaskId, tuple[object | None, float]] = {}
+        self._dead: set[TaskId] = set()
+
+    # ------------------------------------------------------------ messages
+    def ack(self, ack: TaskAck) -> None:
+        self.inbox.put(("ack", ack))
+
+    def task_failed(self, task: TaskId, generation: int, error: str) -> None:
+        self.inbox.put(("failed", (task, generation, error)))
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    def drain_events(self) -> list[dict]:
+        with self._events_lock:
+            events, self._events = self._events, []
+        return events
+
+    def _event(self, kind: str, **fields) -> None:
+        with self._events_lock:
+            self._events.append({"type": kind, "at": time.time(), **fields})
+
+    # ---------------------------------------------------------------- run
+    def run(self, me) -> dict:
+        self.me = me
+        started = time.time()
+        try:
+            self._start()
+            while not self._finished():
+                failures = self._collect()
+                if failures:
+                    self._recover(failures)
+                    continue
+                self._complete_epochs()
+                self._plan_next()
+        finally:
+            for actor in self.actors.values():
+                ray.kill(actor, no_restart=True)
+        return {
+            "job": self.plan.job,
+            **self.stats,
+            "replayed_epochs": self.replayed,
+            "restarts": self.restarts,
+            "last_epoch": self.last_completed,
+            "last_checkpoint": self.last_checkpoint,
+            "stopped": self.stop_reason,
+            "duration_s": round(time.time() - started, 3),
+            "failures": self.failures,
+        }
+
+    def _finished(self) -> bool:
+        if self._stop_requested.is_set() and self.stop_reason is None:
+            self.stop_reason = "requested"
+        return (
+            self.stop_reason is not None
+            and not self.replay
+            and self.book.in_flight == 0
+            and self.last_completed == self.last_checkpoint
+        )
+
+    # -------------------------------------------------------------- start
+    def _start(self) -> None:
+        commits = self.storage.commit_epochs()
+        self.high_water = commits[-1] if commits else 0
+        self.replayed = 0
+        self._restore_point()
+        nodes = worker_nodes()
+        tasks = self.plan.tasks()
+        placement = dict(zip(tasks, spread(len(tasks), nodes)))
+        self.actors = {t: self._create_actor(t, n) for t, n in placement.items()}
+        self._reset_all()
+        if "sources_started_at" not in self.job_doc:  # the generators' clock starts when tasks are ready
+            self.job_doc["sources_started_at"] = time.time()
+            self.storage.write_job(self.job_doc)
+        self._event(
+            "started",
+            tasks={str(t): n for t, n in placement.items()},
+            nodes=len(nodes),
+            resume_checkpoint=self.restore_manifest["id"] if self.restore_manifest else None,
+            replay_epochs=[p.epoch for p in self.replay],
+        )
+
+    def _create_actor(self, task: TaskId, node_id: str):
+        return TaskActor.options(scheduling_strategy=pinned(node_id)).remote(self.plan, task, self.storage, self.me)
+
+    def _restore_point(self) -> None:
+        """Latest complete checkpoint, and the planned epochs after it to replay."""
+        check, corrupt = latest_complete(self.storage, skip=self.bad_checkpoints)
+        for c in corrupt:
+            self._event("corrupt_checkpoint", checkpoint=c.checkpoint_id, problem=c.problem)
+        manifest = check.manifest if check else None
+        if manifest is not None and manifest.get("max_key_groups") != self.plan.max_key_groups:
+            raise IncompatibleJobError(
+                f"checkpoint {manifest['id']} has max_key_groups {manifest.get('max_key_groups')}, "
+                f"the flow has {self.plan.max_key_groups}; max_key_groups is fixed for a job's life"
+            )
+        base = manifest["epoch"] if manifest else 0
+        plans = []
+        for epoch in self.storage.offset_epochs():
+            if epoch > base:
+                plans.append(EpochPlan.from_json(self.storage.read_offsets(epoch)))
+        expected = list(range(base + 1, base + 1 + len(plans)))
+        if [p.epoch for p in plans] != expected:
+            raise CorruptCheckpointError(
+                f"offsets log of job {self.plan.job!r} has gaps after epoch {base}: "
+                f"{[p.epoch for p in plans]} (expected {expected})"
+            )
+        self.restore_manifest = manifest
+        self.replay: deque[EpochPlan] = deque(plans)
+        self.last_completed = self.last_checkpoint = base
+        self.next_epoch = base + len(plans) + 1
+        if plans:
+            self.next_offsets = plans[-1].next_offsets()
+        elif manifest:
+            self.next_offsets = {s: {int(p): o for p, o in parts.items()} for s, parts in manifest["offsets"].items()}
+        else:
+            self.next_offsets = {}
+        self.next_trigger = 0.0
+        self.book = EpochBook(self.plan.tasks(), self.generation)
+
+    def _reset_all(self) -> None:
+        """Reset every task to the restore point; a corrupt checkpoint falls back to the one before."""
+        while True:
+            downstream = {s.id: [self.actors[t] for t in s.tasks()] for s in self.plan.stages.values()}
+            first = self.last_checkpoint + 1
+            refs = [
+                a.reset.remote(self.generation, self.restore_manifest, downstream, first) for a in self.actors.values()
+            ]
+            try:
+                ray.get(refs, timeout=RESET_TIMEOUT_S)
+                return
+            except RayActorError:
+                return  # a task died while resetting: its failed ping starts another recovery
+            except GetTimeoutError as exc:
+                raise JobFailedError(
+                    f"job {self.plan.job!r}: tasks did not restore checkpoint state within {RESET_TIMEOUT_S:.0f} s"
+                ) from exc
+            except RayTaskError as exc:
+                if not isinstance(exc, CorruptCheckpointError) or self.restore_manifest is None:
+                    raise
+                bad = self.restore_manifest["id"]
+                self.bad_checkpoints.add(bad)
+                self._event("corrupt_checkpoint", checkpoint=bad, problem=str(exc).splitlines()[0])
+                self.generation += 1
+                self._restore_point()
+
+    # ------------------------------------------------------------ collect
+    def _collect(self) -> list[str]:
+        failures = []
+        wait = LOOP_WAIT_S
+        while True:
+            try:
+                kind, payload = self.inbox.get(timeout=wait) if wait else self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            wait = 0
+            if kind == "ack":
+                self.book.handle_ack(payload)
+            else:
+                task, generation, error = payload
+                if generation == self.generation:
+                    failures.append(error)
+        failures.extend(self._check_liveness())
+        return failures
+
+    def _check_liveness(self) -> list[str]:
+        """One outstanding ping per task; a dead actor's ping fails."""
+        now = time.time()
+        for task, actor in self.actors.items():
+            ref, sent = self._pings.get(task, (None, 0.0))
+            if ref is None and now - sent >= PING_INTERVAL_S:
+                self._pings[task] = (actor.ping.remote(), now)
+        outstanding = {ref: task for task, (ref, _) in self._pings.items() if ref is not None}
+        if not outstanding:
+            return []
+        ready, _ = ray.wait(list(outstanding), num_returns=len(outstanding), timeout=0)
+        failures = []
+        for ref in ready:
+            task = outstanding[ref]
+            try:
+                ray.get(ref)
+                self._pings[task] = (None, now)
+            except RayActorError as exc:
+                self._pings.pop(task, None)
+                self._dead.add(task)
+                failures.append(f"task {task} died ({type(exc).__name__}: its actor or node was lost)")
+        return failures
+
+    # ------------------------------------------------------------ recover
+    def _recover(self, failures: list[str]) -> None:
+        t0 = time.time()
+        cause = failures[0]
+        self.failures.extend(failures)
+        self.restarts += 1
+        self._event("failure", error=cause.splitlines()[0], restarts=self.restarts)
+        if self.restarts > self.options.max_restarts:
+            raise JobFailedError(
+                f"job {self.plan.job!r} failed: restart budget of {self.options.max_restarts} spent; "
+                f"committed output stays as of epoch {self.last_completed}. Last failure:",
+                cause,
+            )
+        # 1. Halt: a new generation makes every message in flight stale.
+        self.generation += 1
+        # 2. Find the dead: those that failed a ping, and any that do not answer now.
+        dead = set(self._dead)
+        probes = {t: a.ping.remote() for t, a in self.actors.items() if t not in dead}
+        for task, ref in probes.items():
+            try:
+                ray.get(ref, timeout=30)
+            except (RayActorError, GetTimeoutError):
+                dead.add(task)
+        # 3. New actors for the dead ones only, on live nodes.
+        nodes = worker_nodes()
+        for (task, node) in zip(sorted(dead), spread(len(dead), nodes, offset=self.restarts)):
+            ray.kill(self.actors[task], no_restart=True)
+            self.actors[task] = self._create_actor(task, node)
+        self._dead = set()
+        self._pings = {}
+        # 4. Restore the latest complete checkpoint and replay the epochs after it.
+        self._restore_point()
+        self._reset_all()
+        self._event(
+            "recovered",
+            checkpoint=self.last_checkpoint,
+            restarted_tasks=[str(t) for t in sorted(dead)],
+            replay_epochs=[p.epoch for p in self.replay],
+            duration_s=round(time.time() - t0, 3),
+        )
+
+    # ----------------------------------------------------------- complete
+    def _complete_epochs(self) -> None:
+        for plan, acks in self.book.pop_complete():
+            self._complete(plan, acks)
+
+    def _complete(self, plan: EpochPlan, acks: dict[TaskId, TaskAck]) -> None:
+        now = time.time()
+        ordered = [acks[t] for t in sorted(acks)]
+        # 1. A checkpoint epoch: the manifest is the commit point.
+        if plan.checkpoint:
+            tasks = [
+                {
+                    "task": str(a.task),
+                    "stage": a.task.stage,
+                    "subtask": a.task.subtask,
+                    "files": a.state_files,
+                    "snapshot_s": round(a.snapshot_s, 6),
+                    "duration_s": round(a.duration_s, 6),
+                    "rows_in": a.rows_in,
+                    "rows_out": a.rows_out,
+                }
+                for a in ordered
+            ]
+            manifest = build_manifest(
+                job=self.plan.job,
+                checkpoint_id=plan.epoch,
+                epoch=plan.epoch,
+                offsets={s: {str(p): o for p, o in parts.items()} for s, parts in plan.next_offsets().items()},
+                watermarks={str(a.task): a.watermark for a in ordered},
+                tasks=tasks,
+                started_at=plan.planned_at,
+                completed_at=now,
+                parallelism=self.plan.parallelism(),
+                max_key_groups=self.plan.max_key_groups,
+                sink_handles={str(a.task): a.sink_handles for a in ordered},
+            )
+            self.storage.write_manifest(plan.epoch, manifest)
+            self.last_checkpoint = plan.epoch
+            self.stats["checkpoints"] += 1
+        # 2. Sinks make the epoch's output visible (idempotent).
+        for step, sink in self.sinks.items():
+            sink.commit(plan.epoch, [a.sink_handles[step] for a in ordered if step in a.sink_handles])
+        # 3. The commit log records the epoch and its metrics.
+        rows_in = sum(a.rows_in for a in ordered)
+        rows_out = sum(a.rows_out for a in ordered)
+        duration = now - plan.planned_at
+        record = {
+            "epoch": plan.epoch,
+            "planned_at": plan.planned_at,
+            "completed_at": now,
+            "duration_s": round(duration, 6),
+            "rows_in": rows_in,
+            "rows_out": rows_out,
+            "checkpoint": plan.checkpoint,
+            "generation": self.generation,
+        }
+        self.storage.write_commit(plan.epoch, record)
+        self.last_completed = plan.epoch
+        if plan.epoch > self.high_water:
+            self.high_water = plan.epoch
+            self.stats["epochs"] += 1
+            self.stats["rows_in"] += rows_in
+            self.stats["rows_out"] += rows_out
+        else:
+            self.replayed += 1
+        # 4. Retention, after the new checkpoint is safe.
+        deleted = apply_retention(self.storage, self.options.keep_checkpoints) if plan.checkpoint else []
+        self._event(
+            "epoch",
+            epoch=plan.epoch,
+            rows_in=rows_in,
+            rows_out=rows_out,
+            duration_s=round(duration, 4),
+            rows_per_s=round(rows_in / duration, 1) if duration > 0 else None,
+            checkpoint=plan.epoch if plan.checkpoint else None,
+            last_checkpoint=self.last_checkpoint,
+            deleted_checkpoints=deleted,
+            generation=self.generation,
+        )
+
+    # --------------------------------------------------------------- plan
+    def _plan_next(self) -> None:
+        if self.book.in_flight >= self.options.max_epochs_in_flight:
+            return
+        if self.replay:
+            self._dispatch(self.replay.popleft())
+            return
+        now = time.time()
+        if self.stop_reason is not None:
+            if self.book.in_flight == 0 and self.last_completed != self.last_checkpoint:
+                self._write_and_dispatch(self._empty_ranges(), checkpoint=True, now=now)
+            return
+        if now < self.next_trigger:
+            return
+        self.next_trigger = now + self.options.trigger_s
+        ranges = plan_epoch(
+            self.next_epoch,
+            self.sources,
+            self.next_offsets,
+            now=now,
+            started_at=self.job_doc["sources_started_at"],
+            max_records_per_epoch=self.options.max_records_per_epoch,
+        )
+        if ranges is None:
+            if self.options.until_idle and sources_exhausted(self.sources, self.next_offsets):
+                self.stop_reason = "idle"
+            return
+        self.epochs_planned_this_run += 1
+        after = {s: {p: stop for p, (_, stop) in parts.items()} for s, parts in ranges.items()}
+        if self.options.until_idle and sources_exhausted(self.sources, after):
+            self.stop_reason = "idle"
+        if self.options.epochs is not None and self.epochs_planned_this_run >= self.options.epochs:
+            self.stop_reason = "epochs"
+        checkpoint = self.stop_reason is not None or self.next_epoch % self.options.checkpoint_every == 0
+        self._write_and_dispatch(ranges, checkpoint=checkpoint, now=now)
+
+    def _empty_ranges(self):
+        return {
+            s: {p: (self.next_offsets.get(s, {}).get(p, 0),) * 2 for p in range(src.partition_count())}
+            for s, src in self.sources.items()
+        }
+
+    def _write_and_dispatch(self, ranges, *, checkpoint: bool, now: float) -> None:
+        plan = EpochPlan(self.next_epoch, ranges, checkpoint, now)
+        self.storage.write_offsets(plan.epoch, plan.to_json())  # before anything runs
+        self.next_epoch += 1
+        self.next_offsets = plan.next_offsets()
+        self._dispatch(plan)
+
+    def _dispatch(self, plan: EpochPlan) -> None:
+        self.book.add(plan)
+        for stage in self.plan.stages.values():
+            if stage.source is not None:
+                for task in stage.tasks():
+                    self.actors[task].run_source_epoch.remote(self.generation, plan)
+
+    def __reduce__(self):
+        raise TypeError("a Coordinator lives inside its actor; it must not be pickled")
+
+
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=16)
+class CoordinatorActor:
+    """The Ray face of :class:`Coordinator`: ``run`` blocks; the other methods
+    are called by tasks and the driver while it runs."""
+
+    def __init__(self, plan: PhysicalPlan, storage: JobStorage, options: RunOptions, job_doc: dict):
+        self.coordinator = Coordinator(plan, storage, options, job_doc)
+
+    def run(self) -> dict:
+        return self.coordinator.run(ray.get_runtime_context().current_actor)
+
+    def ack(self, ack: TaskAck) -> None:
+        self.coordinator.ack(ack)
+
+    def task_failed(self, task: TaskId, generation: int, error: str) -> None:
+        self.coordinator.task_failed(task, generation, error)
+
+    def stop(self) -> None:
+        self.coordinator.request_stop()
+
+    def events(self) -> list[dict]:
+        return self.coordinator.drain_events()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+

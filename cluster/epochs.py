@@ -1,0 +1,139 @@
+"""The coordinator's epoch bookkeeping, as plain classes.
+
+:func:`plan_epoch` decides the next epoch's offset ranges (the backpressure
+cap lives here); :class:`EpochBook` collects task acknowledgements and says
+which epochs are complete, in order. Acks of an earlier generation (before a
+recovery) are recognised as stale and dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sluiceway.checkpoint.types import TaskId
+from sluiceway.operators.sources import Source
+
+Ranges = dict[str, dict[int, tuple[int, int]]]  # source step -> partition -> [start, stop)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one epoch reads. Written to the offsets log before it runs."""
+
+    epoch: int
+    ranges: Ranges
+    checkpoint: bool
+    planned_at: float
+
+    @property
+    def rows(self) -> int:
+        return sum(stop - start for parts in self.ranges.values() for start, stop in parts.values())
+
+    def next_offsets(self) -> dict[str, dict[int, int]]:
+        return {s: {p: stop for p, (_, stop) in parts.items()} for s, parts in self.ranges.items()}
+
+    def to_json(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "checkpoint": self.checkpoint,
+            "planned_at": self.planned_at,
+            "ranges": {s: {str(p): [a, b] for p, (a, b) in parts.items()} for s, parts in self.ranges.items()},
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "EpochPlan":
+        ranges = {s: {int(p): (a, b) for p, (a, b) in parts.items()} for s, parts in doc["ranges"].items()}
+        return cls(doc["epoch"], ranges, doc["checkpoint"], doc["planned_at"])
+
+
+@dataclass
+class TaskAck:
+    """A task finished an epoch: its barrier went downstream, its sink output
+    is pre-committed, and at a checkpoint epoch its state files are written."""
+
+    task: TaskId
+    generation: int
+    epoch: int
+    rows_in: int = 0
+    rows_out: int = 0
+    duration_s: float = 0.0
+    state_files: list[dict] = field(default_factory=list)
+    snapshot_s: float = 0.0
+    sink_handles: dict[str, dict] = field(default_factory=dict)
+    watermark: float | None = None
+
+
+def plan_epoch(
+    epoch: int,
+    sources: dict[str, Source],
+    next_offsets: dict[str, dict[int, int]],
+    *,
+    now: float,
+    started_at: float,
+    max_records_per_epoch: int,
+) -> Ranges | None:
+    """Ranges for ``epoch``, or ``None`` when no partition has anything new.
+
+    Each source's cap is split evenly over its partitions.
+    """
+    ranges: Ranges = {}
+    any_rows = False
+    for step, source in sources.items():
+        n = source.partition_count()
+        cap = max(1, max_records_per_epoch // n)
+        parts = {}
+        for p in range(n):
+            start = next_offsets.get(step, {}).get(p, 0)
+            stop = min(max(start, source.latest_offset(p, now, started_at)), start + cap)
+            parts[p] = (start, stop)
+            any_rows = any_rows or stop > start
+        ranges[step] = parts
+    return ranges if any_rows else None
+
+
+def sources_exhausted(sources: dict[str, Source], next_offsets: dict[str, dict[int, int]]) -> bool:
+    """True when every partition of every source is bounded and fully planned."""
+    for step, source in sources.items():
+        for p in range(source.partition_count()):
+            end = source.end_offset(p)
+            if end is None or next_offsets.get(step, {}).get(p, 0) < end:
+                return False
+    return True
+
+
+class EpochBook:
+    """Acks per in-flight epoch, for one generation of tasks."""
+
+    def __init__(self, tasks: list[TaskId], generation: int):
+        self.tasks = frozenset(tasks)
+        self.generation = generation
+        self.plans: dict[int, EpochPlan] = {}
+        self.acks: dict[int, dict[TaskId, TaskAck]] = {}
+        self.stale_acks = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.plans)
+
+    def add(self, plan: EpochPlan) -> None:
+        if plan.epoch in self.plans:
+            raise ValueError(f"epoch {plan.epoch} is already in flight")
+        self.plans[plan.epoch] = plan
+        self.acks[plan.epoch] = {}
+
+    def handle_ack(self, ack: TaskAck) -> bool:
+        """Record an ack; False if it is stale (old generation or unknown epoch)."""
+        if ack.generation != self.generation or ack.epoch not in self.plans or ack.task not in self.tasks:
+            self.stale_acks += 1
+            return False
+        self.acks[ack.epoch][ack.task] = ack
+        return True
+
+    def pop_complete(self) -> list[tuple[EpochPlan, dict[TaskId, TaskAck]]]:
+        """Complete epochs, lowest first, stopping at the first incomplete one."""
+        out = []
+        for epoch in sorted(self.plans):
+            if set(self.acks[epoch]) != self.tasks:
+                break
+            out.append((self.plans.pop(epoch), self.acks.pop(epoch)))
+        return out

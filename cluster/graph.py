@@ -1,0 +1,176 @@
+"""The job graph: logical steps as the user built them, and the physical
+plan the runtime executes (stages of chained steps, exchanges between them).
+
+Chaining: a step joins its upstream's stage unless it starts one: a source,
+a ``key_by`` (hash exchange into key groups) or a step whose parallelism
+differs from its upstream's (rebalance exchange). Exchanges are all-to-all:
+every upstream subtask sends every downstream subtask one message per epoch,
+so every channel carries every barrier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sluiceway.checkpoint.types import DEFAULT_MAX_KEY_GROUPS, TaskId
+from sluiceway.operators.base import Operator
+from sluiceway.operators.errors import FlowDefinitionError
+from sluiceway.operators.sinks import Sink
+from sluiceway.operators.sources import Source
+
+
+@dataclass
+class Step:
+    """One logical step. Exactly one of ``operator``, ``source``, ``sink`` is
+    set, except for ``key_by`` which only names a key."""
+
+    id: str
+    kind: str
+    upstream: str | None
+    parallelism: int | None = None
+    operator: Operator | None = None
+    source: Source | None = None
+    sink: Sink | None = None
+    key: str | None = None
+
+    def describe(self) -> dict:
+        part = self.operator or self.source or self.sink
+        d = {"id": self.id, "kind": self.kind, "upstream": self.upstream, "parallelism": self.parallelism}
+        if part is not None:
+            d["config"] = part.describe()
+        if self.key is not None:
+            d["key"] = self.key
+        return d
+
+
+@dataclass
+class JobGraph:
+    name: str
+    steps: dict[str, Step] = field(default_factory=dict)
+    max_key_groups: int = DEFAULT_MAX_KEY_GROUPS
+    parallelism: int | None = None
+
+    def add(self, step: Step) -> Step:
+        if step.id in self.steps:
+            raise FlowDefinitionError(
+                f"step {step.id!r} already exists in flow {self.name!r}; do you have two steps with the same name?"
+            )
+        if step.upstream is not None and step.upstream not in self.steps:
+            raise FlowDefinitionError(f"step {step.id!r} reads from unknown step {step.upstream!r}")
+        self.steps[step.id] = step
+        return step
+
+    def children(self, step_id: str) -> list[Step]:
+        return [s for s in self.steps.values() if s.upstream == step_id]
+
+    def describe(self) -> list[dict]:
+        return [s.describe() for s in self.steps.values()]
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """Output of ``from_step`` to every subtask of ``to_stage``: by key group
+    of ``key``, or rebalanced in contiguous slices when ``key`` is None."""
+
+    from_step: str
+    to_stage: str
+    key: str | None
+
+
+@dataclass
+class Stage:
+    id: str
+    parallelism: int
+    steps: list[str]
+    children: dict[str, list[str]]
+    source: str | None = None
+    input_stage: str | None = None
+    input_key: str | None = None
+    exchanges: list[Exchange] = field(default_factory=list)
+
+    def tasks(self) -> list[TaskId]:
+        return [TaskId(self.id, i) for i in range(self.parallelism)]
+
+
+@dataclass
+class PhysicalPlan:
+    job: str
+    graph: JobGraph
+    stages: dict[str, Stage]
+    step_stage: dict[str, str]
+
+    @property
+    def max_key_groups(self) -> int:
+        return self.graph.max_key_groups
+
+    def tasks(self) -> list[TaskId]:
+        return [t for stage in self.stages.values() for t in stage.tasks()]
+
+    def input_channels(self, stage_id: str) -> list[TaskId]:
+        stage = self.stages[stage_id]
+        return [] if stage.input_stage is None else self.stages[stage.input_stage].tasks()
+
+    def sources(self) -> dict[str, Source]:
+        return {s.id: s.source for s in self.graph.steps.values() if s.source is not None}
+
+    def sinks(self) -> dict[str, Sink]:
+        return {s.id: s.sink for s in self.graph.steps.values() if s.sink is not None}
+
+    def source_partitions(self, task: TaskId) -> list[int]:
+        """The partitions a source task reads: ``p % parallelism == subtask``."""
+        stage = self.stages[task.stage]
+        source = self.graph.steps[stage.source].source
+        return [p for p in range(source.partition_count()) if p % stage.parallelism == task.subtask]
+
+    def parallelism(self) -> dict[str, int]:
+        return {s.id: s.parallelism for s in self.stages.values()}
+
+    def describe(self) -> dict:
+        return {
+            "steps": self.graph.describe(),
+            "stages": [
+                {"id": s.id, "parallelism": s.parallelism, "steps": s.steps, "input": s.input_stage, "key": s.input_key}
+                for s in self.stages.values()
+            ],
+            "max_key_groups": self.max_key_groups,
+        }
+
+
+def plan(graph: JobGraph, parallelism: int | None = None) -> PhysicalPlan:
+    """Cut the logical graph into stages. ``parallelism`` overrides the flow's
+    default for steps that set none."""
+    default = parallelism or graph.parallelism
+    if not any(s.sink for s in graph.steps.values()):
+        raise FlowDefinitionError(f"flow {graph.name!r} has no sink; add one with stream.sink(...)")
+    stages: dict[str, Stage] = {}
+    step_stage: dict[str, str] = {}
+    for step in graph.steps.values():
+        if step.kind == "source":
+            n = step.parallelism or min(default or step.source.partition_count(), step.source.partition_count())
+            stages[step.id] = Stage(step.id, n, [step.id], {step.id: []}, source=step.id)
+            step_stage[step.id] = step.id
+            continue
+        up_stage = stages[step_stage[step.upstream]]
+        starts_stage = step.kind == "key_by" or (
+            step.parallelism is not None and step.parallelism != up_stage.parallelism
+        )
+        if starts_stage:
+            n = step.parallelism or default or up_stage.parallelism
+            stages[step.id] = Stage(
+                step.id, n, [step.id], {step.id: []}, input_stage=up_stage.id, input_key=step.key
+            )
+            up_stage.exchanges.append(Exchange(step.upstream, step.id, step.key))
+            step_stage[step.id] = step.id
+        else:
+            up_stage.steps.append(step.id)
+            up_stage.children[step.upstream].append(step.id)
+            up_stage.children[step.id] = []
+            step_stage[step.id] = up_stage.id
+    for stage in stages.values():
+        if stage.parallelism < 1:
+            raise FlowDefinitionError(f"stage {stage.id!r} has parallelism {stage.parallelism}; it must be >= 1")
+        if stage.parallelism > graph.max_key_groups and stage.input_key:
+            raise FlowDefinitionError(
+                f"stage {stage.id!r} has parallelism {stage.parallelism} above max_key_groups {graph.max_key_groups}"
+            )
+    return PhysicalPlan(graph.name, graph, stages, step_stage)

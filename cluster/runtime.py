@@ -1,0 +1,201 @@
+"""What one task does with one epoch, without Ray.
+
+:class:`TaskRuntime` holds the live logic of every step chained in a stage,
+pushes an epoch's input through them, partitions what leaves through
+exchanges, pre-commits sink output and snapshots state. The Ray actor in
+:mod:`sluiceway.cluster.task` only delivers messages to it and sends what it
+returns.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sluiceway.checkpoint.state import read_state, write_state
+from sluiceway.checkpoint.storage import JobStorage
+from sluiceway.checkpoint.types import TaskId, key_group_range
+from sluiceway.cluster.alignment import Barrier
+from sluiceway.cluster.graph import Exchange, PhysicalPlan
+from sluiceway.operators.base import OperatorContext, OperatorLogic
+from sluiceway.operators.errors import UserCodeError
+from sluiceway.operators.keys import key_groups
+from sluiceway.operators.sinks import SinkContext, SinkWriter
+from sluiceway.operators.stateless import Identity
+
+
+@dataclass
+class EpochOutput:
+    """What leaves a task for one epoch: per exchange, one table (or None) per downstream subtask."""
+
+    epoch: int
+    exchanges: dict[Exchange, list[pa.Table | None]]
+    rows_in: int
+    started: float
+
+
+@dataclass
+class EpochResult:
+    sink_handles: dict[str, dict] = field(default_factory=dict)
+    rows_out: int = 0
+    state_files: list[dict] = field(default_factory=list)
+    snapshot_s: float = 0.0
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table | None:
+    tables = [t for t in tables if t is not None and t.num_rows]
+    if not tables:
+        return None
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
+
+
+def partition_by_key(table: pa.Table, key: str, parallelism: int, max_key_groups: int) -> list[pa.Table | None]:
+    """Rows grouped by the downstream subtask owning their key group; order kept within each."""
+    if key not in table.column_names:
+        raise KeyError(f"key_by({key!r}): the stream has no column {key!r}; it has {table.column_names}")
+    kg = key_groups(table.column(key), max_key_groups)
+    if parallelism == 1:
+        return [table]
+    target = pc.divide(pc.multiply(kg, parallelism), max_key_groups)
+    return [table.filter(pc.equal(target, j)) for j in range(parallelism)]
+
+
+def partition_rebalance(table: pa.Table, parallelism: int) -> list[pa.Table | None]:
+    """Contiguous, near-equal slices: deterministic for replay."""
+    n = table.num_rows
+    bounds = [n * j // parallelism for j in range(parallelism + 1)]
+    return [table.slice(bounds[j], bounds[j + 1] - bounds[j]) for j in range(parallelism)]
+
+
+class TaskRuntime:
+    """The steps of one stage in one subtask."""
+
+    def __init__(self, plan: PhysicalPlan, task: TaskId, storage: JobStorage):
+        self.plan = plan
+        self.task = task
+        self.storage = storage
+        self.stage = plan.stages[task.stage]
+        self.logic: dict[str, OperatorLogic] = {}
+        self.sink_writers: dict[str, SinkWriter] = {}
+        self._buffers: dict[str, list[pa.Table]] = {}
+
+    # -------------------------------------------------------------- restore
+    def restore(self, manifest: dict | None) -> None:
+        """Build every step's logic from ``manifest`` (None: empty state)."""
+        graph, stage = self.plan.graph, self.stage
+        owned = key_group_range(self.task.subtask, stage.parallelism, self.plan.max_key_groups)
+        self.logic, self.sink_writers = {}, {}
+        for step_id in stage.steps:
+            step = graph.steps[step_id]
+            context = OperatorContext(step_id, self.task.subtask, stage.parallelism, self.plan.max_key_groups)
+            if step.sink is not None:
+                self.sink_writers[step_id] = step.sink.open(
+                    SinkContext(step_id, self.task.subtask, stage.parallelism, self.plan.job)
+                )
+                continue
+            operator = step.operator or Identity()
+            restored = None
+            if operator.stateful and manifest is not None:
+                parts = [
+                    part
+                    for task in manifest["tasks"]
+                    for entry in task["files"]
+                    if entry["step"] == step_id
+                    for part in read_state(self.storage, entry, owned)
+                ]
+                restored = _concat(parts)
+            self.logic[step_id] = self._user_call(step_id, operator.kind, operator.build, context, restored)
+        self._reset_buffers()
+
+    def _reset_buffers(self) -> None:
+        self._buffers = {s: [] for s in self.sink_writers}
+        self._exchange_buffers: dict[Exchange, list[pa.Table]] = {x: [] for x in self.stage.exchanges}
+
+    # ------------------------------------------------------------- process
+    def _user_call(self, step_id: str, kind: str, fn, *args):
+        try:
+            return fn(*args)
+        except Exception:  # noqa: BLE001 - carried to the coordinator with its traceback
+            raise UserCodeError(step_id, kind, traceback.format_exc()) from None
+
+    def _emit(self, step_id: str, table: pa.Table | None) -> None:
+        if table is None or table.num_rows == 0:
+            return
+        for child in self.stage.children[step_id]:
+            if child in self.sink_writers:
+                self._buffers[child].append(table)
+            else:
+                self._push(child, table)
+        for exchange in self.stage.exchanges:
+            if exchange.from_step == step_id:
+                self._exchange_buffers[exchange].append(table)
+
+    def _push(self, step_id: str, table: pa.Table) -> None:
+        kind = self.plan.graph.steps[step_id].kind
+        self._emit(step_id, self._user_call(step_id, kind, self.logic[step_id].process, table))
+
+    def process_epoch(self, epoch: int, barrier: Barrier, inputs: list[pa.Table | None], rows_in: int) -> EpochOutput:
+        """Run one epoch's input through the chain and fire end-of-epoch hooks.
+        Returns what to send downstream; call :meth:`finish_epoch` after sending."""
+        started = time.time()
+        root = self.stage.steps[0]
+        table = _concat(inputs)
+        if table is not None:
+            if root in self.sink_writers:
+                self._buffers[root].append(table)
+            else:
+                self._push(root, table)
+        for step_id in self.stage.steps:
+            logic = self.logic.get(step_id)
+            if logic is not None:
+                kind = self.plan.graph.steps[step_id].kind
+                self._emit(step_id, self._user_call(step_id, kind, logic.on_epoch_end, epoch, barrier.watermark))
+        out: dict[Exchange, list[pa.Table | None]] = {}
+        for exchange, tables in self._exchange_buffers.items():
+            n = self.plan.stages[exchange.to_stage].parallelism
+            data = _concat(tables)
+            if data is None:
+                out[exchange] = [None] * n
+            elif exchange.key is None:
+                out[exchange] = partition_rebalance(data, n)
+            else:
+                out[exchange] = self._user_call(
+                    exchange.to_stage, "key_by", partition_by_key, data, exchange.key, n, self.plan.max_key_groups
+                )
+            tables.clear()
+        return EpochOutput(epoch, out, rows_in, started)
+
+    def finish_epoch(self, epoch: int, barrier: Barrier) -> EpochResult:
+        """Pre-commit sink output, and snapshot state at a checkpoint epoch."""
+        result = EpochResult()
+        for step_id, writer in self.sink_writers.items():
+            table = _concat(self._buffers[step_id])
+            self._buffers[step_id] = []
+            result.sink_handles[step_id] = self._user_call(step_id, "sink", writer.write_epoch, epoch, table)
+            result.rows_out += 0 if table is None else table.num_rows
+        if barrier.checkpoint:
+            t0 = time.time()
+            for step_id, logic in self.logic.items():
+                state = logic.snapshot()
+                if state is not None:
+                    result.state_files.append(write_state(self.storage, epoch, step_id, self.task.subtask, state))
+            result.snapshot_s = time.time() - t0
+        return result
+
+    # ------------------------------------------------------------- sources
+    def read_source(self, ranges: dict[int, tuple[int, int]]) -> tuple[list[pa.Table], int]:
+        """Read this task's partitions' planned ranges, in partition order."""
+        step_id = self.stage.source
+        source = self.plan.graph.steps[step_id].source
+        tables, rows = [], 0
+        for partition in self.plan.source_partitions(self.task):
+            start, stop = ranges.get(partition, (0, 0))
+            if stop > start:
+                tables.append(self._user_call(step_id, "source", source.read, partition, start, stop))
+                rows += stop - start
+        return tables, rows
+

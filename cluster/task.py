@@ -1,0 +1,125 @@
+"""The task actor: delivers messages to a :class:`TaskRuntime` and carries
+out what it returns. One actor per task; single-threaded, so calls from one
+caller run in the order they were sent.
+
+Every call carries the generation it belongs to. After a recovery the
+coordinator bumps the generation and resets every task; messages of an older
+generation that are still in flight are dropped on arrival.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+
+import ray
+
+from sluiceway.checkpoint.errors import CorruptCheckpointError
+from sluiceway.checkpoint.storage import JobStorage
+from sluiceway.checkpoint.types import TaskId
+from sluiceway.cluster.alignment import Barrier, BarrierAligner, BarrierEvent, Data
+from sluiceway.cluster.epochs import EpochPlan, TaskAck
+from sluiceway.cluster.graph import PhysicalPlan
+from sluiceway.cluster.runtime import TaskRuntime
+from sluiceway.operators.errors import UserCodeError
+
+
+@ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)
+class TaskActor:
+    def __init__(self, plan: PhysicalPlan, task: TaskId, storage: JobStorage, coordinator):
+        self.task = task
+        self.plan = plan
+        self.runtime = TaskRuntime(plan, task, storage)
+        self.coordinator = coordinator
+        self.generation = -1
+        self.failed = False
+        self.downstream: dict[str, list] = {}
+        self.aligner: BarrierAligner | None = None
+        self.next_source_epoch = 0
+        self._early_plans: dict[int, EpochPlan] = {}
+
+    def ping(self) -> str:
+        return str(self.task)
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def reset(self, generation: int, manifest: dict | None, downstream: dict[str, list], first_epoch: int) -> None:
+        """Drop everything in flight and restore state from ``manifest``.
+
+        Raises :class:`CorruptCheckpointError` when a state file fails its checksum.
+        """
+        self.generation = generation
+        self.failed = False
+        self.downstream = downstream
+        self._early_plans = {}
+        self.next_source_epoch = first_epoch
+        channels = self.plan.input_channels(self.task.stage)
+        self.aligner = BarrierAligner(channels, first_epoch) if channels else None
+        try:
+            self.runtime.restore(manifest)
+        except CorruptCheckpointError:
+            self.failed = True
+            raise
+
+    def run_source_epoch(self, generation: int, plan: EpochPlan) -> None:
+        if generation != self.generation or self.failed:
+            return
+        self._early_plans[plan.epoch] = plan
+        while self.next_source_epoch in self._early_plans and not self.failed:
+            plan = self._early_plans.pop(self.next_source_epoch)
+            self.next_source_epoch += 1
+            self._guarded(self._run_source, plan)
+
+    def _run_source(self, plan: EpochPlan) -> None:
+        ranges = plan.ranges.get(self.runtime.stage.source, {})
+        tables, rows = self.runtime.read_source(ranges)
+        self._run_epoch(Barrier(plan.epoch, plan.checkpoint, None), tables, rows)
+
+    def deliver(self, generation: int, channel: TaskId, table, barrier: Barrier) -> None:
+        if generation != self.generation or self.failed:
+            return
+        self._guarded(self._deliver, channel, table, barrier)
+
+    def _deliver(self, channel: TaskId, table, barrier: Barrier) -> None:
+        events = [] if table is None else [Data(channel, table)]
+        events.append(BarrierEvent(channel, barrier))
+        for event in events:
+            for aligned in self.aligner.handle(event):
+                self._run_epoch(aligned.barrier, aligned.tables, 0)
+
+    def _run_epoch(self, barrier: Barrier, tables: list, rows_in: int) -> None:
+        t0 = time.time()
+        out = self.runtime.process_epoch(barrier.epoch, barrier, tables, rows_in)
+        # 1. Forward data and barrier first, so downstream starts while we write.
+        for exchange, parts in out.exchanges.items():
+            for j, handle in enumerate(self.downstream[exchange.to_stage]):
+                handle.deliver.remote(self.generation, self.task, parts[j], barrier)
+        # 2. Pre-commit sink output; snapshot state at a checkpoint epoch.
+        result = self.runtime.finish_epoch(barrier.epoch, barrier)
+        # 3. Acknowledge to the coordinator.
+        self.coordinator.ack.remote(
+            TaskAck(
+                task=self.task,
+                generation=self.generation,
+                epoch=barrier.epoch,
+                rows_in=rows_in,
+                rows_out=result.rows_out,
+                duration_s=time.time() - t0,
+                state_files=result.state_files,
+                snapshot_s=result.snapshot_s,
+                sink_handles=result.sink_handles,
+                watermark=barrier.watermark,
+            )
+        )
+
+    def _guarded(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - reported, the coordinator decides
+            self.failed = True
+            if isinstance(exc, UserCodeError):
+                text = str(exc)
+            else:
+                text = f"task {self.task} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+            self.coordinator.task_failed.remote(self.task, self.generation, text)

@@ -1,0 +1,201 @@
+"""The ``sluiceway`` command line. Every flag also reads an environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+
+from sluiceway.checkpoint.errors import CheckpointError
+from sluiceway.checkpoint.history import CheckpointHistory
+from sluiceway.checkpoint.storage import JobStorage
+from sluiceway.cluster.errors import JobFailedError
+from sluiceway.jobs.errors import JobFileError
+from sluiceway.operators.errors import OperatorError
+
+
+def _env(name: str, default=None):
+    return os.environ.get(name, default)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more seconds")
+    return value
+
+
+def _checkpoint_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint-dir",
+        default=_env("SLUICEWAY_CHECKPOINT_DIR", ".sluiceway"),
+        help="checkpoint storage: a path or fsspec URL (env SLUICEWAY_CHECKPOINT_DIR; default ./.sluiceway)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sluiceway", description="Run streaming jobs on Ray and read their history.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a job on an embedded local Ray cluster")
+    r.add_argument("job", help="path/to/job.py (attribute 'flow') or path/to/job.py:attribute")
+    _checkpoint_dir_arg(r)
+    r.add_argument("--trigger", type=_seconds, default=_seconds(_env("SLUICEWAY_TRIGGER", "1.0")),
+                   help="seconds between epochs (env SLUICEWAY_TRIGGER; default 1.0)")
+    r.add_argument("--checkpoint-every", type=_positive_int,
+                   default=_positive_int(_env("SLUICEWAY_CHECKPOINT_EVERY", "5")),
+                   help="checkpoint every N epochs (env SLUICEWAY_CHECKPOINT_EVERY; default 5)")
+    r.add_argument("--parallelism", type=_positive_int,
+                   default=_positive_int(_env("SLUICEWAY_PARALLELISM")) if _env("SLUICEWAY_PARALLELISM") else None,
+                   help="default parallelism of steps that set none (env SLUICEWAY_PARALLELISM)")
+    stop = r.add_mutually_exclusive_group()
+    stop.add_argument("--epochs", type=_positive_int,
+                      default=_positive_int(_env("SLUICEWAY_EPOCHS")) if _env("SLUICEWAY_EPOCHS") else None,
+                      help="stop after N new epochs and a final checkpoint (env SLUICEWAY_EPOCHS)")
+    stop.add_argument("--until-idle", action="store_true",
+                      default=_env("SLUICEWAY_UNTIL_IDLE", "") not in ("", "0"),
+                      help="stop when bounded sources are exhausted, after a final checkpoint "
+                      "(env SLUICEWAY_UNTIL_IDLE=1); without --epochs or --until-idle, run until Ctrl-C")
+
+    c = sub.add_parser("checkpoints", help="read a job's checkpoint history")
+    csub = c.add_subparsers(dest="checkpoints_command", required=True)
+    ls = csub.add_parser("list", help="one row per checkpoint")
+    ls.add_argument("job_name")
+    _checkpoint_dir_arg(ls)
+    ls.add_argument("--json", action="store_true", default=_env("SLUICEWAY_JSON", "") not in ("", "0"),
+                    help="print a JSON list (env SLUICEWAY_JSON=1)")
+    show = csub.add_parser("show", help="one checkpoint's manifest")
+    show.add_argument("job_name")
+    show.add_argument("id", type=int)
+    _checkpoint_dir_arg(show)
+    show.add_argument("--json", action="store_true", default=_env("SLUICEWAY_JSON", "") not in ("", "0"),
+                      help="print the manifest as JSON (env SLUICEWAY_JSON=1)")
+    return parser
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def format_event(event: dict) -> str | None:
+    kind = event["type"]
+    if kind == "started":
+        resume = event["resume_checkpoint"]
+        where = f"resuming from checkpoint {resume}" if resume else "from the start"
+        replay = f", replaying epochs {event['replay_epochs']}" if event["replay_epochs"] else ""
+        return f"started {len(event['tasks'])} tasks on {event['nodes']} node(s), {where}{replay}"
+    if kind == "epoch":
+        ckpt = f"checkpoint {event['checkpoint']} complete" if event["checkpoint"] else f"last checkpoint {event['last_checkpoint']}"
+        rate = f"{event['rows_per_s']:>12,.0f} rows/s" if event["rows_per_s"] else f"{'-':>12} rows/s"
+        return (f"epoch {event['epoch']:>5}  in {event['rows_in']:>9,}  out {event['rows_out']:>9,}  {rate}  "
+                f"{event['duration_s']:6.3f} s  {ckpt}")
+    if kind == "failure":
+        return f"FAILURE (restart {event['restarts']}): {event['error']}"
+    if kind == "recovered":
+        return (f"recovered in {event['duration_s']:.2f} s: restarted {event['restarted_tasks'] or 'no'} task(s), "
+                f"restored checkpoint {event['checkpoint']}, replaying epochs {event['replay_epochs']}")
+    if kind == "corrupt_checkpoint":
+        return f"checkpoint {event['checkpoint']} is corrupt ({event['problem']}); using the one before"
+    return None
+
+
+def _print_event(event: dict) -> None:
+    line = format_event(event)
+    if line:
+        print(line, flush=True)
+
+
+def cmd_run(args) -> int:
+    from sluiceway.jobs.jobfile import load_flow
+    from sluiceway.jobs.runner import run
+
+    flow = load_flow(args.job)
+    print(f"job {flow.name!r}: checkpoints in {args.checkpoint_dir}", flush=True)
+    summary = run(
+        flow,
+        args.checkpoint_dir,
+        until_idle=args.until_idle,
+        epochs=args.epochs,
+        trigger_s=args.trigger,
+        checkpoint_every=args.checkpoint_every,
+        parallelism=args.parallelism,
+        on_event=_print_event,
+    )
+    print(
+        f"done ({summary['stopped']}): {summary['epochs']} epochs, {summary['rows_in']:,} rows in, "
+        f"{summary['rows_out']:,} rows out, {summary['checkpoints']} checkpoints, {summary['restarts']} restarts, "
+        f"last checkpoint {summary['last_checkpoint']}, {summary['duration_s']:.1f} s"
+    )
+    return 0
+
+
+def _offsets_summary(offsets: dict) -> str:
+    return " ".join(f"{s}:{sum(parts.values())}" for s, parts in offsets.items()) or "-"
+
+
+def cmd_checkpoints_list(args) -> int:
+    rows = CheckpointHistory(JobStorage(args.checkpoint_dir, args.job_name)).list()
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=1))
+        return 0
+    if not rows:
+        print(f"job {args.job_name!r} has no checkpoints under {args.checkpoint_dir}")
+        return 0
+    print(f"{'id':>6} {'epoch':>6} {'status':<10} {'started at':<24} {'duration':>9} {'bytes':>10}  offsets")
+    for r in rows:
+        dur = f"{r.duration_s:.3f}s" if r.duration_s is not None else "-"
+        size = f"{r.size_bytes:,}" if r.size_bytes is not None else "-"
+        print(f"{r.id:>6} {r.epoch if r.epoch is not None else '-':>6} {r.status:<10} {_when(r.started_at):<24} "
+              f"{dur:>9} {size:>10}  {_offsets_summary(r.offsets)}")
+    return 0
+
+
+def cmd_checkpoints_show(args) -> int:
+    manifest = CheckpointHistory(JobStorage(args.checkpoint_dir, args.job_name)).show(args.id)
+    if args.json:
+        print(json.dumps(manifest, indent=1))
+        return 0
+    print(f"checkpoint {manifest['id']} of job {manifest['job']}: epoch {manifest['epoch']}, {manifest['status']}")
+    print(f"  started {_when(manifest['started_at'])}, took {manifest['duration_s']:.3f} s, "
+          f"{manifest['size_bytes']:,} bytes of state")
+    print(f"  offsets: {json.dumps(manifest['offsets'])}")
+    for task in manifest["tasks"]:
+        print(f"  task {task['task']}: snapshot {task['snapshot_s']:.3f} s, epoch {task['duration_s']:.3f} s")
+        for f in task["files"]:
+            print(f"    {f['step']}: {f['path']}  {f['size_bytes']:,} bytes, {f['rows']:,} rows, "
+                  f"{len(f['key_groups'])} key groups, sha256 {f['sha256'][:12]}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.checkpoints_command == "list":
+            return cmd_checkpoints_list(args)
+        return cmd_checkpoints_show(args)
+    except (JobFileError, CheckpointError, OperatorError, JobFailedError, ValueError) as exc:
+        print(f"sluiceway: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""``run()``: run a flow on Ray from Python, blocking until it ends."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import ray
+
+from sluiceway.checkpoint.errors import IncompatibleJobError, StorageError
+from sluiceway.checkpoint.storage import JobStorage
+from sluiceway.cluster.coordinator import CoordinatorActor, RunOptions
+from sluiceway.cluster.errors import JobFailedError
+from sluiceway.cluster.graph import PhysicalPlan
+from sluiceway.cluster.graph import plan as physical_plan
+from sluiceway.cluster.local import init_embedded
+from sluiceway.cluster.placement import pinned
+from sluiceway.operators.errors import FlowDefinitionError
+
+DEFAULT_CHECKPOINT_DIR = ".sluiceway"
+JOB_FORMAT = 1
+
+
+def default_checkpoint_dir() -> str:
+    return os.environ.get("SLUICEWAY_CHECKPOINT_DIR", DEFAULT_CHECKPOINT_DIR)
+
+
+def _job_document(storage: JobStorage, plan: PhysicalPlan) -> dict:
+    """Create job.json on first run; on later runs check the flow still fits it."""
+    existing = storage.read_job()
+    if existing is not None:
+        if existing.get("max_key_groups") != plan.max_key_groups:
+            raise IncompatibleJobError(
+                f"job {plan.job!r} in {storage.root_url} was created with max_key_groups "
+                f"{existing.get('max_key_groups')}, this flow has {plan.max_key_groups}; "
+                "key groups are fixed for a job's life: keep the old value or use a new checkpoint dir"
+            )
+        existing["parallelism"] = plan.parallelism()
+        existing["graph"] = plan.describe()
+        storage.write_job(existing)
+        return existing
+    doc = {
+        "format": JOB_FORMAT,
+        "job": plan.job,
+        "created_at": time.time(),
+        "max_key_groups": plan.max_key_groups,
+        "parallelism": plan.parallelism(),
+        "graph": plan.describe(),
+        "versions": {"ray": ray.__version__, "sluiceway": _version()},
+    }
+    storage.write_job(doc)
+    return doc
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sluiceway")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def run(
+    flow,
+    checkpoint_dir: str | None = None,
+    *,
+    until_idle: bool = True,
+    epochs: int | None = None,
+    trigger_s: float = 1.0,
+    checkpoint_every: int = 5,
+    parallelism: int | None = None,
+    max_records_per_epoch: int = 1_000_000,
+    max_epochs_in_flight: int = 2,
+    keep_checkpoints: int = 3,
+    max_restarts: int = 3,
+    on_event: Callable[[dict], None] | None = None,
+    on_started: Callable[[object], None] | None = None,
+) -> dict:
+    """Run ``flow`` on the Ray cluster this process is connected to, or on an
+    embedded one (started here and stopped at the end) when there is none.
+
+    Blocks until the job ends: its bounded sources are exhausted
+    (``until_idle``), ``epochs`` new epochs ran, or it fails. A job started
+    again on the same ``checkpoint_dir`` continues where it stopped. Returns a
+    summary: epochs, rows_in, rows_out, checkpoints, restarts, ...
+
+    ``on_event`` receives progress events (epoch completed, failure,
+    recovery) as dicts; ``on_started`` receives the coordinator actor handle.
+    """
+    options = RunOptions(
+        trigger_s=trigger_s,
+        checkpoint_every=checkpoint_every,
+        max_epochs_in_flight=max_epochs_in_flight,
+        max_records_per_epoch=max_records_per_epoch,
+        keep_checkpoints=keep_checkpoints,
+        max_restarts=max_restarts,
+        until_idle=until_idle if epochs is None else False,
+        epochs=epochs,
+    )
+    plan = physical_plan(flow.graph, parallelism)
+    for step, sink in plan.sinks().items():
+        if getattr(sink, "in_process_only", False):
+            raise FlowDefinitionError(
+                f"sink {step!r} ({type(sink).__name__}) only works with run_local; on Ray use ParquetSink"
+            )
+    storage = JobStorage(checkpoint_dir or default_checkpoint_dir(), plan.job)
+    try:
+        storage.check_access()
+    except StorageError as exc:
+        raise StorageError(f"checkpoint dir {storage.root_url!r} is not usable: {exc}") from exc
+    job_doc = _job_document(storage, plan)
+    embedded = not ray.is_initialized()
+    if embedded:
+        init_embedded()
+    try:
+        coordinator = CoordinatorActor.options(
+            scheduling_strategy=pinned(ray.get_runtime_context().get_node_id())
+        ).remote(plan, storage, options, job_doc)
+        if on_started is not None:
+            on_started(coordinator)
+        return _wait(coordinator, on_event)
+    finally:
+        if embedded:
+            ray.shutdown()
+
+
+def _wait(coordinator, on_event) -> dict:
+    done = coordinator.run.remote()
+    try:
+        while True:
+            ready, _ = ray.wait([done], timeout=0.25)
+            events = ray.get(coordinator.events.remote())
+            for event in events:
+                if on_event is not None:
+                    on_event(event)
+            if ready:
+                try:
+                    return ray.get(done)
+                except JobFailedError as exc:
+                    raise JobFailedError(exc.message, exc.cause) from None
+    except KeyboardInterrupt:
+        coordinator.stop.remote()
+        return ray.get(done)
+    finally:
+        ray.kill(coordinator, no_restart=True)

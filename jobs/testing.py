@@ -1,0 +1,159 @@
+"""Helpers for testing jobs, shipped so users can test their own.
+
+- :func:`run_local` runs a flow in this process, without Ray, epoch by epoch,
+  through the same task runtime and barrier alignment the cluster uses.
+- :class:`CollectSink` keeps committed rows in memory (``run_local`` only).
+- :func:`compare_exactly_once` compares committed output with an independent
+  computation and counts duplicates and missing rows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from sluiceway.checkpoint.storage import JobStorage
+from sluiceway.cluster.alignment import Barrier, BarrierAligner, BarrierEvent, Data
+from sluiceway.cluster.epochs import plan_epoch, sources_exhausted
+from sluiceway.cluster.graph import plan as physical_plan
+from sluiceway.cluster.runtime import TaskRuntime
+from sluiceway.operators.sinks import Sink, SinkContext, SinkWriter
+
+
+class _CollectWriter(SinkWriter):
+    def __init__(self, sink: "CollectSink", context: SinkContext):
+        self.sink, self.context = sink, context
+
+    def write_epoch(self, epoch: int, table: pa.Table | None) -> dict:
+        key = f"{epoch}/{self.context.subtask}"
+        if table is not None and table.num_rows:
+            self.sink._pending[key] = table
+        return {"subtask": self.context.subtask, "key": key}
+
+
+class CollectSink(Sink):
+    """Committed rows in memory, for :func:`run_local` only (on Ray each task
+    would hold its own copy: use :class:`~sluiceway.operators.sinks.ParquetSink`)."""
+
+    kind = "collect"
+    in_process_only = True
+
+    def __init__(self):
+        self._pending: dict[str, pa.Table] = {}
+        self._committed: dict[int, list[pa.Table]] = {}
+
+    def open(self, context: SinkContext) -> SinkWriter:
+        return _CollectWriter(self, context)
+
+    def commit(self, epoch: int, handles: list[dict]) -> None:
+        if epoch in self._committed:
+            return
+        ordered = sorted(handles, key=lambda h: h["subtask"])
+        self._committed[epoch] = [self._pending.pop(h["key"]) for h in ordered if h["key"] in self._pending]
+
+    def table(self) -> pa.Table:
+        tables = [t for e in sorted(self._committed) for t in self._committed[e]]
+        return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+
+    def rows(self) -> list[dict]:
+        return self.table().to_pylist()
+
+
+def run_local(flow, *, parallelism: int | None = None, max_records_per_epoch: int = 1_000_000,
+              max_epochs: int = 10_000) -> int:
+    """Run ``flow`` in this process until its bounded sources are exhausted.
+    Returns the number of epochs run. Sources must be bounded."""
+    plan = physical_plan(flow.graph, parallelism)
+    storage = JobStorage(f"memory://run-local-{uuid.uuid4().hex}", plan.job)
+    tasks = {t: TaskRuntime(plan, t, storage) for t in plan.tasks()}
+    for runtime in tasks.values():
+        runtime.restore(None)
+    aligners = {
+        t: BarrierAligner(plan.input_channels(t.stage), 1) for t in tasks if plan.input_channels(t.stage)
+    }
+    sources = plan.sources()
+    offsets: dict = {}
+    epoch = 0
+    while not sources_exhausted(sources, offsets) and epoch < max_epochs:
+        ranges = plan_epoch(
+            epoch + 1, sources, offsets, now=math.inf, started_at=0.0, max_records_per_epoch=max_records_per_epoch
+        )
+        if ranges is None:
+            raise RuntimeError("run_local needs bounded sources; a source has nothing to read yet")
+        epoch += 1
+        offsets = {s: {p: stop for p, (_, stop) in parts.items()} for s, parts in ranges.items()}
+        barrier = Barrier(epoch, checkpoint=False, watermark=None)
+        handles: dict[str, list[dict]] = {}
+        inbox: dict = {t: [] for t in tasks}
+        for task, runtime in tasks.items():  # stages are in topological order
+            stage = plan.stages[task.stage]
+            if stage.source is not None:
+                tables, rows = runtime.read_source(ranges[stage.source])
+                runnable = [(barrier, tables, rows)]
+            else:
+                runnable = []
+                for channel, table in inbox[task]:
+                    events = ([Data(channel, table)] if table is not None else []) + [BarrierEvent(channel, barrier)]
+                    for event in events:
+                        runnable += [(a.barrier, a.tables, 0) for a in aligners[task].handle(event)]
+            for b, tables, rows in runnable:
+                out = runtime.process_epoch(b.epoch, b, tables, rows)
+                for exchange, parts in out.exchanges.items():
+                    for downstream, part in zip(plan.stages[exchange.to_stage].tasks(), parts):
+                        inbox[downstream].append((task, part))
+                for step, handle in runtime.finish_epoch(b.epoch, b).sink_handles.items():
+                    handles.setdefault(step, []).append(handle)
+        for step, sink in plan.sinks().items():
+            sink.commit(epoch, handles.get(step, []))
+    return epoch
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How committed output compares with what it should be."""
+
+    rows: int
+    expected_rows: int
+    duplicates: int
+    missing: int
+    unexpected: int
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.duplicates == 0 and self.missing == 0 and self.unexpected == 0
+
+    def line(self) -> str:
+        return (
+            f"exactly-once: {'yes' if self.exactly_once else 'no'}, rows {self.rows}, expected {self.expected_rows}, "
+            f"duplicates {self.duplicates}, missing {self.missing}, unexpected {self.unexpected}"
+        )
+
+
+def compare_exactly_once(actual: pa.Table, expected: pa.Table) -> Verdict:
+    """Compare two tables as multisets of rows (column order and row order ignored)."""
+    columns = sorted(expected.column_names)
+    if actual.num_rows and sorted(actual.column_names) != columns:
+        raise ValueError(f"committed columns {sorted(actual.column_names)} differ from expected {columns}")
+    got = Counter(tuple(r[c] for c in columns) for r in actual.select(columns).to_pylist()) if actual.num_rows else Counter()
+    want = Counter(tuple(r[c] for c in columns) for r in expected.select(columns).to_pylist())
+    duplicates = sum(got[k] - want[k] for k in got if k in want and got[k] > want[k])
+    missing = sum(want[k] - got.get(k, 0) for k in want if got.get(k, 0) < want[k])
+    unexpected = sum(n for k, n in got.items() if k not in want)
+    return Verdict(actual.num_rows, expected.num_rows, duplicates, missing, unexpected)
+
+
+def wait_for(condition, timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "condition"):
+    """Poll ``condition()`` until it returns a truthy value; raise on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout_s} s")
+        time.sleep(interval_s)
