@@ -107,5 +107,5 @@ class BarrierAligner:
 
     @property
     def held_back(self) -> int:
-        """How many events wait for other channels (for metrics and tests)."""
+        """Closed channel-epochs waiting for other channels, plus open data batches (for metrics)."""
         return sum(len(q) for q in self._closed.values()) + sum(len(v) for v in self._open.values())

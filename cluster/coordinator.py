@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import queue
+import uuid
 import threading
 import time
 from collections import deque
@@ -105,6 +106,9 @@ class Coordinator:
         self.high_water = 0  # highest epoch ever completed; stats count only newer ones
         self._pings: dict[TaskId, tuple[object | None, float]] = {}
         self._dead: set[TaskId] = set()
+        self.run_id = uuid.uuid4().hex[:8]
+        self.incarnations: dict[TaskId, int] = {}
+        self.actor_names: dict[TaskId, str] = {}
 
     # ------------------------------------------------------------ messages
     def ack(self, ack: TaskAck) -> None:
@@ -180,13 +184,19 @@ class Coordinator:
         self._event(
             "started",
             tasks={str(t): n for t, n in placement.items()},
+            actor_names={str(t): n for t, n in self.actor_names.items()},
             nodes=len(nodes),
             resume_checkpoint=self.restore_manifest["id"] if self.restore_manifest else None,
             replay_epochs=[p.epoch for p in self.replay],
         )
 
     def _create_actor(self, task: TaskId, node_id: str):
-        return TaskActor.options(scheduling_strategy=pinned(node_id)).remote(self.plan, task, self.storage, self.me)
+        """A task actor pinned to ``node_id``, named ``sluiceway/<job>/<run>/<task>#<incarnation>``."""
+        n = self.incarnations[task] = self.incarnations.get(task, -1) + 1
+        name = self.actor_names[task] = f"sluiceway/{self.plan.job}/{self.run_id}/{task}#{n}"
+        return TaskActor.options(scheduling_strategy=pinned(node_id), name=name).remote(
+            self.plan, task, self.storage, self.me
+        )
 
     def _restore_point(self) -> None:
         """Latest complete checkpoint, and the planned epochs after it to replay."""
@@ -328,6 +338,7 @@ class Coordinator:
             "recovered",
             checkpoint=self.last_checkpoint,
             restarted_tasks=[str(t) for t in sorted(dead)],
+            actor_names={str(t): n for t, n in self.actor_names.items()},
             replay_epochs=[p.epoch for p in self.replay],
             duration_s=round(time.time() - t0, 3),
         )

@@ -9,10 +9,20 @@ import os
 import sys
 import traceback
 
-import cloudpickle
 
 from sluiceway.jobs.dataflow import Dataflow
 from sluiceway.jobs.errors import JobFileError
+
+
+def ship_by_value(module) -> None:
+    """Pickle ``module``'s functions by value, for both the standalone
+    cloudpickle and the copy Ray vendors (which is the one Ray uses)."""
+    import cloudpickle
+    import ray.cloudpickle
+
+    for pickler in (cloudpickle, ray.cloudpickle):
+        if module.__name__ not in pickler.list_registry_pickle_by_value():
+            pickler.register_pickle_by_value(module)
 
 
 def load_flow(spec: str) -> Dataflow:
@@ -32,7 +42,7 @@ def load_flow(spec: str) -> Dataflow:
         del sys.modules[name]
         raise JobFileError(f"job file {path!r} raised while loading:\n{traceback.format_exc()}") from None
     # Workers cannot import this module by name: ship its functions by value.
-    cloudpickle.register_pickle_by_value(module)
+    ship_by_value(module)
     flow = getattr(module, attr, None)
     if not isinstance(flow, Dataflow):
         found = [k for k, v in vars(module).items() if isinstance(v, Dataflow)]

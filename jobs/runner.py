@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import site
+import sys
+import sysconfig
 import time
 from typing import Callable
 
@@ -16,6 +19,7 @@ from sluiceway.cluster.graph import PhysicalPlan
 from sluiceway.cluster.graph import plan as physical_plan
 from sluiceway.cluster.local import init_embedded
 from sluiceway.cluster.placement import pinned
+from sluiceway.jobs.jobfile import ship_by_value
 from sluiceway.operators.errors import FlowDefinitionError
 
 DEFAULT_CHECKPOINT_DIR = ".sluiceway"
@@ -62,6 +66,24 @@ def _version() -> str:
         return "unknown"
 
 
+def _ship_user_modules(plan: PhysicalPlan) -> None:
+    """Workers cannot import the user's own modules (a test file, a script
+    beside the job): ship the modules of user functions by value. Installed
+    packages are imported on workers as usual."""
+    installed = {os.path.realpath(p) for p in site.getsitepackages() + [sysconfig.get_paths()["stdlib"]]}
+    for step in plan.graph.steps.values():
+        part = step.operator or step.source or step.sink
+        for value in vars(part).values() if part is not None else ():
+            module = sys.modules.get(getattr(value, "__module__", None) or "")
+            path = os.path.realpath(getattr(module, "__file__", None) or "")
+            if module is None or not path or module.__name__ == "__main__":
+                continue
+            if not any(path.startswith(root + os.sep) for root in installed) and not module.__name__.startswith(
+                "sluiceway."
+            ):
+                ship_by_value(module)
+
+
 def run(
     flow,
     checkpoint_dir: str | None = None,
@@ -105,6 +127,7 @@ def run(
             raise FlowDefinitionError(
                 f"sink {step!r} ({type(sink).__name__}) only works with run_local; on Ray use ParquetSink"
             )
+    _ship_user_modules(plan)
     storage = JobStorage(checkpoint_dir or default_checkpoint_dir(), plan.job)
     try:
         storage.check_access()

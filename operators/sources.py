@@ -82,8 +82,10 @@ class GeneratorSource(Source):
         return self.partitions
 
     def latest_offset(self, partition: int, now: float, started_at: float) -> int:
-        grown = math.floor(max(0.0, now - started_at) * self.rows_per_second)
-        return grown if self.rows_per_partition is None else min(grown, self.rows_per_partition)
+        elapsed = max(0.0, now - started_at)
+        if self.rows_per_partition is not None and elapsed * self.rows_per_second >= self.rows_per_partition:
+            return self.rows_per_partition
+        return math.floor(elapsed * self.rows_per_second)
 
     def end_offset(self, partition: int) -> int | None:
         return self.rows_per_partition

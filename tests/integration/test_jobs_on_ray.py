@@ -1,0 +1,137 @@
+import threading
+
+import pyarrow as pa
+import pytest
+import ray
+
+from sluiceway.checkpoint import CheckpointHistory, JobStorage
+from sluiceway.jobs import Dataflow, JobFailedError, run
+from sluiceway.jobs.cli import main as cli
+from sluiceway.jobs.examples import clicks as example
+from sluiceway.jobs.testing import compare_exactly_once
+from sluiceway.operators.sinks import ParquetSink, read_committed
+from sluiceway.operators.sources import GeneratorSource
+
+pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.timeout(180)]
+
+
+def verdicts(output, rows):
+    clicks = compare_exactly_once(read_committed(f"{output}/clicks"), example.expected_clicks(rows))
+    totals = compare_exactly_once(example.final_totals(read_committed(f"{output}/totals")), example.expected_totals(rows))
+    return clicks, totals
+
+
+def test_bounded_job_output_equals_independent_computation(tmp_path, capsys):
+    rows = 6000
+    flow = example.build(output=str(tmp_path / "out"), rows_per_partition=rows, rows_per_second=1e9)
+    ckpt = str(tmp_path / "ckpt")
+    summary = run(flow, ckpt, trigger_s=0.1, max_records_per_epoch=3000, checkpoint_every=2)
+    assert summary["stopped"] == "idle"
+    assert summary["rows_in"] == 2 * rows and summary["epochs"] == 4 and summary["restarts"] == 0
+    clicks, totals = verdicts(tmp_path / "out", rows)
+    assert clicks.exactly_once and clicks.rows == example.expected_clicks(rows).num_rows
+    assert totals.exactly_once
+    # The history, through the CLI as a user reads it.
+    assert cli(["checkpoints", "list", "clicks", "--checkpoint-dir", ckpt, "--json"]) == 0
+    import json
+
+    listed = json.loads(capsys.readouterr().out)
+    assert [c["epoch"] for c in listed] == [2, 4] and {c["status"] for c in listed} == {"complete"}
+    assert set(listed[-1]) >= {"id", "epoch", "status", "started_at", "duration_s", "size_bytes", "offsets"}
+    assert listed[-1]["offsets"] == {"events": {"0": rows, "1": rows}}
+    assert cli(["checkpoints", "show", "clicks", "4", "--checkpoint-dir", ckpt]) == 0
+    shown = capsys.readouterr().out
+    assert "checkpoint 4 of job clicks: epoch 4, complete" in shown and "totals:" in shown
+
+
+def test_stopped_job_started_again_continues_without_loss_or_duplicates(tmp_path):
+    rows = 8000
+    out, ckpt = str(tmp_path / "out"), str(tmp_path / "ckpt")
+    flow = example.build(output=out, rows_per_partition=rows, rows_per_second=1e9)
+    first = run(flow, ckpt, epochs=2, trigger_s=0.05, max_records_per_epoch=2000, checkpoint_every=5)
+    assert first["stopped"] == "epochs" and first["epochs"] == 2 and first["last_checkpoint"] == 2
+    events = []
+    second = run(flow, ckpt, trigger_s=0.05, max_records_per_epoch=2000, checkpoint_every=5, on_event=events.append)
+    started = [e for e in events if e["type"] == "started"][0]
+    assert started["resume_checkpoint"] == 2
+    assert second["epochs"] == 6 and second["rows_in"] == 2 * rows - first["rows_in"]
+    clicks, totals = verdicts(out, rows)
+    assert clicks.exactly_once and totals.exactly_once
+    third = run(flow, ckpt, trigger_s=0.05)
+    assert third["epochs"] == 0 and third["stopped"] == "idle"
+
+
+def test_killed_task_actor_recovers_with_exactly_once_output(tmp_path):
+    rows = 6000
+    out, ckpt = str(tmp_path / "out"), str(tmp_path / "ckpt")
+    flow = example.build(output=out, rows_per_partition=rows, rows_per_second=1000)
+    names, killed = {}, {}
+    kill = threading.Event()
+
+    def on_event(event):
+        if event["type"] == "started":
+            names.update(event["actor_names"])
+        if event["type"] == "epoch" and event["epoch"] >= 2 and not kill.is_set():
+            killed["after_epoch"] = event["epoch"]
+            kill.set()
+            ray.kill(ray.get_actor(names["by_user[1]"]), no_restart=True)
+
+    summary = run(flow, ckpt, trigger_s=0.5, checkpoint_every=2, on_event=on_event)
+    assert kill.is_set() and summary["restarts"] == 1
+    clicks, totals = verdicts(out, rows)
+    assert clicks.exactly_once, clicks.line()
+    assert totals.exactly_once
+    complete = [c for c in CheckpointHistory(JobStorage(ckpt, "clicks")).list() if c.status == "complete"]
+    assert max(c.epoch for c in complete) > killed["after_epoch"]
+
+
+def numbers(partition, start, stop):
+    return pa.record_batch({"n": pa.array(range(start, stop), pa.int64())})
+
+
+def explode_at_500(batch):
+    if pa.compute.any(pa.compute.greater_equal(batch["n"], 500)).as_py():
+        raise ValueError("bad record at offset 500")
+    return batch
+
+
+def test_raising_map_function_fails_with_user_traceback_and_consistent_output(tmp_path):
+    flow = Dataflow("explodes")
+    flow.source(GeneratorSource(numbers, 1, 1e9, 1000)).map_batches(explode_at_500, name="parse").sink(
+        ParquetSink(str(tmp_path / "out"))
+    )
+    with pytest.raises(JobFailedError) as info:
+        run(flow, str(tmp_path / "ckpt"), trigger_s=0.05, max_records_per_epoch=100, max_restarts=1)
+    text = str(info.value)
+    assert "restart budget of 1 spent" in text
+    assert "step 'parse' (map_batches) raised" in text and "explode_at_500" in text
+    assert "ValueError: bad record at offset 500" in text
+    committed = read_committed(str(tmp_path / "out")).column("n").to_pylist()
+    assert committed == list(range(500))  # every epoch before the bad one, once
+
+
+def test_cli_run_until_idle_then_list_checkpoints_as_json(tmp_path, capsys, monkeypatch):
+    job = tmp_path / "job.py"
+    job.write_text(
+        "from sluiceway.jobs.examples import clicks\n"
+        f"flow = clicks.build(output={str(tmp_path / 'out')!r}, rows_per_partition=2000, rows_per_second=1e9)\n"
+    )
+    ckpt = str(tmp_path / "ckpt")
+    assert cli(["run", str(job), "--checkpoint-dir", ckpt, "--trigger", "0.1", "--until-idle"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch     1  in     4,000" in out and "done (idle)" in out
+    assert cli(["checkpoints", "list", "clicks", "--checkpoint-dir", ckpt, "--json"]) == 0
+    import json
+
+    listed = json.loads(capsys.readouterr().out)
+    assert listed and all(c["status"] == "complete" for c in listed)
+
+
+def test_unusable_checkpoint_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    flow = example.build(output=str(tmp_path / "out"), rows_per_partition=10, rows_per_second=1e9)
+    from sluiceway.checkpoint import StorageError
+
+    with pytest.raises(StorageError, match=r"checkpoint dir .*file' is not usable"):
+        run(flow, str(blocker))

@@ -1,0 +1,79 @@
+import pytest
+
+from sluiceway.cluster.alignment import Aligned, Barrier, BarrierAligner, BarrierEvent, Data, ProtocolError
+from sluiceway.cluster.epochs import EpochBook, EpochPlan, TaskAck, plan_epoch, sources_exhausted
+from sluiceway.checkpoint.types import TaskId
+from sluiceway.operators.sources import ListSource
+
+
+def b(epoch, checkpoint=False, wm=None):
+    return Barrier(epoch, checkpoint, wm)
+
+
+def test_epoch_waits_for_every_channel_and_keeps_channel_order():
+    a = BarrierAligner(["c0", "c1", "c2"], first_epoch=1)
+    assert a.handle(Data("c2", "z1")) == []
+    assert a.handle(BarrierEvent("c2", b(1))) == []
+    assert a.handle(Data("c0", "x1")) == []
+    assert a.handle(BarrierEvent("c0", b(1))) == []
+    out = a.handle(BarrierEvent("c1", b(1)))
+    assert out == [Aligned(b(1), ["x1", "z1"])]
+
+
+def test_early_data_of_next_epoch_is_held_back_then_released_in_order():
+    a = BarrierAligner(["c0", "c1"], first_epoch=5)
+    a.handle(BarrierEvent("c0", b(5)))
+    a.handle(Data("c0", "early6"))
+    a.handle(BarrierEvent("c0", b(6, checkpoint=True)))
+    assert a.held_back == 2  # two closed epochs of c0 wait for c1
+    out = a.handle(BarrierEvent("c1", b(5)))
+    assert out == [Aligned(b(5), [])]
+    out = a.handle(Data("c1", "late6")) + a.handle(BarrierEvent("c1", b(6)))
+    assert out == [Aligned(b(6, checkpoint=True), ["early6", "late6"])]
+    assert a.held_back == 0
+
+
+def test_watermark_is_minimum_and_unknown_if_any_is_unknown():
+    a = BarrierAligner(["c0", "c1"], first_epoch=1)
+    a.handle(BarrierEvent("c0", b(1, wm=10.0)))
+    assert a.handle(BarrierEvent("c1", b(1, wm=4.0)))[0].barrier.watermark == 4.0
+    a.handle(BarrierEvent("c0", b(2, wm=12.0)))
+    assert a.handle(BarrierEvent("c1", b(2)))[0].barrier.watermark is None
+
+
+def test_protocol_violations_raise():
+    a = BarrierAligner(["c0"], first_epoch=1)
+    with pytest.raises(ProtocolError, match="expected 1"):
+        a.handle(BarrierEvent("c0", b(2)))
+    with pytest.raises(ProtocolError, match="unknown channel"):
+        a.handle(Data("nope", "x"))
+
+
+def test_plan_epoch_caps_records_and_skips_when_nothing_new():
+    src = {"s": ListSource([{"x": i} for i in range(10)], partitions=2)}
+    ranges = plan_epoch(1, src, {}, now=0, started_at=0, max_records_per_epoch=4)
+    assert ranges == {"s": {0: (0, 2), 1: (0, 2)}}
+    after = {"s": {0: 5, 1: 5}}
+    assert plan_epoch(2, src, after, now=0, started_at=0, max_records_per_epoch=4) is None
+    assert sources_exhausted(src, after) and not sources_exhausted(src, {"s": {0: 5, 1: 4}})
+
+
+def test_epoch_plan_json_round_trip():
+    plan = EpochPlan(3, {"s": {0: (1, 5), 1: (2, 2)}}, True, 12.5)
+    assert EpochPlan.from_json(plan.to_json()) == plan and plan.rows == 4
+
+
+def test_book_completes_in_order_and_drops_stale_acks():
+    t0, t1 = TaskId("s", 0), TaskId("s", 1)
+    book = EpochBook([t0, t1], generation=2)
+    for e in (1, 2):
+        book.add(EpochPlan(e, {}, False, 0.0))
+    assert not book.handle_ack(TaskAck(t0, generation=1, epoch=1))  # before the recovery
+    assert not book.handle_ack(TaskAck(t0, generation=2, epoch=9))  # unknown epoch
+    book.handle_ack(TaskAck(t0, 2, 2))
+    book.handle_ack(TaskAck(t1, 2, 2))
+    assert book.pop_complete() == []  # epoch 1 not complete yet: 2 waits
+    book.handle_ack(TaskAck(t0, 2, 1))
+    book.handle_ack(TaskAck(t1, 2, 1))
+    assert [p.epoch for p, _ in book.pop_complete()] == [1, 2]
+    assert book.stale_acks == 2 and book.in_flight == 0

@@ -1,0 +1,101 @@
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from sluiceway.checkpoint.state import KEY_GROUP_COLUMN
+from sluiceway.operators.aggregate import Aggregate
+from sluiceway.operators.base import OperatorContext
+from sluiceway.operators.errors import FlowDefinitionError
+from sluiceway.operators.sources import GeneratorSource, ListSource
+from sluiceway.operators.stateless import Filter, MapBatches, MapRecords
+
+CTX = OperatorContext("step", 0, 1, 128)
+
+
+def table():
+    return pa.table({"user": ["a", "b", "a", "c"], "amount": [1, 2, 3, None]})
+
+
+def test_map_batches_applies_per_batch_and_accepts_tables():
+    op = MapBatches(lambda b: b.append_column("double", pc.multiply(b["amount"], 2)))
+    out = op.build(CTX, None).process(table())
+    assert out.column("double").to_pylist() == [2, 4, 6, None]
+
+
+def test_map_batches_rejects_wrong_return_type():
+    logic = MapBatches(lambda b: [1, 2]).build(CTX, None)
+    with pytest.raises(TypeError, match="must return a pyarrow.RecordBatch"):
+        logic.process(table())
+
+
+def test_filter_with_expression_and_function():
+    assert Filter(pc.field("amount") > 1).build(CTX, None).process(table()).column("user").to_pylist() == ["b", "a"]
+    fn = Filter(lambda b: pc.equal(b["user"], "a")).build(CTX, None)
+    assert fn.process(table()).column("amount").to_pylist() == [1, 3]
+
+
+def test_filter_rejects_non_predicates_at_build_time():
+    with pytest.raises(FlowDefinitionError, match="pyarrow.compute expression"):
+        Filter("amount > 1")
+
+
+def test_map_records_is_per_row_and_drops_none():
+    op = MapRecords(lambda r: None if r["user"] == "b" else {"u": r["user"].upper()})
+    assert op.build(CTX, None).process(table()).to_pylist() == [{"u": "A"}, {"u": "A"}, {"u": "C"}]
+
+
+def test_aggregate_emits_updated_keys_only_with_all_functions():
+    op = Aggregate("user", [("amount", "count"), ("amount", "sum"), ("amount", "min"), ("amount", "max"),
+                            ("amount", "mean"), ([], "count_all")])
+    logic = op.build(CTX, None)
+    first = logic.process(table()).to_pylist()
+    assert first == [
+        {"user": "a", "amount_count": 2, "amount_sum": 4, "amount_min": 1, "amount_max": 3, "amount_mean": 2.0, "count_all": 2},
+        {"user": "b", "amount_count": 1, "amount_sum": 2, "amount_min": 2, "amount_max": 2, "amount_mean": 2.0, "count_all": 1},
+        {"user": "c", "amount_count": 0, "amount_sum": None, "amount_min": None, "amount_max": None, "amount_mean": None, "count_all": 1},
+    ]
+    second = logic.process(pa.table({"user": ["c", "a"], "amount": [10, 0]})).to_pylist()
+    assert second == [
+        {"user": "a", "amount_count": 3, "amount_sum": 4, "amount_min": 0, "amount_max": 3, "amount_mean": 4 / 3, "count_all": 3},
+        {"user": "c", "amount_count": 1, "amount_sum": 10, "amount_min": 10, "amount_max": 10, "amount_mean": 10.0, "count_all": 2},
+    ]
+
+
+def test_aggregate_snapshot_restores_to_the_same_results():
+    op = Aggregate("user", [("amount", "sum"), ("amount", "mean")])
+    a = op.build(CTX, None)
+    a.process(table())
+    snapshot = a.snapshot()
+    assert KEY_GROUP_COLUMN in snapshot.column_names
+    b = op.build(CTX, snapshot)
+    more = pa.table({"user": ["a", "d"], "amount": [5, 1]})
+    assert b.process(more).to_pylist() == a.process(more).to_pylist()
+
+
+def test_aggregate_errors_name_the_fix():
+    with pytest.raises(FlowDefinitionError, match="not supported; use one of"):
+        Aggregate("user", [("amount", "median")])
+    with pytest.raises(FlowDefinitionError, match="count_all counts rows"):
+        Aggregate("user", [("amount", "count_all")])
+    logic = Aggregate("user", [("price", "sum")]).build(CTX, None)
+    with pytest.raises(KeyError, match="needs columns"):
+        logic.process(table())
+
+
+def test_generator_source_grows_with_time_and_is_bounded():
+    src = GeneratorSource(lambda p, a, b: pa.record_batch({"i": pa.array(range(a, b))}), 2, 100, rows_per_partition=250)
+    assert src.latest_offset(0, now=101.5, started_at=100.0) == 150
+    assert src.latest_offset(1, now=200.0, started_at=100.0) == 250
+    assert src.read(1, 3, 6).column("i").to_pylist() == [3, 4, 5]
+
+
+def test_generator_source_must_return_one_row_per_offset():
+    src = GeneratorSource(lambda p, a, b: pa.record_batch({"i": pa.array([1])}), 1, 10)
+    with pytest.raises(ValueError, match="exactly one row per offset"):
+        src.read(0, 0, 5)
+
+
+def test_list_source_round_robins_rows():
+    src = ListSource(pa.table({"x": list(range(7))}), partitions=3)
+    assert [src.end_offset(p) for p in range(3)] == [3, 2, 2]
+    assert src.read(2, 0, 2).column("x").to_pylist() == [2, 5]
