@@ -102,6 +102,10 @@ class JobStorage:
     def absolute(self, relative_path: str) -> str:
         return posixpath.join(self.base, relative_path)
 
+    def url(self, path: str) -> str:
+        """A path as users see it in messages: with its protocol."""
+        return self.fs.unstrip_protocol(path)
+
     # ------------------------------------------------------------ primitives
     def _call(self, what: str, path: str, fn, *args, **kwargs):
         try:

@@ -25,12 +25,12 @@ import uuid
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from sluiceway.checkpoint.errors import CorruptCheckpointError, IncompatibleJobError
+from sluiceway.checkpoint.errors import CheckpointError, CorruptCheckpointError, IncompatibleJobError
 from sluiceway.checkpoint.manifest import build_manifest, latest_complete
 from sluiceway.checkpoint.retention import apply_retention
 from sluiceway.checkpoint.storage import JobStorage
@@ -39,6 +39,7 @@ from sluiceway.cluster.epochs import EpochBook, EpochPlan, TaskAck, plan_epoch, 
 from sluiceway.cluster.errors import JobFailedError
 from sluiceway.cluster.graph import PhysicalPlan
 from sluiceway.cluster.placement import pinned, spread, worker_nodes
+from sluiceway.cluster.restart import Failure, FailureKind, GiveUp, RestartPolicy, RestartTracker, primary
 from sluiceway.cluster.task import TaskActor
 
 PING_INTERVAL_S = 0.5
@@ -55,7 +56,7 @@ class RunOptions:
     max_epochs_in_flight: int = 2
     max_records_per_epoch: int = 1_000_000
     keep_checkpoints: int = 3
-    max_restarts: int = 3
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
     until_idle: bool = False
     epochs: int | None = None  # stop after this many new epochs in this run
 
@@ -71,8 +72,6 @@ class RunOptions:
             problems.append(f"max_records_per_epoch must be >= 1, got {self.max_records_per_epoch}")
         if self.keep_checkpoints < 1:
             problems.append(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        if self.max_restarts < 0:
-            problems.append(f"max_restarts must be >= 0, got {self.max_restarts}")
         if self.epochs is not None and self.epochs < 1:
             problems.append(f"epochs must be >= 1, got {self.epochs}")
         if problems:
@@ -96,6 +95,7 @@ class Coordinator:
         self.actors: dict[TaskId, object] = {}
         self.generation = 0
         self.restarts = 0
+        self.tracker = RestartTracker(options.restart)
         self.failures: list[str] = []
         self.bad_checkpoints: set[int] = set()
         self.stats = {"epochs": 0, "rows_in": 0, "rows_out": 0, "checkpoints": 0}
@@ -114,8 +114,8 @@ class Coordinator:
     def ack(self, ack: TaskAck) -> None:
         self.inbox.put(("ack", ack))
 
-    def task_failed(self, task: TaskId, generation: int, error: str) -> None:
-        self.inbox.put(("failed", (task, generation, error)))
+    def task_failed(self, task: TaskId, generation: int, failure: Failure) -> None:
+        self.inbox.put(("failed", (task, generation, failure)))
 
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -213,7 +213,7 @@ class Coordinator:
         plans = []
         for epoch in self.storage.offset_epochs():
             if epoch > base:
-                plans.append(EpochPlan.from_json(self.storage.read_offsets(epoch)))
+                plans.append(self._read_plan(epoch))
         expected = list(range(base + 1, base + 1 + len(plans)))
         if [p.epoch for p in plans] != expected:
             raise CorruptCheckpointError(
@@ -233,6 +233,27 @@ class Coordinator:
         self.next_trigger = 0.0
         self.book = EpochBook(self.plan.tasks(), self.generation)
 
+    def _read_plan(self, epoch: int) -> EpochPlan:
+        """One entry of the offsets log, or an error naming the file."""
+        url = self.storage.url(self.storage.offsets_path(epoch))
+        fix = (
+            "the offsets log is written by sluiceway alone: restore the file from a backup, "
+            "or start the job on a new checkpoint dir"
+        )
+        try:
+            doc = self.storage.read_offsets(epoch)
+        except CheckpointError as exc:
+            raise CorruptCheckpointError(f"offsets log entry {url} cannot be read: {exc}; {fix}") from None
+        if doc is None:
+            raise CorruptCheckpointError(f"offsets log entry {url} vanished while the job started; {fix}")
+        try:
+            plan = EpochPlan.from_json(doc)
+        except ValueError as exc:
+            raise CorruptCheckpointError(f"offsets log entry {url} is malformed: {exc}; {fix}") from None
+        if plan.epoch != epoch:
+            raise CorruptCheckpointError(f"offsets log entry {url} says it is epoch {plan.epoch}; {fix}")
+        return plan
+
     def _reset_all(self) -> None:
         """Reset every task to the restore point; a corrupt checkpoint falls back to the one before."""
         while True:
@@ -251,16 +272,17 @@ class Coordinator:
                     f"job {self.plan.job!r}: tasks did not restore checkpoint state within {RESET_TIMEOUT_S:.0f} s"
                 ) from exc
             except RayTaskError as exc:
-                if not isinstance(exc, CorruptCheckpointError) or self.restore_manifest is None:
-                    raise
+                cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                if not isinstance(cause, CorruptCheckpointError) or self.restore_manifest is None:
+                    raise cause from None
                 bad = self.restore_manifest["id"]
                 self.bad_checkpoints.add(bad)
-                self._event("corrupt_checkpoint", checkpoint=bad, problem=str(exc).splitlines()[0])
+                self._event("corrupt_checkpoint", checkpoint=bad, problem=str(cause).splitlines()[0])
                 self.generation += 1
                 self._restore_point()
 
     # ------------------------------------------------------------ collect
-    def _collect(self) -> list[str]:
+    def _collect(self) -> list[Failure]:
         failures = []
         wait = LOOP_WAIT_S
         while True:
@@ -272,13 +294,13 @@ class Coordinator:
             if kind == "ack":
                 self.book.handle_ack(payload)
             else:
-                task, generation, error = payload
+                task, generation, failure = payload
                 if generation == self.generation:
-                    failures.append(error)
+                    failures.append(failure)
         failures.extend(self._check_liveness())
         return failures
 
-    def _check_liveness(self) -> list[str]:
+    def _check_liveness(self) -> list[Failure]:
         """One outstanding ping per task; a dead actor's ping fails."""
         now = time.time()
         for task, actor in self.actors.items():
@@ -298,22 +320,34 @@ class Coordinator:
             except RayActorError as exc:
                 self._pings.pop(task, None)
                 self._dead.add(task)
-                failures.append(f"task {task} died ({type(exc).__name__}: its actor or node was lost)")
+                failures.append(
+                    Failure(
+                        FailureKind.TASK_LOST,
+                        f"task {task} died: its actor or node was lost ({type(exc).__name__})",
+                        task=str(task),
+                    )
+                )
         return failures
 
     # ------------------------------------------------------------ recover
-    def _recover(self, failures: list[str]) -> None:
+    def _recover(self, failures: list[Failure]) -> None:
         t0 = time.time()
-        cause = failures[0]
-        self.failures.extend(failures)
-        self.restarts += 1
-        self._event("failure", error=cause.splitlines()[0], restarts=self.restarts)
-        if self.restarts > self.options.max_restarts:
+        failure = primary(failures)
+        self.failures.append(failure.text())
+        decision = self.tracker.on_failure(failure, t0)
+        if isinstance(decision, GiveUp):
+            self._event("failure", error=failure.message, failure_kind=failure.kind.value, restarts=self.restarts,
+                        delay_s=None)
             raise JobFailedError(
-                f"job {self.plan.job!r} failed: restart budget of {self.options.max_restarts} spent; "
-                f"committed output stays as of epoch {self.last_completed}. Last failure:",
-                cause,
+                failure.message,
+                f"job {self.plan.job!r} stopped: {decision.reason}; committed output stays as of epoch "
+                f"{self.last_completed}" + (f"\n{failure.detail}" if failure.detail else ""),
             )
+        self.restarts += 1
+        self._event("failure", error=failure.message, failure_kind=failure.kind.value, restarts=self.restarts,
+                    delay_s=decision.delay_s)
+        if decision.delay_s:
+            self._stop_requested.wait(decision.delay_s)
         # 1. Halt: a new generation makes every message in flight stale.
         self.generation += 1
         # 2. Find the dead: those that failed a ping, and any that do not answer now.
@@ -382,6 +416,7 @@ class Coordinator:
             self.storage.write_manifest(plan.epoch, manifest)
             self.last_checkpoint = plan.epoch
             self.stats["checkpoints"] += 1
+            self.tracker.on_checkpoint_completed(now)
         # 2. Sinks make the epoch's output visible (idempotent).
         for step, sink in self.sinks.items():
             sink.commit(plan.epoch, [a.sink_handles[step] for a in ordered if step in a.sink_handles])
@@ -492,7 +527,22 @@ class CoordinatorActor:
         self.coordinator = Coordinator(plan, storage, options, job_doc)
 
     def run(self) -> dict:
-        return self.coordinator.run(ray.get_runtime_context().current_actor)
+        """Run the job; whatever stops it is raised as a :class:`JobFailedError`
+        whose first line names the cause."""
+        try:
+            return self.coordinator.run(ray.get_runtime_context().current_actor)
+        except JobFailedError:
+            raise
+        except CheckpointError as exc:
+            lines = str(exc).splitlines()
+            raise JobFailedError(lines[0], "\n".join(lines[1:])) from None
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: shown whole
+            import traceback
+
+            raise JobFailedError(
+                f"the coordinator of job {self.coordinator.plan.job!r} failed: {type(exc).__name__}: {exc}",
+                traceback.format_exc(),
+            ) from None
 
     def ack(self, ack: TaskAck) -> None:
         self.coordinator.ack(ack)

@@ -41,8 +41,31 @@ class EpochPlan:
         }
 
     @classmethod
-    def from_json(cls, doc: dict) -> "EpochPlan":
-        ranges = {s: {int(p): (a, b) for p, (a, b) in parts.items()} for s, parts in doc["ranges"].items()}
+    def from_json(cls, doc) -> "EpochPlan":
+        """Parse an offsets log entry; ``ValueError`` names what is wrong with it.
+
+        >>> EpochPlan.from_json({"epoch": 2, "checkpoint": False, "planned_at": 1.0})
+        Traceback (most recent call last):
+        ...
+        ValueError: it has no 'ranges'
+        """
+        if not isinstance(doc, dict):
+            raise ValueError(f"it is a JSON {type(doc).__name__}, not an object")
+        for name, types in (("epoch", int), ("checkpoint", bool), ("planned_at", (int, float)), ("ranges", dict)):
+            if name not in doc:
+                raise ValueError(f"it has no {name!r}")
+            if not isinstance(doc[name], types) or (types is int and isinstance(doc[name], bool)):
+                raise ValueError(f"its {name!r} is {doc[name]!r}")
+        ranges: Ranges = {}
+        for step, parts in doc["ranges"].items():
+            if not isinstance(parts, dict):
+                raise ValueError(f"its ranges of {step!r} are {parts!r}, not an object")
+            ranges[step] = {}
+            for p, span in parts.items():
+                ok = isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)
+                if not (p.isdigit() and ok and 0 <= span[0] <= span[1]):
+                    raise ValueError(f"its range of {step!r} partition {p!r} is {span!r}, not [start, stop]")
+                ranges[step][int(p)] = (span[0], span[1])
         return cls(doc["epoch"], ranges, doc["checkpoint"], doc["planned_at"])
 
 

@@ -10,19 +10,19 @@ returns.
 from __future__ import annotations
 
 import time
-import traceback
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluiceway.checkpoint.state import read_state, write_state
+from sluiceway.checkpoint.errors import StorageError
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.checkpoint.types import TaskId, key_group_range
 from sluiceway.cluster.alignment import Barrier
 from sluiceway.cluster.graph import Exchange, PhysicalPlan
 from sluiceway.operators.base import OperatorContext, OperatorLogic
-from sluiceway.operators.errors import UserCodeError
+from sluiceway.operators.errors import FlowValidationError, UserCodeError, missing_columns
 from sluiceway.operators.keys import key_groups
 from sluiceway.operators.sinks import SinkContext, SinkWriter
 from sluiceway.operators.stateless import Identity
@@ -56,7 +56,7 @@ def _concat(tables: list[pa.Table]) -> pa.Table | None:
 def partition_by_key(table: pa.Table, key: str, parallelism: int, max_key_groups: int) -> list[pa.Table | None]:
     """Rows grouped by the downstream subtask owning their key group; order kept within each."""
     if key not in table.column_names:
-        raise KeyError(f"key_by({key!r}): the stream has no column {key!r}; it has {table.column_names}")
+        raise missing_columns(None, "key_by", [key], table.column_names, f"fix the column name in key_by({key!r})")
     kg = key_groups(table.column(key), max_key_groups)
     if parallelism == 1:
         return [table]
@@ -119,8 +119,12 @@ class TaskRuntime:
     def _user_call(self, step_id: str, kind: str, fn, *args):
         try:
             return fn(*args)
-        except Exception:  # noqa: BLE001 - carried to the coordinator with its traceback
-            raise UserCodeError(step_id, kind, traceback.format_exc()) from None
+        except FlowValidationError as exc:  # the flow does not fit its data: no replay helps
+            raise FlowValidationError(exc.step or step_id, exc.kind or kind, exc.problem) from None
+        except StorageError:  # checkpoint storage, already retried up to its deadline
+            raise
+        except Exception as exc:  # noqa: BLE001 - carried to the coordinator with the user's traceback
+            raise UserCodeError.from_exception(step_id, kind, exc) from None
 
     def _emit(self, step_id: str, table: pa.Table | None) -> None:
         if table is None or table.num_rows == 0:

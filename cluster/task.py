@@ -10,7 +10,6 @@ generation that are still in flight are dropped on arrival.
 from __future__ import annotations
 
 import time
-import traceback
 
 import ray
 
@@ -21,7 +20,7 @@ from sluiceway.cluster.alignment import Barrier, BarrierAligner, BarrierEvent, D
 from sluiceway.cluster.epochs import EpochPlan, TaskAck
 from sluiceway.cluster.graph import PhysicalPlan
 from sluiceway.cluster.runtime import TaskRuntime
-from sluiceway.operators.errors import UserCodeError
+from sluiceway.cluster.restart import failure_from_exception
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)
@@ -36,6 +35,7 @@ class TaskActor:
         self.downstream: dict[str, list] = {}
         self.aligner: BarrierAligner | None = None
         self.next_source_epoch = 0
+        self.current_epoch: int | None = None
         self._early_plans: dict[int, EpochPlan] = {}
 
     def ping(self) -> str:
@@ -72,6 +72,7 @@ class TaskActor:
             self._guarded(self._run_source, plan)
 
     def _run_source(self, plan: EpochPlan) -> None:
+        self.current_epoch = plan.epoch
         ranges = plan.ranges.get(self.runtime.stage.source, {})
         tables, rows = self.runtime.read_source(ranges)
         self._run_epoch(Barrier(plan.epoch, plan.checkpoint, None), tables, rows)
@@ -90,6 +91,7 @@ class TaskActor:
 
     def _run_epoch(self, barrier: Barrier, tables: list, rows_in: int) -> None:
         t0 = time.time()
+        self.current_epoch = barrier.epoch
         out = self.runtime.process_epoch(barrier.epoch, barrier, tables, rows_in)
         # 1. Forward data and barrier first, so downstream starts while we write.
         for exchange, parts in out.exchanges.items():
@@ -118,8 +120,5 @@ class TaskActor:
             fn(*args)
         except Exception as exc:  # noqa: BLE001 - reported, the coordinator decides
             self.failed = True
-            if isinstance(exc, UserCodeError):
-                text = str(exc)
-            else:
-                text = f"task {self.task} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-            self.coordinator.task_failed.remote(self.task, self.generation, text)
+            failure = failure_from_exception(exc, str(self.task), self.current_epoch)
+            self.coordinator.task_failed.remote(self.task, self.generation, failure)

@@ -13,7 +13,7 @@ from sluiceway.checkpoint.history import CheckpointHistory
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.cluster.errors import JobFailedError
 from sluiceway.jobs.errors import JobFileError
-from sluiceway.operators.errors import OperatorError
+from sluiceway.operators.errors import FlowDefinitionError, OperatorError
 
 
 def _env(name: str, default=None):
@@ -40,6 +40,27 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def _env_arg(p: argparse.ArgumentParser, flag: str, env: str, default: str, convert, help: str) -> None:
+    """A flag that also reads ``env``; a bad value in the environment is a usage error too."""
+    text = _env(env, default)
+    try:
+        value = convert(text) if text is not None else None
+    except argparse.ArgumentTypeError as exc:
+        p.error(f"{env}={text!r}: {exc}")
+    shown = f"; default {default}" if default is not None else ""
+    p.add_argument(flag, type=convert, default=value, help=f"{help} (env {env}{shown})")
+
+
 def _checkpoint_dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint-dir",
@@ -63,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--parallelism", type=_positive_int,
                    default=_positive_int(_env("SLUICEWAY_PARALLELISM")) if _env("SLUICEWAY_PARALLELISM") else None,
                    help="default parallelism of steps that set none (env SLUICEWAY_PARALLELISM)")
+    _env_arg(r, "--max-failures", "SLUICEWAY_MAX_FAILURES", "5", _nonnegative_int,
+             "restart budget: failures allowed within --failure-window without a completed checkpoint between them")
+    _env_arg(r, "--failure-window", "SLUICEWAY_FAILURE_WINDOW", "600", _seconds,
+             "seconds after which a failure no longer counts against the budget")
+    _env_arg(r, "--restart-delay", "SLUICEWAY_RESTART_DELAY", "1", _seconds,
+             "delay before the second restart in a row; it doubles with each further one (the first is immediate)")
+    _env_arg(r, "--max-restart-delay", "SLUICEWAY_MAX_RESTART_DELAY", "60", _seconds,
+             "the longest delay between restarts")
     stop = r.add_mutually_exclusive_group()
     stop.add_argument("--epochs", type=_positive_int,
                       default=_positive_int(_env("SLUICEWAY_EPOCHS")) if _env("SLUICEWAY_EPOCHS") else None,
@@ -107,7 +136,10 @@ def format_event(event: dict) -> str | None:
         return (f"epoch {event['epoch']:>5}  in {event['rows_in']:>9,}  out {event['rows_out']:>9,}  {rate}  "
                 f"{event['duration_s']:6.3f} s  {ckpt}")
     if kind == "failure":
-        return f"FAILURE (restart {event['restarts']}): {event['error']}"
+        if event.get("delay_s") is None:
+            return f"FAILURE: {event['error']}"
+        delay = f" in {event['delay_s']:g} s" if event["delay_s"] else ""
+        return f"FAILURE: {event['error']} (restart {event['restarts']}{delay})"
     if kind == "recovered":
         return (f"recovered in {event['duration_s']:.2f} s: restarted {event['restarted_tasks'] or 'no'} task(s), "
                 f"restored checkpoint {event['checkpoint']}, replaying epochs {event['replay_epochs']}")
@@ -126,6 +158,17 @@ def cmd_run(args) -> int:
     from sluiceway.jobs.jobfile import load_flow
     from sluiceway.jobs.runner import run
 
+    from sluiceway.cluster.restart import RestartPolicy
+
+    try:
+        policy = RestartPolicy(
+            max_failures=args.max_failures,
+            failure_window_s=args.failure_window,
+            initial_delay_s=min(args.restart_delay, args.max_restart_delay),
+            max_delay_s=args.max_restart_delay,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     flow = load_flow(args.job)
     print(f"job {flow.name!r}: checkpoints in {args.checkpoint_dir}", flush=True)
     summary = run(
@@ -136,6 +179,7 @@ def cmd_run(args) -> int:
         trigger_s=args.trigger,
         checkpoint_every=args.checkpoint_every,
         parallelism=args.parallelism,
+        restart_policy=policy,
         on_event=_print_event,
     )
     print(
@@ -184,7 +228,13 @@ def cmd_checkpoints_show(args) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A flag or argument the command cannot use (exit status 2)."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 on success, 2 for a usage error, 1 for anything else;
+    the cause is the first line on stderr."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
@@ -192,9 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoints_command == "list":
             return cmd_checkpoints_list(args)
         return cmd_checkpoints_show(args)
-    except (JobFileError, CheckpointError, OperatorError, JobFailedError, ValueError) as exc:
+    except (UsageError, JobFileError, FlowDefinitionError) as exc:
         print(f"sluiceway: error: {exc}", file=sys.stderr)
         return 2
+    except (CheckpointError, OperatorError, JobFailedError, ValueError) as exc:
+        print(f"sluiceway: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ import time
 from typing import Callable
 
 import ray
+from ray.exceptions import RayTaskError
 
 from sluiceway.checkpoint.errors import IncompatibleJobError, StorageError
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.cluster.coordinator import CoordinatorActor, RunOptions
+from sluiceway.cluster.restart import RestartPolicy
 from sluiceway.cluster.errors import JobFailedError
 from sluiceway.cluster.graph import PhysicalPlan
 from sluiceway.cluster.graph import plan as physical_plan
@@ -96,7 +98,7 @@ def run(
     max_records_per_epoch: int = 1_000_000,
     max_epochs_in_flight: int = 2,
     keep_checkpoints: int = 3,
-    max_restarts: int = 3,
+    restart_policy: RestartPolicy | None = None,
     on_event: Callable[[dict], None] | None = None,
     on_started: Callable[[object], None] | None = None,
 ) -> dict:
@@ -110,6 +112,12 @@ def run(
 
     ``on_event`` receives progress events (epoch completed, failure,
     recovery) as dicts; ``on_started`` receives the coordinator actor handle.
+    ``restart_policy`` says how often and how fast the job restarts after a
+    failure (:class:`~sluiceway.cluster.restart.RestartPolicy`).
+
+    Whatever stops the job is raised with its cause in the first line:
+    :class:`JobFailedError` for a failure of the job, ``StorageError`` when
+    the checkpoint dir cannot be used.
     """
     options = RunOptions(
         trigger_s=trigger_s,
@@ -117,7 +125,7 @@ def run(
         max_epochs_in_flight=max_epochs_in_flight,
         max_records_per_epoch=max_records_per_epoch,
         keep_checkpoints=keep_checkpoints,
-        max_restarts=max_restarts,
+        restart=restart_policy or RestartPolicy(),
         until_idle=until_idle if epochs is None else False,
         epochs=epochs,
     )
@@ -161,8 +169,11 @@ def _wait(coordinator, on_event) -> dict:
             if ready:
                 try:
                     return ray.get(done)
-                except JobFailedError as exc:
-                    raise JobFailedError(exc.message, exc.cause) from None
+                except RayTaskError as exc:  # show the cause, not Ray's wrapper
+                    cause = exc.cause if isinstance(exc.cause, BaseException) else None
+                    if cause is None:
+                        raise
+                    raise cause from None
     except KeyboardInterrupt:
         coordinator.stop.remote()
         return ray.get(done)

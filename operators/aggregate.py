@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from sluiceway.checkpoint.state import KEY_GROUP_COLUMN
 from sluiceway.operators.base import Operator, OperatorContext, OperatorLogic
-from sluiceway.operators.errors import FlowDefinitionError
+from sluiceway.operators.errors import FlowDefinitionError, missing_columns
 from sluiceway.operators.keys import key_groups
 
 SUPPORTED_FUNCTIONS = ("count", "count_all", "sum", "min", "max", "mean")
@@ -121,10 +121,10 @@ class AggregateLogic(OperatorLogic):
 
     def _partial(self, table: pa.Table) -> pa.Table:
         op = self.op
-        missing = {a.column for a in op.accumulators if a.column} - set(table.column_names)
-        if op.key not in table.column_names or missing:
-            raise KeyError(
-                f"aggregate by {op.key!r} needs columns {sorted(missing | {op.key})}; the stream has {table.column_names}"
+        wanted = [op.key] + [c for c, _ in op.pairs if c is not None]
+        if any(c not in table.column_names for c in wanted):
+            raise missing_columns(
+                self.context.step, "aggregate", wanted, table.column_names, "fix the column names in aggregate(...)"
             )
         specs = [([], "count_all") if a.partial == "count_all" else (a.column, a.partial) for a in op.accumulators]
         return _group(table, op.key, specs, [a.name for a in op.accumulators])

@@ -1,4 +1,18 @@
-"""Errors raised by operators, sources and sinks. Every class pickles."""
+"""Errors raised by operators, sources and sinks. Every class pickles.
+
+Each error's ``str()`` starts with one line that names the cause (which step,
+which function, which column); details follow on later lines.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+_OWN_DIRS = tuple(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + d + os.sep
+    for d in ("operators", "cluster", "checkpoint", "jobs")
+)
 
 
 class OperatorError(Exception):
@@ -9,18 +23,86 @@ class FlowDefinitionError(OperatorError):
     """An operator was configured wrongly; raised when the flow is built."""
 
 
+def user_frames(exc: BaseException) -> str:
+    """The traceback of ``exc`` with sluiceway's and Ray's own frames left out:
+    what the user wrote, then the exception line.
+
+    >>> try:
+    ...     {}["missing"]
+    ... except KeyError as e:
+    ...     print(user_frames(e).splitlines()[-1])
+    KeyError: 'missing'
+    """
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith(_OWN_DIRS) and f"{os.sep}ray{os.sep}" not in f.filename
+    ]
+    lines = traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc)
+    return "".join(lines).rstrip("\n")
+
+
 class UserCodeError(OperatorError):
     """A user function raised while processing a batch.
 
-    Carries the step that ran it and the user's traceback as text, so the
-    cause survives crossing process boundaries.
+    Carries the step that ran it, the exception's type and message and the
+    user's own traceback lines as text, so the cause survives crossing
+    process boundaries.
+
+    >>> err = UserCodeError("parse", "map_batches", "ValueError", "bad record", "  File ...\\nValueError: bad record")
+    >>> str(err).splitlines()[0]
+    "step 'parse' (map_batches) raised ValueError: bad record"
     """
 
-    def __init__(self, step: str, kind: str, traceback_text: str):
-        super().__init__(step, kind, traceback_text)
+    def __init__(self, step: str, kind: str, error_type: str, message: str, frames: str, epoch: int | None = None):
+        super().__init__(step, kind, error_type, message, frames, epoch)
         self.step = step
         self.kind = kind
-        self.traceback_text = traceback_text
+        self.error_type = error_type
+        self.message = message
+        self.frames = frames
+        self.epoch = epoch
+
+    @classmethod
+    def from_exception(cls, step: str, kind: str, exc: BaseException) -> "UserCodeError":
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        return cls(step, kind, type(exc).__name__, message, user_frames(exc))
+
+    @property
+    def headline(self) -> str:
+        return f"step {self.step!r} ({self.kind}) raised {self.error_type}" + (f": {self.message}" if self.message else "")
+
+    @property
+    def signature(self) -> tuple:
+        """What makes two failures "the same failure"."""
+        return (self.step, self.error_type, self.message)
 
     def __str__(self) -> str:
-        return f"step {self.step!r} ({self.kind}) raised:\n{self.traceback_text}"
+        return f"{self.headline}\nTraceback of the user's code (most recent call last):\n{self.frames}"
+
+
+class FlowValidationError(OperatorError):
+    """The flow does not fit its data: a column it names is missing, a source
+    broke its contract. No replay can fix it, so the job fails at once,
+    without spending restarts."""
+
+    def __init__(self, step: str, kind: str, problem: str):
+        super().__init__(step, kind, problem)
+        self.step = step
+        self.kind = kind
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"step {self.step!r} ({self.kind}): {self.problem}"
+
+
+def missing_columns(step: str, kind: str, wanted: list[str], have: list[str], fix: str) -> FlowValidationError:
+    """The error for columns a step names and the stream lacks.
+
+    >>> str(missing_columns("by_user", "key_by", ["usr"], ["user", "amount"], "fix the name in key_by(...)"))
+    "step 'by_user' (key_by): the stream has no column 'usr' (it has user, amount); fix the name in key_by(...)"
+    """
+    absent = [c for c in wanted if c not in have]
+    names = ", ".join(repr(c) for c in absent)
+    noun = "column" if len(absent) == 1 else "columns"
+    return FlowValidationError(step, kind, f"the stream has no {noun} {names} (it has {', '.join(have)}); {fix}")

@@ -20,7 +20,7 @@ from typing import Callable
 
 import pyarrow as pa
 
-from sluiceway.operators.errors import FlowDefinitionError
+from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError
 from sluiceway.operators.stateless import as_table
 
 
@@ -93,9 +93,12 @@ class GeneratorSource(Source):
     def read(self, partition: int, start: int, stop: int) -> pa.Table:
         table = as_table(self.fn(partition, start, stop), "GeneratorSource")
         if table.num_rows != stop - start:
-            raise ValueError(
-                f"GeneratorSource fn returned {table.num_rows} rows for partition {partition} offsets "
-                f"[{start}, {stop}); it must return exactly one row per offset ({stop - start})"
+            raise FlowValidationError(
+                None,
+                "source",
+                f"GeneratorSource fn {getattr(self.fn, '__qualname__', self.fn)!r} returned {table.num_rows} rows for "
+                f"partition {partition} offsets [{start}, {stop}); it must return exactly one row per offset "
+                f"({stop - start})",
             )
         return table
 

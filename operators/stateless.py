@@ -8,7 +8,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluiceway.operators.base import Operator, OperatorContext, OperatorLogic
-from sluiceway.operators.errors import FlowDefinitionError
+import re
+
+from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, missing_columns
+
+_FIELD_REF = re.compile(r"No match for FieldRef\.Name\((?P<name>[^)]*)\)")
 
 
 def as_table(result, step: str) -> pa.Table:
@@ -69,7 +73,7 @@ class Filter(Operator):
     def build(self, context: OperatorContext, restored: pa.Table | None) -> OperatorLogic:
         predicate = self.predicate
         if isinstance(predicate, pc.Expression):
-            return _Stateless(lambda table: table.filter(predicate))
+            return _Stateless(lambda table: _filter_by_expression(table, predicate))
 
         def process(table: pa.Table) -> pa.Table:
             return pa.concat_tables(
@@ -82,6 +86,19 @@ class Filter(Operator):
     def describe(self) -> dict:
         p = self.predicate
         return {"kind": self.kind, "predicate": str(p) if isinstance(p, pc.Expression) else _function_name(p)}
+
+
+def _filter_by_expression(table: pa.Table, predicate: pc.Expression) -> pa.Table:
+    try:
+        return table.filter(predicate)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        match = _FIELD_REF.search(str(exc))
+        if match:
+            raise missing_columns(
+                None, "filter", [match["name"]], table.column_names, f"fix the column name in the expression {predicate}"
+            ) from None
+        first = str(exc).splitlines()[0]
+        raise FlowValidationError(None, "filter", f"the expression {predicate} cannot be evaluated: {first}") from None
 
 
 class MapRecords(Operator):

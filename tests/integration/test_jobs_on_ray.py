@@ -85,31 +85,6 @@ def test_killed_task_actor_recovers_with_exactly_once_output(tmp_path):
     assert max(c.epoch for c in complete) > killed["after_epoch"]
 
 
-def numbers(partition, start, stop):
-    return pa.record_batch({"n": pa.array(range(start, stop), pa.int64())})
-
-
-def explode_at_500(batch):
-    if pa.compute.any(pa.compute.greater_equal(batch["n"], 500)).as_py():
-        raise ValueError("bad record at offset 500")
-    return batch
-
-
-def test_raising_map_function_fails_with_user_traceback_and_consistent_output(tmp_path):
-    flow = Dataflow("explodes")
-    flow.source(GeneratorSource(numbers, 1, 1e9, 1000)).map_batches(explode_at_500, name="parse").sink(
-        ParquetSink(str(tmp_path / "out"))
-    )
-    with pytest.raises(JobFailedError) as info:
-        run(flow, str(tmp_path / "ckpt"), trigger_s=0.05, max_records_per_epoch=100, max_restarts=1)
-    text = str(info.value)
-    assert "restart budget of 1 spent" in text
-    assert "step 'parse' (map_batches) raised" in text and "explode_at_500" in text
-    assert "ValueError: bad record at offset 500" in text
-    committed = read_committed(str(tmp_path / "out")).column("n").to_pylist()
-    assert committed == list(range(500))  # every epoch before the bad one, once
-
-
 def test_cli_run_until_idle_then_list_checkpoints_as_json(tmp_path, capsys, monkeypatch):
     job = tmp_path / "job.py"
     job.write_text(

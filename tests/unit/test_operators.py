@@ -5,7 +5,7 @@ import pytest
 from sluiceway.checkpoint.state import KEY_GROUP_COLUMN
 from sluiceway.operators.aggregate import Aggregate
 from sluiceway.operators.base import OperatorContext
-from sluiceway.operators.errors import FlowDefinitionError
+from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError
 from sluiceway.operators.sources import GeneratorSource, ListSource
 from sluiceway.operators.stateless import Filter, MapBatches, MapRecords
 
@@ -78,7 +78,8 @@ def test_aggregate_errors_name_the_fix():
     with pytest.raises(FlowDefinitionError, match="count_all counts rows"):
         Aggregate("user", [("amount", "count_all")])
     logic = Aggregate("user", [("price", "sum")]).build(CTX, None)
-    with pytest.raises(KeyError, match="needs columns"):
+    with pytest.raises(FlowValidationError, match=r"^step 'step' \(aggregate\): the stream has no column 'price' "
+                       r"\(it has user, amount\); fix the column names"):
         logic.process(table())
 
 
@@ -91,7 +92,7 @@ def test_generator_source_grows_with_time_and_is_bounded():
 
 def test_generator_source_must_return_one_row_per_offset():
     src = GeneratorSource(lambda p, a, b: pa.record_batch({"i": pa.array([1])}), 1, 10)
-    with pytest.raises(ValueError, match="exactly one row per offset"):
+    with pytest.raises(FlowValidationError, match="exactly one row per offset"):
         src.read(0, 0, 5)
 
 
