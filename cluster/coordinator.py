@@ -35,7 +35,7 @@ from sluiceway.checkpoint.manifest import build_manifest, latest_complete
 from sluiceway.checkpoint.retention import apply_retention
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.checkpoint.types import TaskId
-from sluiceway.cluster.epochs import EpochBook, EpochPlan, TaskAck, plan_epoch, sources_exhausted
+from sluiceway.cluster.epochs import EpochBook, EpochPlan, EpochSizer, TaskAck, Trigger, plan_epoch, sources_exhausted
 from sluiceway.cluster.errors import JobFailedError
 from sluiceway.cluster.graph import PhysicalPlan
 from sluiceway.cluster.placement import pinned, spread, worker_nodes
@@ -102,6 +102,8 @@ class Coordinator:
         self.last_completed = 0
         self.last_checkpoint = 0
         self.stop_reason: str | None = None
+        self.sizer = EpochSizer(options.trigger_s, options.max_records_per_epoch)
+        self.waiting = 0  # records readable but not yet planned, as of the last plan
         self.epochs_planned_this_run = 0
         self.high_water = 0  # highest epoch ever completed; stats count only newer ones
         self._pings: dict[TaskId, tuple[object | None, float]] = {}
@@ -230,7 +232,8 @@ class Coordinator:
             self.next_offsets = {s: {int(p): o for p, o in parts.items()} for s, parts in manifest["offsets"].items()}
         else:
             self.next_offsets = {}
-        self.next_trigger = 0.0
+        self.trigger = Trigger(self.options.trigger_s)
+        self.waiting = 0
         self.book = EpochBook(self.plan.tasks(), self.generation)
 
     def _read_plan(self, epoch: int) -> EpochPlan:
@@ -424,6 +427,8 @@ class Coordinator:
         rows_in = sum(a.rows_in for a in ordered)
         rows_out = sum(a.rows_out for a in ordered)
         duration = now - plan.planned_at
+        if plan.epoch > self.high_water:
+            self.sizer.observe(rows_in, duration)
         record = {
             "epoch": plan.epoch,
             "planned_at": plan.planned_at,
@@ -470,17 +475,18 @@ class Coordinator:
             if self.book.in_flight == 0 and self.last_completed != self.last_checkpoint:
                 self._write_and_dispatch(self._empty_ranges(), checkpoint=True, now=now)
             return
-        if now < self.next_trigger:
-            return
-        self.next_trigger = now + self.options.trigger_s
-        ranges = plan_epoch(
+        if not self.trigger.due(now, self.waiting):
+            return  # caught up: wait for the trigger. Behind: plan at once.
+        self.trigger.planned(now)
+        planned = plan_epoch(
             self.next_epoch,
             self.sources,
             self.next_offsets,
             now=now,
             started_at=self.job_doc["sources_started_at"],
-            max_records_per_epoch=self.options.max_records_per_epoch,
+            max_records_per_epoch=self.sizer.size(),
         )
+        ranges, self.waiting = planned.ranges, planned.waiting
         if ranges is None:
             if self.options.until_idle and sources_exhausted(self.sources, self.next_offsets):
                 self.stop_reason = "idle"
@@ -492,7 +498,7 @@ class Coordinator:
         if self.options.epochs is not None and self.epochs_planned_this_run >= self.options.epochs:
             self.stop_reason = "epochs"
         checkpoint = self.stop_reason is not None or self.next_epoch % self.options.checkpoint_every == 0
-        self._write_and_dispatch(ranges, checkpoint=checkpoint, now=now)
+        self._write_and_dispatch(ranges, checkpoint=checkpoint, now=now, waiting=self.waiting)
 
     def _empty_ranges(self):
         return {
@@ -500,8 +506,8 @@ class Coordinator:
             for s, src in self.sources.items()
         }
 
-    def _write_and_dispatch(self, ranges, *, checkpoint: bool, now: float) -> None:
-        plan = EpochPlan(self.next_epoch, ranges, checkpoint, now)
+    def _write_and_dispatch(self, ranges, *, checkpoint: bool, now: float, waiting: int = 0) -> None:
+        plan = EpochPlan(self.next_epoch, ranges, checkpoint, now, waiting)
         self.storage.write_offsets(plan.epoch, plan.to_json())  # before anything runs
         self.next_epoch += 1
         self.next_offsets = plan.next_offsets()

@@ -24,6 +24,7 @@ class EpochPlan:
     ranges: Ranges
     checkpoint: bool
     planned_at: float
+    waiting: int = 0  # records readable but left for later epochs when this one was planned
 
     @property
     def rows(self) -> int:
@@ -37,6 +38,7 @@ class EpochPlan:
             "epoch": self.epoch,
             "checkpoint": self.checkpoint,
             "planned_at": self.planned_at,
+            "waiting": self.waiting,
             "ranges": {s: {str(p): [a, b] for p, (a, b) in parts.items()} for s, parts in self.ranges.items()},
         }
 
@@ -66,7 +68,7 @@ class EpochPlan:
                 if not (p.isdigit() and ok and 0 <= span[0] <= span[1]):
                     raise ValueError(f"its range of {step!r} partition {p!r} is {span!r}, not [start, stop]")
                 ranges[step][int(p)] = (span[0], span[1])
-        return cls(doc["epoch"], ranges, doc["checkpoint"], doc["planned_at"])
+        return cls(doc["epoch"], ranges, doc["checkpoint"], doc["planned_at"], int(doc.get("waiting", 0)))
 
 
 @dataclass
@@ -86,6 +88,15 @@ class TaskAck:
     watermark: float | None = None
 
 
+@dataclass(frozen=True)
+class Planned:
+    """What :func:`plan_epoch` decided: the ranges (``None`` when no partition
+    has anything new) and how many records are still waiting after them."""
+
+    ranges: Ranges | None
+    waiting: int
+
+
 def plan_epoch(
     epoch: int,
     sources: dict[str, Source],
@@ -94,24 +105,89 @@ def plan_epoch(
     now: float,
     started_at: float,
     max_records_per_epoch: int,
-) -> Ranges | None:
-    """Ranges for ``epoch``, or ``None`` when no partition has anything new.
+) -> Planned:
+    """Ranges for ``epoch``: each source's cap is split evenly over its partitions.
 
-    Each source's cap is split evenly over its partitions.
+    >>> from sluiceway.operators.sources import ListSource
+    >>> plan_epoch(1, {"s": ListSource([{"x": i} for i in range(10)])}, {}, now=0, started_at=0,
+    ...            max_records_per_epoch=4)
+    Planned(ranges={'s': {0: (0, 4)}}, waiting=6)
     """
     ranges: Ranges = {}
     any_rows = False
+    waiting = 0
     for step, source in sources.items():
         n = source.partition_count()
         cap = max(1, max_records_per_epoch // n)
         parts = {}
         for p in range(n):
             start = next_offsets.get(step, {}).get(p, 0)
-            stop = min(max(start, source.latest_offset(p, now, started_at)), start + cap)
+            latest = max(start, source.latest_offset(p, now, started_at))
+            stop = min(latest, start + cap)
             parts[p] = (start, stop)
+            waiting += latest - stop
             any_rows = any_rows or stop > start
         ranges[step] = parts
-    return ranges if any_rows else None
+    return Planned(ranges if any_rows else None, waiting)
+
+
+@dataclass
+class Trigger:
+    """When to plan the next epoch: every ``interval_s`` on live input, and
+    at once, without waiting, while records are waiting (a backlog).
+
+    >>> t = Trigger(interval_s=1.0)
+    >>> t.due(now=100.0, waiting=0)
+    True
+    >>> t.planned(now=100.0)
+    >>> t.due(now=100.2, waiting=0), t.due(now=100.2, waiting=5_000_000), t.due(now=101.0, waiting=0)
+    (False, True, True)
+    """
+
+    interval_s: float
+    next_at: float = float("-inf")
+
+    def due(self, now: float, waiting: int) -> bool:
+        return waiting > 0 or now >= self.next_at
+
+    def planned(self, now: float) -> None:
+        self.next_at = now + self.interval_s
+
+
+@dataclass
+class EpochSizer:
+    """How many records the next epoch may read, so that an epoch's latency
+    (planned to complete) stays near the trigger interval.
+
+    It keeps a smoothed rate of records per second of epoch latency and
+    plans ``rate * trigger_s`` records, between ``min_records`` and the cap.
+    A trigger of 0 means "as fast as possible": epochs are as big as the cap.
+
+    >>> sizer = EpochSizer(trigger_s=1.0, max_records=1_000_000)
+    >>> sizer.size()  # nothing measured yet: the cap
+    1000000
+    >>> sizer.observe(rows=1_000_000, latency_s=4.0)  # a slow job: 250k records/s
+    >>> sizer.size()
+    250000
+    """
+
+    trigger_s: float
+    max_records: int
+    min_records: int = 1000
+    smoothing: float = 0.5
+    rate: float | None = None
+
+    def observe(self, rows: int, latency_s: float) -> None:
+        if rows <= 0 or latency_s <= 0:
+            return
+        sample = rows / latency_s
+        self.rate = sample if self.rate is None else self.smoothing * sample + (1 - self.smoothing) * self.rate
+
+    def size(self) -> int:
+        floor = min(self.min_records, self.max_records)
+        if self.trigger_s <= 0 or self.rate is None:
+            return self.max_records
+        return max(floor, min(self.max_records, int(self.rate * self.trigger_s)))
 
 
 def sources_exhausted(sources: dict[str, Source], next_offsets: dict[str, dict[int, int]]) -> bool:

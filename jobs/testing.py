@@ -82,7 +82,7 @@ def run_local(flow, *, parallelism: int | None = None, max_records_per_epoch: in
     while not sources_exhausted(sources, offsets) and epoch < max_epochs:
         ranges = plan_epoch(
             epoch + 1, sources, offsets, now=math.inf, started_at=0.0, max_records_per_epoch=max_records_per_epoch
-        )
+        ).ranges
         if ranges is None:
             raise RuntimeError("run_local needs bounded sources; a source has nothing to read yet")
         epoch += 1

@@ -25,7 +25,7 @@ def test_bounded_job_output_equals_independent_computation(tmp_path, capsys):
     rows = 6000
     flow = example.build(output=str(tmp_path / "out"), rows_per_partition=rows, rows_per_second=1e9)
     ckpt = str(tmp_path / "ckpt")
-    summary = run(flow, ckpt, trigger_s=0.1, max_records_per_epoch=3000, checkpoint_every=2)
+    summary = run(flow, ckpt, trigger_s=0, max_records_per_epoch=3000, checkpoint_every=2)
     assert summary["stopped"] == "idle"
     assert summary["rows_in"] == 2 * rows and summary["epochs"] == 4 and summary["restarts"] == 0
     clicks, totals = verdicts(tmp_path / "out", rows)
@@ -48,10 +48,10 @@ def test_stopped_job_started_again_continues_without_loss_or_duplicates(tmp_path
     rows = 8000
     out, ckpt = str(tmp_path / "out"), str(tmp_path / "ckpt")
     flow = example.build(output=out, rows_per_partition=rows, rows_per_second=1e9)
-    first = run(flow, ckpt, epochs=2, trigger_s=0.05, max_records_per_epoch=2000, checkpoint_every=5)
+    first = run(flow, ckpt, epochs=2, trigger_s=0, max_records_per_epoch=2000, checkpoint_every=5)
     assert first["stopped"] == "epochs" and first["epochs"] == 2 and first["last_checkpoint"] == 2
     events = []
-    second = run(flow, ckpt, trigger_s=0.05, max_records_per_epoch=2000, checkpoint_every=5, on_event=events.append)
+    second = run(flow, ckpt, trigger_s=0, max_records_per_epoch=2000, checkpoint_every=5, on_event=events.append)
     started = [e for e in events if e["type"] == "started"][0]
     assert started["resume_checkpoint"] == 2
     assert second["epochs"] == 6 and second["rows_in"] == 2 * rows - first["rows_in"]
@@ -110,3 +110,18 @@ def test_unusable_checkpoint_dir_is_a_clear_error(tmp_path):
 
     with pytest.raises(StorageError, match=r"checkpoint dir .*file' is not usable"):
         run(flow, str(blocker))
+
+
+def test_backlog_with_default_trigger_is_planned_back_to_back(tmp_path):
+    """Default trigger (1 s), 5 epochs' worth waiting: the offsets log shows
+    each epoch planned while records waited, and the run does not spend a
+    trigger interval per epoch."""
+    rows = 10_000
+    ckpt = str(tmp_path / "ckpt")
+    flow = example.build(output=str(tmp_path / "out"), rows_per_partition=rows, rows_per_second=1e9)
+    summary = run(flow, ckpt, max_records_per_epoch=4000, checkpoint_every=1, keep_checkpoints=10)
+    assert summary["epochs"] == 5 and summary["rows_in"] == 2 * rows
+    storage = JobStorage(ckpt, "clicks")
+    waiting = [storage.read_offsets(e)["waiting"] for e in storage.offset_epochs()]
+    assert waiting[:4] == [16000, 12000, 8000, 4000] and waiting[4] == 0
+    assert summary["duration_s"] < 4.0  # five epochs back to back, not one per second

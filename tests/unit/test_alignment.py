@@ -1,7 +1,8 @@
 import pytest
 
 from sluiceway.cluster.alignment import Aligned, Barrier, BarrierAligner, BarrierEvent, Data, ProtocolError
-from sluiceway.cluster.epochs import EpochBook, EpochPlan, TaskAck, plan_epoch, sources_exhausted
+from sluiceway.cluster.epochs import EpochBook, EpochPlan, EpochSizer, TaskAck, Trigger, plan_epoch, sources_exhausted
+from sluiceway.operators.sources import GeneratorSource
 from sluiceway.checkpoint.types import TaskId
 from sluiceway.operators.sources import ListSource
 
@@ -51,10 +52,10 @@ def test_protocol_violations_raise():
 
 def test_plan_epoch_caps_records_and_skips_when_nothing_new():
     src = {"s": ListSource([{"x": i} for i in range(10)], partitions=2)}
-    ranges = plan_epoch(1, src, {}, now=0, started_at=0, max_records_per_epoch=4)
-    assert ranges == {"s": {0: (0, 2), 1: (0, 2)}}
+    planned = plan_epoch(1, src, {}, now=0, started_at=0, max_records_per_epoch=4)
+    assert planned.ranges == {"s": {0: (0, 2), 1: (0, 2)}} and planned.waiting == 6
     after = {"s": {0: 5, 1: 5}}
-    assert plan_epoch(2, src, after, now=0, started_at=0, max_records_per_epoch=4) is None
+    assert plan_epoch(2, src, after, now=0, started_at=0, max_records_per_epoch=4).ranges is None
     assert sources_exhausted(src, after) and not sources_exhausted(src, {"s": {0: 5, 1: 4}})
 
 
@@ -77,3 +78,34 @@ def test_book_completes_in_order_and_drops_stale_acks():
     book.handle_ack(TaskAck(t1, 2, 1))
     assert [p.epoch for p, _ in book.pop_complete()] == [1, 2]
     assert book.stale_acks == 2 and book.in_flight == 0
+
+
+def test_backlog_is_planned_back_to_back_and_live_input_waits_for_the_trigger():
+    """A fake clock that never moves: with a backlog every epoch is due at
+    once; once caught up, the next one waits for the trigger."""
+    src = {"s": GeneratorSource(lambda p, a, b: None, partitions=2, rows_per_second=1e6, rows_per_partition=2_500_000)}
+    trigger, sizer = Trigger(interval_s=1.0), EpochSizer(trigger_s=1.0, max_records=1_000_000)
+    now, offsets, planned_at = 1000.0, {}, []
+    while True:
+        if not trigger.due(now, waiting=planned.waiting if planned_at else 0):
+            break
+        planned = plan_epoch(len(planned_at) + 1, src, offsets, now=now, started_at=0.0,
+                             max_records_per_epoch=sizer.size())
+        if planned.ranges is None:
+            break
+        trigger.planned(now)
+        planned_at.append(now)
+        offsets = {s: {p: stop for p, (_, stop) in parts.items()} for s, parts in planned.ranges.items()}
+    assert len(planned_at) == 5 and set(planned_at) == {1000.0}  # 5 M records, 1 M per epoch, no waiting
+    assert not trigger.due(now, waiting=0) and trigger.due(now + 1.0, waiting=0)
+
+
+def test_sizer_keeps_latency_near_the_trigger():
+    sizer = EpochSizer(trigger_s=1.0, max_records=1_000_000, smoothing=1.0)
+    sizer.observe(rows=1_000_000, latency_s=10.0)  # 100k records/s: 1 M records would take 10 s
+    assert sizer.size() == 100_000
+    sizer.observe(rows=100_000, latency_s=0.05)  # fast again: back to the cap
+    assert sizer.size() == 1_000_000
+    sizer.observe(rows=10, latency_s=100.0)
+    assert sizer.size() == 1000  # never below the floor
+    assert EpochSizer(trigger_s=0.0, max_records=500, rate=1.0).size() == 500  # trigger 0: the cap
