@@ -15,3 +15,11 @@ class CorruptCheckpointError(CheckpointError):
 
 class IncompatibleJobError(CheckpointError):
     """A checkpoint dir holds a job this flow cannot resume."""
+
+
+class LeaseHeldError(CheckpointError):
+    """Another run holds the job's lease: a second run is refused."""
+
+
+class LeaseLostError(CheckpointError):
+    """This run's lease was taken over by a newer run: it must stop writing."""

@@ -42,10 +42,11 @@ def encode_state(table: pa.Table) -> tuple[bytes, dict[int, int]]:
     return sink.getvalue(), index
 
 
-def write_state(storage: JobStorage, checkpoint_id: int, step: str, subtask: int, table: pa.Table) -> dict:
+def write_state(storage: JobStorage, checkpoint_id: int, step: str, subtask: int, table: pa.Table,
+                attempt: str = "f0g0") -> dict:
     """Write one state file; returns its manifest entry."""
     data, index = encode_state(table)
-    path = storage.state_path(checkpoint_id, step, subtask)
+    path = storage.state_path(checkpoint_id, step, subtask, attempt)
     storage.write_bytes(path, data)
     return {
         "path": storage.relative(path),

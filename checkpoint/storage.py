@@ -3,17 +3,18 @@
 >>> s = JobStorage("memory://doc-root", "clicks")
 >>> s.offsets_path(12)
 '/doc-root/clicks/offsets/0000000012.json'
->>> s.state_path(12, "count", 1)
-'/doc-root/clicks/checkpoints/0000000012/state/count/1.arrow'
+>>> s.state_path(12, "count", 1, "f3g0")
+'/doc-root/clicks/checkpoints/0000000012/state/count/1-f3g0.arrow'
 
-Layout (DESIGN.md)::
+Layout (docs/architecture.md)::
 
     <root>/<job>/
       job.json               job id, graph, parallelism, key groups, versions
+      lease/<fencing>.json   the owner of the job: the highest number wins
       offsets/<epoch>.json   planned ranges per source partition (written first)
       commits/<epoch>.json   epoch finished and its output durable
       checkpoints/<id>/
-        state/<step>/<subtask>.arrow   one Arrow IPC file, one batch per key group
+        state/<step>/<subtask>-<attempt>.arrow   Arrow IPC, one batch per key group
         MANIFEST.json        written last
 
 Every write of a JSON document goes to a temporary name first and is then
@@ -25,12 +26,14 @@ list, anything else raises :class:`StorageError`.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import uuid
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from sluiceway.checkpoint.errors import StorageError
 
@@ -51,6 +54,24 @@ def open_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
             "such as file:///data/ckpt, memory://name or s3://bucket/prefix"
         ) from exc
     return fs, path.rstrip("/") or "/"
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Create ``path`` holding ``data`` only if nothing is there: raises
+    ``FileExistsError`` otherwise. Readers never see half the data (on local
+    disks: a hard link of a finished temporary file; elsewhere the
+    filesystem's exclusive create)."""
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        fs.pipe_file(tmp, data)
+        try:
+            os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+        return
+    with fs.open(path, "xb") as f:
+        f.write(data)
 
 
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -86,14 +107,19 @@ class JobStorage:
     def commit_path(self, epoch: int) -> str:
         return posixpath.join(self.base, "commits", _epoch_name(epoch) + ".json")
 
+    def lease_path(self, fencing: int) -> str:
+        return posixpath.join(self.base, "lease", _epoch_name(fencing) + ".json")
+
     def checkpoint_path(self, checkpoint_id: int) -> str:
         return posixpath.join(self.base, "checkpoints", _epoch_name(checkpoint_id))
 
     def manifest_path(self, checkpoint_id: int) -> str:
         return posixpath.join(self.checkpoint_path(checkpoint_id), "MANIFEST.json")
 
-    def state_path(self, checkpoint_id: int, step: str, subtask: int) -> str:
-        return posixpath.join(self.checkpoint_path(checkpoint_id), "state", step, f"{subtask}.arrow")
+    def state_path(self, checkpoint_id: int, step: str, subtask: int, attempt: str) -> str:
+        """One state file; ``attempt`` (fencing number and generation) makes
+        the name unique to the run that wrote it."""
+        return posixpath.join(self.checkpoint_path(checkpoint_id), "state", step, f"{subtask}-{attempt}.arrow")
 
     def relative(self, path: str) -> str:
         """A path as recorded in manifests: relative to the checkpoint folder's parent."""
@@ -110,7 +136,7 @@ class JobStorage:
     def _call(self, what: str, path: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except FileNotFoundError:
+        except (FileNotFoundError, FileExistsError):
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised with the path and the cause
             raise StorageError(
@@ -126,6 +152,11 @@ class JobStorage:
             return self._call("read", path, self.fs.cat_file, path)
         except FileNotFoundError:
             return None
+
+    def create_json(self, path: str, doc: Any) -> None:
+        """Write a document that must not exist yet; ``FileExistsError`` if it does."""
+        data = json.dumps(doc, indent=1, sort_keys=True).encode()
+        self._call("create", path, create_exclusive, self.fs, path, data)
 
     def write_json(self, path: str, doc: Any) -> None:
         self.write_bytes(path, json.dumps(doc, indent=1, sort_keys=True).encode())
@@ -167,8 +198,9 @@ class JobStorage:
 
     def check_access(self) -> None:
         """Fail early, with the cause, when the root cannot hold a job."""
-        self.write_bytes(posixpath.join(self.base, ".probe"), b"ok")
-        self._call("delete", self.base, self.fs.rm, posixpath.join(self.base, ".probe"))
+        probe = posixpath.join(self.base, f".probe-{uuid.uuid4().hex[:8]}")
+        self.write_bytes(probe, b"ok")
+        self._call("delete", probe, self.fs.rm, probe)
 
     # ----------------------------------------------------------- documents
     def read_job(self) -> dict | None:
@@ -178,13 +210,27 @@ class JobStorage:
         self.write_json(self.job_path, doc)
 
     def write_offsets(self, epoch: int, plan: dict) -> None:
-        self.write_json(self.offsets_path(epoch), plan)
+        """Offsets log entries are written once: ``FileExistsError`` if the
+        epoch was planned already (then that plan is the one to run)."""
+        self.create_json(self.offsets_path(epoch), plan)
 
     def read_offsets(self, epoch: int) -> dict | None:
         return self.read_json(self.offsets_path(epoch))
 
     def offset_epochs(self) -> list[int]:
         return self._list_numbered("offsets", ".json")
+
+    def lease_numbers(self) -> list[int]:
+        return self._list_numbered("lease", ".json")
+
+    def read_lease(self, fencing: int) -> dict | None:
+        return self.read_json(self.lease_path(fencing))
+
+    def create_lease(self, fencing: int, doc: dict) -> None:
+        self.create_json(self.lease_path(fencing), doc)
+
+    def write_lease(self, fencing: int, doc: dict) -> None:
+        self.write_json(self.lease_path(fencing), doc)
 
     def write_commit(self, epoch: int, doc: dict) -> None:
         self.write_json(self.commit_path(epoch), doc)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import queue
-import uuid
 import threading
 import time
 from collections import deque
@@ -30,7 +29,9 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from sluiceway.checkpoint.errors import CheckpointError, CorruptCheckpointError, IncompatibleJobError
+from sluiceway.checkpoint import lease as leases
+from sluiceway.checkpoint.errors import CheckpointError, CorruptCheckpointError, IncompatibleJobError, LeaseLostError
+from sluiceway.checkpoint.lease import DEFAULT_TTL_S, Lease
 from sluiceway.checkpoint.manifest import build_manifest, latest_complete
 from sluiceway.checkpoint.retention import apply_retention
 from sluiceway.checkpoint.storage import JobStorage
@@ -58,6 +59,7 @@ class RunOptions:
     keep_checkpoints: int = 3
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     until_idle: bool = False
+    lease_ttl_s: float = DEFAULT_TTL_S
     epochs: int | None = None  # stop after this many new epochs in this run
 
     def __post_init__(self):
@@ -72,6 +74,8 @@ class RunOptions:
             problems.append(f"max_records_per_epoch must be >= 1, got {self.max_records_per_epoch}")
         if self.keep_checkpoints < 1:
             problems.append(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.lease_ttl_s <= 0:
+            problems.append(f"lease_ttl_s must be > 0 seconds, got {self.lease_ttl_s}")
         if self.epochs is not None and self.epochs < 1:
             problems.append(f"epochs must be >= 1, got {self.epochs}")
         if problems:
@@ -81,8 +85,11 @@ class RunOptions:
 class Coordinator:
     """Driver-side logic of the coordinator actor (see module doc)."""
 
-    def __init__(self, plan: PhysicalPlan, storage: JobStorage, options: RunOptions, job_doc: dict):
+    def __init__(self, plan: PhysicalPlan, storage: JobStorage, options: RunOptions, job_doc: dict, lease: Lease):
         self.plan = plan
+        self.lease = lease
+        self._lease_lost: LeaseLostError | None = None
+        self._lease_lock = threading.Lock()
         self.storage = storage
         self.options = options
         self.job_doc = job_doc
@@ -92,6 +99,7 @@ class Coordinator:
         self._events: list[dict] = []
         self._events_lock = threading.Lock()
         self._stop_requested = threading.Event()
+        self._stop_renewing = threading.Event()
         self.actors: dict[TaskId, object] = {}
         self.generation = 0
         self.restarts = 0
@@ -108,7 +116,7 @@ class Coordinator:
         self.high_water = 0  # highest epoch ever completed; stats count only newer ones
         self._pings: dict[TaskId, tuple[object | None, float]] = {}
         self._dead: set[TaskId] = set()
-        self.run_id = uuid.uuid4().hex[:8]
+        self.run_id = lease.holder.run_id
         self.incarnations: dict[TaskId, int] = {}
         self.actor_names: dict[TaskId, str] = {}
 
@@ -135,9 +143,13 @@ class Coordinator:
     def run(self, me) -> dict:
         self.me = me
         started = time.time()
+        renewer = threading.Thread(target=self._renew_lease, name="lease-renewer", daemon=True)
+        renewer.start()
         try:
             self._start()
             while not self._finished():
+                if self._lease_lost is not None:
+                    raise self._lease_lost
                 failures = self._collect()
                 if failures:
                     self._recover(failures)
@@ -145,6 +157,7 @@ class Coordinator:
                 self._complete_epochs()
                 self._plan_next()
         finally:
+            self._stop_renewing.set()
             for actor in self.actors.values():
                 ray.kill(actor, no_restart=True)
         return {
@@ -158,6 +171,26 @@ class Coordinator:
             "duration_s": round(time.time() - started, 3),
             "failures": self.failures,
         }
+
+    def _renew_lease(self) -> None:
+        """Renew the lease every quarter of its time to live, until the run
+        ends or a newer run takes the job (then the main loop stops)."""
+        interval = self.options.lease_ttl_s / 4
+        while not self._stop_renewing.wait(interval):
+            try:
+                with self._lease_lock:
+                    self.lease = leases.renew(self.storage, self.lease, ttl_s=self.options.lease_ttl_s, now=time.time())
+            except LeaseLostError as exc:
+                self._lease_lost = exc
+                return
+            except CheckpointError as exc:  # storage trouble: try again at the next interval
+                self._event("lease_renewal_failed", error=str(exc).splitlines()[0])
+
+    def _check_lease(self) -> None:
+        """Before a commit-point write: stop if a newer run owns the job."""
+        if self._lease_lost is not None:
+            raise self._lease_lost
+        leases.check(self.storage, self.lease)
 
     def _finished(self) -> bool:
         if self._stop_requested.is_set() and self.stop_reason is None:
@@ -263,7 +296,8 @@ class Coordinator:
             downstream = {s.id: [self.actors[t] for t in s.tasks()] for s in self.plan.stages.values()}
             first = self.last_checkpoint + 1
             refs = [
-                a.reset.remote(self.generation, self.restore_manifest, downstream, first) for a in self.actors.values()
+                a.reset.remote(self.generation, self.restore_manifest, downstream, first, self.lease.fencing)
+                for a in self.actors.values()
             ]
             try:
                 ray.get(refs, timeout=RESET_TIMEOUT_S)
@@ -386,6 +420,7 @@ class Coordinator:
             self._complete(plan, acks)
 
     def _complete(self, plan: EpochPlan, acks: dict[TaskId, TaskAck]) -> None:
+        self._check_lease()
         now = time.time()
         ordered = [acks[t] for t in sorted(acks)]
         # 1. A checkpoint epoch: the manifest is the commit point.
@@ -508,7 +543,15 @@ class Coordinator:
 
     def _write_and_dispatch(self, ranges, *, checkpoint: bool, now: float, waiting: int = 0) -> None:
         plan = EpochPlan(self.next_epoch, ranges, checkpoint, now, waiting)
-        self.storage.write_offsets(plan.epoch, plan.to_json())  # before anything runs
+        self._check_lease()
+        try:
+            self.storage.write_offsets(plan.epoch, plan.to_json())  # before anything runs
+        except FileExistsError:
+            # Another run planned this epoch after we read the log (it has
+            # lost the job, or we have): the plan in the log is the one to run.
+            self._check_lease()
+            plan = self._read_plan(plan.epoch)
+            self._event("adopted_plan", epoch=plan.epoch)
         self.next_epoch += 1
         self.next_offsets = plan.next_offsets()
         self._dispatch(plan)
@@ -529,8 +572,8 @@ class CoordinatorActor:
     """The Ray face of :class:`Coordinator`: ``run`` blocks; the other methods
     are called by tasks and the driver while it runs."""
 
-    def __init__(self, plan: PhysicalPlan, storage: JobStorage, options: RunOptions, job_doc: dict):
-        self.coordinator = Coordinator(plan, storage, options, job_doc)
+    def __init__(self, plan: PhysicalPlan, storage: JobStorage, options: RunOptions, job_doc: dict, lease: Lease):
+        self.coordinator = Coordinator(plan, storage, options, job_doc, lease)
 
     def run(self) -> dict:
         """Run the job; whatever stops it is raised as a :class:`JobFailedError`

@@ -84,8 +84,10 @@ class TaskRuntime:
         self._buffers: dict[str, list[pa.Table]] = {}
 
     # -------------------------------------------------------------- restore
-    def restore(self, manifest: dict | None) -> None:
-        """Build every step's logic from ``manifest`` (None: empty state)."""
+    def restore(self, manifest: dict | None, attempt: str = "f0g0") -> None:
+        """Build every step's logic from ``manifest`` (None: empty state).
+        ``attempt`` names the files this incarnation writes."""
+        self.attempt = attempt
         graph, stage = self.plan.graph, self.stage
         owned = key_group_range(self.task.subtask, stage.parallelism, self.plan.max_key_groups)
         self.logic, self.sink_writers = {}, {}
@@ -94,7 +96,7 @@ class TaskRuntime:
             context = OperatorContext(step_id, self.task.subtask, stage.parallelism, self.plan.max_key_groups)
             if step.sink is not None:
                 self.sink_writers[step_id] = step.sink.open(
-                    SinkContext(step_id, self.task.subtask, stage.parallelism, self.plan.job)
+                    SinkContext(step_id, self.task.subtask, stage.parallelism, self.plan.job, attempt)
                 )
                 continue
             operator = step.operator or Identity()
@@ -186,7 +188,9 @@ class TaskRuntime:
             for step_id, logic in self.logic.items():
                 state = logic.snapshot()
                 if state is not None:
-                    result.state_files.append(write_state(self.storage, epoch, step_id, self.task.subtask, state))
+                    result.state_files.append(
+                        write_state(self.storage, epoch, step_id, self.task.subtask, state, self.attempt)
+                    )
             result.snapshot_s = time.time() - t0
         return result
 

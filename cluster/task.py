@@ -44,7 +44,9 @@ class TaskActor:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def reset(self, generation: int, manifest: dict | None, downstream: dict[str, list], first_epoch: int) -> None:
+    def reset(
+        self, generation: int, manifest: dict | None, downstream: dict[str, list], first_epoch: int, fencing: int
+    ) -> None:
         """Drop everything in flight and restore state from ``manifest``.
 
         Raises :class:`CorruptCheckpointError` when a state file fails its checksum.
@@ -57,7 +59,7 @@ class TaskActor:
         channels = self.plan.input_channels(self.task.stage)
         self.aligner = BarrierAligner(channels, first_epoch) if channels else None
         try:
-            self.runtime.restore(manifest)
+            self.runtime.restore(manifest, attempt=f"f{fencing}g{generation}")
         except CorruptCheckpointError:
             self.failed = True
             raise

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
              "delay before the second restart in a row; it doubles with each further one (the first is immediate)")
     _env_arg(r, "--max-restart-delay", "SLUICEWAY_MAX_RESTART_DELAY", "60", _seconds,
              "the longest delay between restarts")
+    r.add_argument("--force", action="store_true", default=_env("SLUICEWAY_FORCE", "") not in ("", "0"),
+                   help="take the job over even if another run holds its lease; that run then stops writing "
+                   "(env SLUICEWAY_FORCE=1)")
     stop = r.add_mutually_exclusive_group()
     stop.add_argument("--epochs", type=_positive_int,
                       default=_positive_int(_env("SLUICEWAY_EPOCHS")) if _env("SLUICEWAY_EPOCHS") else None,
@@ -180,6 +183,7 @@ def cmd_run(args) -> int:
         checkpoint_every=args.checkpoint_every,
         parallelism=args.parallelism,
         restart_policy=policy,
+        force=args.force,
         on_event=_print_event,
     )
     print(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import site
+import socket
+import uuid
 import sys
 import sysconfig
 import time
@@ -12,7 +14,9 @@ from typing import Callable
 import ray
 from ray.exceptions import RayTaskError
 
+from sluiceway.checkpoint import lease as leases
 from sluiceway.checkpoint.errors import IncompatibleJobError, StorageError
+from sluiceway.checkpoint.lease import DEFAULT_TTL_S, LeaseHolder
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.cluster.coordinator import CoordinatorActor, RunOptions
 from sluiceway.cluster.restart import RestartPolicy
@@ -99,6 +103,8 @@ def run(
     max_epochs_in_flight: int = 2,
     keep_checkpoints: int = 3,
     restart_policy: RestartPolicy | None = None,
+    force: bool = False,
+    lease_ttl_s: float = DEFAULT_TTL_S,
     on_event: Callable[[dict], None] | None = None,
     on_started: Callable[[object], None] | None = None,
 ) -> dict:
@@ -115,6 +121,11 @@ def run(
     ``restart_policy`` says how often and how fast the job restarts after a
     failure (:class:`~sluiceway.cluster.restart.RestartPolicy`).
 
+    A run owns its job through a lease in ``checkpoint_dir``, renewed while
+    it runs: a second run of a live job raises ``LeaseHeldError`` naming
+    the holder. ``force`` takes the job over regardless (the older run then
+    stops writing); a lease not renewed within ``lease_ttl_s`` expires.
+
     Whatever stops the job is raised with its cause in the first line:
     :class:`JobFailedError` for a failure of the job, ``StorageError`` when
     the checkpoint dir cannot be used.
@@ -126,6 +137,7 @@ def run(
         max_records_per_epoch=max_records_per_epoch,
         keep_checkpoints=keep_checkpoints,
         restart=restart_policy or RestartPolicy(),
+        lease_ttl_s=lease_ttl_s,
         until_idle=until_idle if epochs is None else False,
         epochs=epochs,
     )
@@ -141,20 +153,25 @@ def run(
         storage.check_access()
     except StorageError as exc:
         raise StorageError(f"checkpoint dir {storage.root_url!r} is not usable: {exc}") from exc
-    job_doc = _job_document(storage, plan)
-    embedded = not ray.is_initialized()
-    if embedded:
-        init_embedded()
+    holder = LeaseHolder(socket.gethostname(), os.getpid(), uuid.uuid4().hex[:8], time.time())
+    lease = leases.acquire(storage, holder, ttl_s=lease_ttl_s, now=time.time(), force=force)
     try:
-        coordinator = CoordinatorActor.options(
-            scheduling_strategy=pinned(ray.get_runtime_context().get_node_id())
-        ).remote(plan, storage, options, job_doc)
-        if on_started is not None:
-            on_started(coordinator)
-        return _wait(coordinator, on_event)
-    finally:
+        job_doc = _job_document(storage, plan)
+        embedded = not ray.is_initialized()
         if embedded:
-            ray.shutdown()
+            init_embedded()
+        try:
+            coordinator = CoordinatorActor.options(
+                scheduling_strategy=pinned(ray.get_runtime_context().get_node_id())
+            ).remote(plan, storage, options, job_doc, lease)
+            if on_started is not None:
+                on_started(coordinator)
+            return _wait(coordinator, on_event)
+        finally:
+            if embedded:
+                ray.shutdown()
+    finally:
+        leases.release(storage, lease, now=time.time())
 
 
 def _wait(coordinator, on_event) -> dict:

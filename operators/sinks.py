@@ -8,8 +8,8 @@ replayed epoch neither duplicates nor loses output.
 
 :class:`ParquetSink` layout under its URL::
 
-    data/epoch=<epoch>/part-<subtask>.parquet   pre-committed by each subtask
-    _committed/<epoch>.json                     written by commit(): the epoch's files
+    data/epoch=<epoch>/part-<subtask>-<attempt>.parquet   pre-committed by each subtask
+    _committed/<epoch>.json     created once by commit(): names the epoch's files
 
 Readers (:func:`read_committed`) see only files named by a commit marker, so
 they never see a half-written or replayed epoch twice.
@@ -26,17 +26,22 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sluiceway.checkpoint.storage import atomic_write, open_filesystem
+from sluiceway.checkpoint.storage import atomic_write, create_exclusive, open_filesystem
 
 _DIGITS = 10
 
 
 @dataclass(frozen=True)
 class SinkContext:
+    """Where a writer runs. ``attempt`` names this run and recovery of the
+    job (fencing number and generation): files named with it are never
+    overwritten by another run or a replay."""
+
     step: str
     subtask: int
     parallelism: int
     job: str
+    attempt: str = "f0g0"
 
 
 class SinkWriter:
@@ -64,8 +69,9 @@ class _ParquetLayout:
         self.url = url
         self.fs, self.base = open_filesystem(url)
 
-    def data_path(self, epoch: int, subtask: int) -> str:
-        return posixpath.join(self.base, "data", f"epoch={epoch:0{_DIGITS}d}", f"part-{subtask:05d}.parquet")
+    def data_path(self, epoch: int, subtask: int, attempt: str) -> str:
+        name = f"part-{subtask:05d}-{attempt}.parquet"
+        return posixpath.join(self.base, "data", f"epoch={epoch:0{_DIGITS}d}", name)
 
     def marker_path(self, epoch: int) -> str:
         return posixpath.join(self.base, "_committed", f"{epoch:0{_DIGITS}d}.json")
@@ -100,7 +106,7 @@ class _ParquetWriter(SinkWriter):
             return {"subtask": subtask, "rows": 0, "path": None}
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        path = self.layout.data_path(epoch, subtask)
+        path = self.layout.data_path(epoch, subtask, self.context.attempt)
         atomic_write(self.layout.fs, path, buf.getvalue())
         return {"subtask": subtask, "rows": table.num_rows, "path": posixpath.relpath(path, self.layout.base)}
 
@@ -127,7 +133,10 @@ class ParquetSink(Sink):
             key=lambda f: f["subtask"],
         )
         marker = {"epoch": epoch, "files": files, "rows": sum(f["rows"] for f in files), "committed_at": time.time()}
-        atomic_write(layout.fs, layout.marker_path(epoch), json.dumps(marker, indent=1).encode())
+        try:  # created only if absent: a marker never names another run's files
+            create_exclusive(layout.fs, layout.marker_path(epoch), json.dumps(marker, indent=1).encode())
+        except FileExistsError:
+            pass
 
     def describe(self) -> dict:
         return {"kind": self.kind, "url": self.url}
