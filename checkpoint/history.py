@@ -25,6 +25,7 @@ class CheckpointInfo:
     duration_s: float | None
     size_bytes: int | None
     offsets: dict
+    written_bytes: int | None = None
     problem: str | None = None
 
     def to_dict(self) -> dict:
@@ -50,6 +51,7 @@ class CheckpointHistory:
                     duration_s=m.get("duration_s"),
                     size_bytes=m.get("size_bytes"),
                     offsets=m.get("offsets", {}),
+                    written_bytes=m.get("written_bytes"),
                     problem=check.problem,
                 )
             )

@@ -1,9 +1,13 @@
 """Checkpoint manifests: what makes a checkpoint complete.
 
 A checkpoint is complete when, and only when, its MANIFEST.json exists, parses,
-names this job, and every file it lists exists with the recorded size. State
-files are checked against their sha256 when they are read
-(:func:`sluiceway.checkpoint.state.read_state`).
+names this job, and every file it refers to exists with the recorded size.
+State files are checked against their sha256 when they are read
+(:func:`sluiceway.checkpoint.state.read_key_groups`).
+
+Checkpoints are incremental: the manifest's ``state`` map names, per step and
+key group, the file and batch holding it, and ``files`` lists every file the
+map refers to, including files written by earlier checkpoints.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 from sluiceway.checkpoint.errors import CorruptCheckpointError, StorageError
 from sluiceway.checkpoint.storage import JobStorage
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 
 
 class CheckpointStatus(str, enum.Enum):
@@ -22,6 +26,7 @@ class CheckpointStatus(str, enum.Enum):
 
     COMPLETE = "complete"
     INCOMPLETE = "incomplete"  # no manifest: in progress, or abandoned by a failure
+    RETIRED = "retired"  # removed by retention; its folder keeps files later checkpoints refer to
     CORRUPT = "corrupt"  # manifest present but unreadable or files missing
 
 
@@ -41,13 +46,15 @@ def build_manifest(
     offsets: dict,
     watermarks: dict,
     tasks: list[dict],
+    state: dict,
+    files: dict,
     started_at: float,
     completed_at: float,
     parallelism: dict,
     max_key_groups: int,
     sink_handles: dict,
+    fencing: int = 0,
 ) -> dict:
-    files = [f for t in tasks for f in t["files"]]
     return {
         "format": MANIFEST_FORMAT,
         "job": job,
@@ -61,10 +68,43 @@ def build_manifest(
         "watermarks": watermarks,
         "parallelism": parallelism,
         "max_key_groups": max_key_groups,
-        "size_bytes": sum(f["size_bytes"] for f in files),
+        "fencing": fencing,
+        "size_bytes": sum(f["size_bytes"] for f in files.values()),
+        "written_bytes": sum(f["size_bytes"] for f in files.values() if f["checkpoint"] == checkpoint_id),
         "tasks": tasks,
+        "state": state,
+        "files": files,
         "sink_handles": sink_handles,
     }
+
+
+def assemble_state(task_states: list[dict], new_files: list[dict], previous_files: dict) -> tuple[dict, dict]:
+    """The manifest's ``state`` map and ``files`` from what each task reported
+    (its key groups' file and batch per step), the files written now, and the
+    previous checkpoint's files (for key groups that did not change).
+
+    >>> new = [{"path": "c/2/a", "checkpoint": 2, "size_bytes": 5, "sha256": "x", "rows": 1}]
+    >>> old = {"c/1/a": {"checkpoint": 1, "size_bytes": 7, "sha256": "y", "rows": 2}, "c/1/b": {"checkpoint": 1}}
+    >>> state, files = assemble_state([{"agg": {"3": ["c/2/a", 0], "4": ["c/1/a", 1]}}], new, old)
+    >>> sorted(files), state
+    (['c/1/a', 'c/2/a'], {'agg': {'3': ['c/2/a', 0], '4': ['c/1/a', 1]}})
+    """
+    state: dict[str, dict] = {}
+    for task_state in task_states:
+        for step, key_groups in task_state.items():
+            state.setdefault(step, {}).update(key_groups)
+    known = dict(previous_files)
+    for f in new_files:
+        known[f["path"]] = {k: f[k] for k in ("checkpoint", "size_bytes", "sha256", "rows")}
+    files = {}
+    for step, key_groups in state.items():
+        for kg, (path, _) in key_groups.items():
+            if path not in known:
+                raise CorruptCheckpointError(
+                    f"step {step!r} key group {kg} refers to state file {path}, which no checkpoint wrote"
+                )
+            files[path] = known[path]
+    return state, dict(sorted(files.items()))
 
 
 def check_manifest(storage: JobStorage, checkpoint_id: int) -> ManifestCheck:
@@ -77,6 +117,8 @@ def check_manifest(storage: JobStorage, checkpoint_id: int) -> ManifestCheck:
             return ManifestCheck(checkpoint_id, CheckpointStatus.CORRUPT, None, str(exc))
         raise
     if manifest is None:
+        if storage.exists(storage.retired_path(checkpoint_id)):
+            return ManifestCheck(checkpoint_id, CheckpointStatus.RETIRED, None)
         return ManifestCheck(checkpoint_id, CheckpointStatus.INCOMPLETE, None)
     problem = _manifest_problem(storage, checkpoint_id, manifest)
     status = CheckpointStatus.CORRUPT if problem else CheckpointStatus.COMPLETE
@@ -88,13 +130,15 @@ def _manifest_problem(storage: JobStorage, checkpoint_id: int, manifest: dict) -
         return f"unknown manifest format {manifest.get('format')!r}"
     if manifest.get("job") != storage.job or manifest.get("id") != checkpoint_id:
         return f"manifest names job {manifest.get('job')!r} checkpoint {manifest.get('id')!r}"
-    for task in manifest.get("tasks", []):
-        for entry in task.get("files", []):
-            size = storage.file_size(storage.absolute(entry["path"]))
-            if size is None:
-                return f"state file {entry['path']} is missing"
-            if size != entry["size_bytes"]:
-                return f"state file {entry['path']} has {size} bytes, manifest says {entry['size_bytes']}"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not isinstance(manifest.get("state"), dict):
+        return "manifest has no 'files' or 'state' map"
+    for path, entry in files.items():
+        size = storage.file_size(storage.absolute(path))
+        if size is None:
+            return f"state file {path} is missing"
+        if size != entry.get("size_bytes"):
+            return f"state file {path} has {size} bytes, manifest says {entry.get('size_bytes')}"
     return None
 
 
@@ -117,6 +161,11 @@ def require_manifest(storage: JobStorage, checkpoint_id: int) -> dict:
     if check.status is CheckpointStatus.INCOMPLETE:
         raise CorruptCheckpointError(
             f"checkpoint {checkpoint_id} of job {storage.job!r} has no manifest (it never completed)"
+        )
+    if check.status is CheckpointStatus.RETIRED:
+        raise CorruptCheckpointError(
+            f"checkpoint {checkpoint_id} of job {storage.job!r} was removed by retention; its folder only keeps "
+            "state files that later checkpoints refer to"
         )
     if check.status is CheckpointStatus.CORRUPT:
         raise CorruptCheckpointError(f"checkpoint {checkpoint_id} of job {storage.job!r} is corrupt: {check.problem}")

@@ -1,14 +1,24 @@
 """Retention: keep the last K complete checkpoints, delete only what is
 provably unused.
 
-A checkpoint folder may be deleted when it is complete and older than the K
-newest complete ones, or when it has no manifest and a newer checkpoint is
-complete (checkpoints complete in epoch order, so it was abandoned). Corrupt
-ones are kept for a human to look at. The latest complete checkpoint is never
-deleted.
+Checkpoints are incremental, so a retained checkpoint may refer to state
+files in an older checkpoint's folder. Retention therefore works on files:
+
+1. Decide which checkpoints go (:func:`plan_retention`): complete ones older
+   than the K newest, and folders without a manifest that are older than the
+   newest complete one (abandoned by a failure). Corrupt ones are kept for a
+   human to look at; the latest complete checkpoint is never deleted.
+   Retired ones (below) are looked at again, as later retention frees them.
+2. Collect every file that a retained manifest refers to.
+3. For each checkpoint that goes: if retained manifests still refer to some
+   of its files, mark it ``RETIRED.json``; delete its manifest (it is no
+   longer a restore point), then its files that nothing refers to, and the
+   whole folder once nothing in it is referenced.
 """
 
 from __future__ import annotations
+
+
 
 from sluiceway.checkpoint.manifest import CheckpointStatus, check_manifest
 from sluiceway.checkpoint.storage import JobStorage
@@ -32,19 +42,44 @@ def plan_retention(statuses: dict[int, CheckpointStatus], keep: int) -> list[int
     for checkpoint_id, status in sorted(statuses.items()):
         if checkpoint_id in kept or checkpoint_id > newest:
             continue
-        if status in (CheckpointStatus.COMPLETE, CheckpointStatus.INCOMPLETE):
+        if status in (CheckpointStatus.COMPLETE, CheckpointStatus.INCOMPLETE, CheckpointStatus.RETIRED):
             doomed.append(checkpoint_id)
     return doomed
 
 
 def apply_retention(storage: JobStorage, keep: int) -> list[int]:
-    """Delete what :func:`plan_retention` allows; prune the epoch logs below
-    the oldest kept checkpoint. Returns the deleted checkpoint ids."""
-    statuses = {i: check_manifest(storage, i).status for i in storage.checkpoint_ids()}
-    doomed = plan_retention(statuses, keep)
+    """Delete what :func:`plan_retention` allows, file by file, keeping every
+    file a retained manifest refers to; prune the epoch logs below the
+    oldest kept checkpoint. Returns the checkpoint ids no longer restorable."""
+    checks = {i: check_manifest(storage, i) for i in storage.checkpoint_ids()}
+    doomed = plan_retention({i: c.status for i, c in checks.items()}, keep)
+    referenced = {
+        path
+        for i, c in checks.items()
+        if i not in doomed and c.manifest is not None
+        for path in (c.manifest.get("files") or {})
+    }
     for checkpoint_id in doomed:
-        storage.delete_tree(storage.checkpoint_path(checkpoint_id))
-    complete = sorted(i for i, s in statuses.items() if s is CheckpointStatus.COMPLETE and i not in doomed)
+        folder = storage.checkpoint_path(checkpoint_id)
+        still_used = [p for p in storage.files_under(folder) if storage.relative(p) in referenced]
+        if still_used:
+            storage.write_json(storage.retired_path(checkpoint_id), {"checkpoint": checkpoint_id, "kept": len(still_used)})
+        storage.delete_file(storage.manifest_path(checkpoint_id))
+        if not still_used:
+            storage.delete_tree(folder)
+            continue
+        for path in storage.files_under(folder):
+            if storage.relative(path) not in referenced and path != storage.retired_path(checkpoint_id):
+                storage.delete_file(path)
+    complete = sorted(i for i, c in checks.items() if c.status is CheckpointStatus.COMPLETE and i not in doomed)
     if complete:
         storage.prune_logs(below_epoch=complete[0])
     return doomed
+
+
+def referenced_checkpoints(manifest: dict) -> list[int]:
+    """The checkpoints whose folders hold files ``manifest`` refers to."""
+    return sorted({f["checkpoint"] for f in (manifest.get("files") or {}).values()})
+
+
+

@@ -1,10 +1,12 @@
-"""Keyed state on disk: one Arrow IPC file per (checkpoint, step, subtask),
-one record batch per key group, so a restore can read any set of key groups
-(the basis of rescaling) without tiny files.
+"""Keyed state on disk, by key group, for incremental checkpoints.
 
-State is a table with a ``__key_group`` column (int32). The file's entry in
-the manifest records its size, its sha256, and which batch holds which key
-group.
+A checkpoint writes, per (step, subtask), one Arrow IPC file holding the key
+groups that changed since the previous checkpoint, one record batch per key
+group. The manifest's ``state`` map names, for every key group of every
+step, the file and batch that hold it, which may be a file an earlier
+checkpoint wrote; its ``files`` map gives each referenced file's size and
+sha256. A restore reads any set of key groups (the basis of rescaling), and
+retention keeps every file a retained manifest names.
 """
 
 from __future__ import annotations
@@ -13,64 +15,72 @@ import hashlib
 import io
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from sluiceway.checkpoint.errors import CorruptCheckpointError
 from sluiceway.checkpoint.storage import JobStorage
 
-KEY_GROUP_COLUMN = "__key_group"
+StateMap = dict[str, dict[str, list]]  # step -> str(key group) -> [file path, batch index]
 
 
-def encode_state(table: pa.Table) -> tuple[bytes, dict[int, int]]:
-    """Arrow IPC bytes with one batch per key group, and ``{key_group: batch_index}``."""
-    if KEY_GROUP_COLUMN not in table.column_names:
-        raise ValueError(f"keyed state needs a {KEY_GROUP_COLUMN!r} column, got {table.column_names}")
-    table = table.sort_by(KEY_GROUP_COLUMN)
-    key_groups = table.column(KEY_GROUP_COLUMN)
-    index: dict[int, int] = {}
+def encode_key_groups(groups: dict[int, pa.Table]) -> tuple[bytes, dict[int, int]]:
+    """Arrow IPC bytes with one batch per key group, and ``{key_group: batch_index}``.
+
+    >>> data, index = encode_key_groups({9: pa.table({"k": [1, 2]}), 3: pa.table({"k": [5]})})
+    >>> index
+    {3: 0, 9: 1}
+    """
+    groups = {kg: t for kg, t in sorted(groups.items()) if t.num_rows}
+    schema = pa.unify_schemas([t.schema for t in groups.values()], promote_options="permissive") if groups else pa.schema([])
     sink = io.BytesIO()
-    with pa.ipc.new_file(sink, table.schema) as writer:
-        if table.num_rows:
-            runs = pc.run_end_encode(key_groups.combine_chunks())
-            ends = runs.run_ends.to_pylist()
-            values = runs.values.to_pylist()
-            start = 0
-            for batch_index, (kg, end) in enumerate(zip(values, ends)):
-                writer.write_table(table.slice(start, end - start), max_chunksize=end - start)
-                index[int(kg)] = batch_index
-                start = end
+    index: dict[int, int] = {}
+    with pa.ipc.new_file(sink, schema) as writer:
+        for batch_index, (kg, table) in enumerate(groups.items()):
+            writer.write_table(table.cast(schema).combine_chunks(), max_chunksize=table.num_rows)
+            index[kg] = batch_index
     return sink.getvalue(), index
 
 
-def write_state(storage: JobStorage, checkpoint_id: int, step: str, subtask: int, table: pa.Table,
-                attempt: str = "f0g0") -> dict:
-    """Write one state file; returns its manifest entry."""
-    data, index = encode_state(table)
+def write_key_groups(storage: JobStorage, checkpoint_id: int, step: str, subtask: int, attempt: str,
+                     groups: dict[int, pa.Table]) -> dict:
+    """Write one state file of changed key groups; returns its record for the
+    manifest: ``path``, ``size_bytes``, ``sha256``, ``rows`` and ``key_groups``
+    (``{key_group: batch_index}``)."""
+    data, index = encode_key_groups(groups)
     path = storage.state_path(checkpoint_id, step, subtask, attempt)
     storage.write_bytes(path, data)
     return {
         "path": storage.relative(path),
+        "checkpoint": checkpoint_id,
         "step": step,
         "subtask": subtask,
         "size_bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
-        "rows": table.num_rows,
+        "rows": sum(t.num_rows for t in groups.values()),
         "key_groups": {str(kg): i for kg, i in index.items()},
     }
 
 
-def read_state(storage: JobStorage, entry: dict, key_groups: range | set[int]) -> list[pa.Table]:
-    """The parts of one state file that hold ``key_groups``, checksums verified."""
-    wanted = [(int(kg), i) for kg, i in entry["key_groups"].items() if int(kg) in key_groups]
-    if not wanted:
-        return []
-    path = storage.absolute(entry["path"])
-    data = storage.read_bytes(path)
-    if data is None:
-        raise CorruptCheckpointError(f"state file {entry['path']} named in the manifest is missing")
-    if len(data) != entry["size_bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise CorruptCheckpointError(
-            f"state file {entry['path']} fails its checksum ({len(data)} bytes, manifest says {entry['size_bytes']})"
-        )
-    reader = pa.ipc.open_file(pa.BufferReader(data))
-    return [pa.Table.from_batches([reader.get_batch(i)]) for _, i in sorted(wanted)]
+def read_key_groups(storage: JobStorage, step_map: dict[str, list], files: dict[str, dict],
+                    key_groups: range | set[int]) -> dict[int, pa.Table]:
+    """The state of ``key_groups`` of one step, as the manifest's state map
+    names it; every file read is checked against its size and sha256."""
+    by_file: dict[str, list[tuple[int, int]]] = {}
+    for kg_text, (path, batch) in step_map.items():
+        if int(kg_text) in key_groups:
+            by_file.setdefault(path, []).append((int(kg_text), batch))
+    out: dict[int, pa.Table] = {}
+    for path, wanted in sorted(by_file.items()):
+        meta = files.get(path)
+        if meta is None:
+            raise CorruptCheckpointError(f"state file {path} is named in the state map but not in the manifest's files")
+        data = storage.read_bytes(storage.absolute(path))
+        if data is None:
+            raise CorruptCheckpointError(f"state file {path} named in the manifest is missing")
+        if len(data) != meta["size_bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise CorruptCheckpointError(
+                f"state file {path} fails its checksum ({len(data)} bytes, manifest says {meta['size_bytes']})"
+            )
+        reader = pa.ipc.open_file(pa.BufferReader(data))
+        for kg, batch in wanted:
+            out[kg] = pa.Table.from_batches([reader.get_batch(batch)])
+    return out

@@ -116,6 +116,9 @@ class JobStorage:
     def manifest_path(self, checkpoint_id: int) -> str:
         return posixpath.join(self.checkpoint_path(checkpoint_id), "MANIFEST.json")
 
+    def retired_path(self, checkpoint_id: int) -> str:
+        return posixpath.join(self.checkpoint_path(checkpoint_id), "RETIRED.json")
+
     def state_path(self, checkpoint_id: int, step: str, subtask: int, attempt: str) -> str:
         """One state file; ``attempt`` (fencing number and generation) makes
         the name unique to the run that wrote it."""
@@ -270,6 +273,16 @@ class JobStorage:
                 self._rm(self.commit_path(epoch))
                 removed += 1
         return removed
+
+    def files_under(self, folder: str) -> list[str]:
+        """Every file below ``folder`` (empty if it does not exist)."""
+        try:
+            return sorted(self._call("list", folder, self.fs.find, folder))
+        except FileNotFoundError:
+            return []
+
+    def delete_file(self, path: str) -> None:
+        self._rm(path)
 
     def _rm(self, path: str) -> None:
         try:

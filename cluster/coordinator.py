@@ -32,7 +32,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from sluiceway.checkpoint import lease as leases
 from sluiceway.checkpoint.errors import CheckpointError, CorruptCheckpointError, IncompatibleJobError, LeaseLostError
 from sluiceway.checkpoint.lease import DEFAULT_TTL_S, Lease
-from sluiceway.checkpoint.manifest import build_manifest, latest_complete
+from sluiceway.checkpoint.manifest import assemble_state, build_manifest, latest_complete
 from sluiceway.checkpoint.retention import apply_retention
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.checkpoint.types import TaskId
@@ -256,6 +256,7 @@ class Coordinator:
                 f"{[p.epoch for p in plans]} (expected {expected})"
             )
         self.restore_manifest = manifest
+        self.previous_files = dict(manifest["files"]) if manifest else {}
         self.replay: deque[EpochPlan] = deque(plans)
         self.last_completed = self.last_checkpoint = base
         self.next_epoch = base + len(plans) + 1
@@ -430,7 +431,8 @@ class Coordinator:
                     "task": str(a.task),
                     "stage": a.task.stage,
                     "subtask": a.task.subtask,
-                    "files": a.state_files,
+                    "written": [f["path"] for f in a.state_files],
+                    "written_bytes": sum(f["size_bytes"] for f in a.state_files),
                     "snapshot_s": round(a.snapshot_s, 6),
                     "duration_s": round(a.duration_s, 6),
                     "rows_in": a.rows_in,
@@ -438,6 +440,9 @@ class Coordinator:
                 }
                 for a in ordered
             ]
+            state, files = assemble_state(
+                [a.state for a in ordered], [f for a in ordered for f in a.state_files], self.previous_files
+            )
             manifest = build_manifest(
                 job=self.plan.job,
                 checkpoint_id=plan.epoch,
@@ -445,6 +450,9 @@ class Coordinator:
                 offsets={s: {str(p): o for p, o in parts.items()} for s, parts in plan.next_offsets().items()},
                 watermarks={str(a.task): a.watermark for a in ordered},
                 tasks=tasks,
+                state=state,
+                files=files,
+                fencing=self.lease.fencing,
                 started_at=plan.planned_at,
                 completed_at=now,
                 parallelism=self.plan.parallelism(),
@@ -452,6 +460,7 @@ class Coordinator:
                 sink_handles={str(a.task): a.sink_handles for a in ordered},
             )
             self.storage.write_manifest(plan.epoch, manifest)
+            self.previous_files = files
             self.last_checkpoint = plan.epoch
             self.stats["checkpoints"] += 1
             self.tracker.on_checkpoint_completed(now)

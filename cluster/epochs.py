@@ -83,6 +83,7 @@ class TaskAck:
     rows_out: int = 0
     duration_s: float = 0.0
     state_files: list[dict] = field(default_factory=list)
+    state: dict[str, dict[str, list]] = field(default_factory=dict)
     snapshot_s: float = 0.0
     sink_handles: dict[str, dict] = field(default_factory=dict)
     watermark: float | None = None

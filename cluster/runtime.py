@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sluiceway.checkpoint.state import read_state, write_state
+from sluiceway.checkpoint.state import read_key_groups, write_key_groups
 from sluiceway.checkpoint.errors import StorageError
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.checkpoint.types import TaskId, key_group_range
@@ -42,7 +42,8 @@ class EpochOutput:
 class EpochResult:
     sink_handles: dict[str, dict] = field(default_factory=dict)
     rows_out: int = 0
-    state_files: list[dict] = field(default_factory=list)
+    state_files: list[dict] = field(default_factory=list)  # files written at this checkpoint
+    state: dict[str, dict[str, list]] = field(default_factory=dict)  # step -> key group -> [file, batch]
     snapshot_s: float = 0.0
 
 
@@ -80,6 +81,7 @@ class TaskRuntime:
         self.storage = storage
         self.stage = plan.stages[task.stage]
         self.logic: dict[str, OperatorLogic] = {}
+        self.state_index: dict[str, dict[str, list]] = {}  # step -> key group -> [file, batch], as checkpointed
         self.sink_writers: dict[str, SinkWriter] = {}
         self._buffers: dict[str, list[pa.Table]] = {}
 
@@ -90,7 +92,7 @@ class TaskRuntime:
         self.attempt = attempt
         graph, stage = self.plan.graph, self.stage
         owned = key_group_range(self.task.subtask, stage.parallelism, self.plan.max_key_groups)
-        self.logic, self.sink_writers = {}, {}
+        self.logic, self.sink_writers, self.state_index = {}, {}, {}
         for step_id in stage.steps:
             step = graph.steps[step_id]
             context = OperatorContext(step_id, self.task.subtask, stage.parallelism, self.plan.max_key_groups)
@@ -101,15 +103,11 @@ class TaskRuntime:
                 continue
             operator = step.operator or Identity()
             restored = None
-            if operator.stateful and manifest is not None:
-                parts = [
-                    part
-                    for task in manifest["tasks"]
-                    for entry in task["files"]
-                    if entry["step"] == step_id
-                    for part in read_state(self.storage, entry, owned)
-                ]
-                restored = _concat(parts)
+            if operator.stateful:
+                step_map = (manifest or {}).get("state", {}).get(step_id, {})
+                self.state_index[step_id] = {kg: ref for kg, ref in step_map.items() if int(kg) in owned}
+                if manifest is not None:
+                    restored = read_key_groups(self.storage, step_map, manifest["files"], owned)
             self.logic[step_id] = self._user_call(step_id, operator.kind, operator.build, context, restored)
         self._reset_buffers()
 
@@ -186,11 +184,20 @@ class TaskRuntime:
         if barrier.checkpoint:
             t0 = time.time()
             for step_id, logic in self.logic.items():
-                state = logic.snapshot()
-                if state is not None:
-                    result.state_files.append(
-                        write_state(self.storage, epoch, step_id, self.task.subtask, state, self.attempt)
+                changes = logic.snapshot_changes()
+                if changes is None:
+                    continue
+                index = self.state_index.setdefault(step_id, {})
+                for kg in changes.removed:
+                    index.pop(str(kg), None)
+                if changes.changed:  # incremental: only key groups changed since the last checkpoint
+                    entry = write_key_groups(
+                        self.storage, epoch, step_id, self.task.subtask, self.attempt, changes.changed
                     )
+                    result.state_files.append(entry)
+                    for kg, batch in entry["key_groups"].items():
+                        index[kg] = [entry["path"], batch]
+                result.state[step_id] = dict(index)
             result.snapshot_s = time.time() - t0
         return result
 

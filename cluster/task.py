@@ -111,6 +111,7 @@ class TaskActor:
                 rows_out=result.rows_out,
                 duration_s=time.time() - t0,
                 state_files=result.state_files,
+                state=result.state,
                 snapshot_s=result.snapshot_s,
                 sink_handles=result.sink_handles,
                 watermark=barrier.watermark,

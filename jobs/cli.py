@@ -222,13 +222,20 @@ def cmd_checkpoints_show(args) -> int:
         return 0
     print(f"checkpoint {manifest['id']} of job {manifest['job']}: epoch {manifest['epoch']}, {manifest['status']}")
     print(f"  started {_when(manifest['started_at'])}, took {manifest['duration_s']:.3f} s, "
-          f"{manifest['size_bytes']:,} bytes of state")
+          f"{manifest['size_bytes']:,} bytes of state, {manifest['written_bytes']:,} written by this checkpoint")
     print(f"  offsets: {json.dumps(manifest['offsets'])}")
     for task in manifest["tasks"]:
-        print(f"  task {task['task']}: snapshot {task['snapshot_s']:.3f} s, epoch {task['duration_s']:.3f} s")
-        for f in task["files"]:
-            print(f"    {f['step']}: {f['path']}  {f['size_bytes']:,} bytes, {f['rows']:,} rows, "
-                  f"{len(f['key_groups'])} key groups, sha256 {f['sha256'][:12]}")
+        print(f"  task {task['task']}: snapshot {task['snapshot_s']:.3f} s, epoch {task['duration_s']:.3f} s, "
+              f"wrote {task['written_bytes']:,} bytes")
+    for step, key_groups in manifest["state"].items():
+        by_file: dict[str, int] = {}
+        for path, _ in key_groups.values():
+            by_file[path] = by_file.get(path, 0) + 1
+        print(f"  {step}: {len(key_groups)} key groups in {len(by_file)} file(s)")
+        for path, count in sorted(by_file.items()):
+            f = manifest["files"][path]
+            print(f"    {path}  {count} key groups, {f['size_bytes']:,} bytes, {f['rows']:,} rows, "
+                  f"from checkpoint {f['checkpoint']}, sha256 {f['sha256'][:12]}")
     return 0
 
 

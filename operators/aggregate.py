@@ -1,10 +1,12 @@
 """Keyed running aggregation, emitting an upsert changelog.
 
 Each epoch, the rows of the epoch are aggregated per key with Arrow's
-group-by (partial aggregates), merged with the state of the keys they touch
-(a second group-by), and the updated rows are emitted: key first, then one
-column per ``(column, function)`` pair named as ``pyarrow.TableGroupBy``
-names them (``value_sum``). No per-row Python anywhere.
+group-by (partial aggregates), merged with the state of the key groups they
+touch (a second group-by over those groups only), and the updated rows are
+emitted: key first, then one column per ``(column, function)`` pair named as
+``pyarrow.TableGroupBy`` names them (``value_sum``). No per-row Python
+anywhere; state is kept per key group in a
+:class:`~sluiceway.operators.state.KeyGroupStore`.
 
 >>> import pyarrow as pa
 >>> from sluiceway.operators.base import OperatorContext
@@ -23,12 +25,13 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sluiceway.checkpoint.state import KEY_GROUP_COLUMN
 from sluiceway.operators.base import Operator, OperatorContext, OperatorLogic
 from sluiceway.operators.errors import FlowDefinitionError, missing_columns
 from sluiceway.operators.keys import key_groups
+from sluiceway.operators.state import KeyGroupStore, StateChanges, split_by_key_group
 
 SUPPORTED_FUNCTIONS = ("count", "count_all", "sum", "min", "max", "mean")
+_NEW = "__new"
 
 
 def _probe_keys_first() -> bool:
@@ -106,7 +109,7 @@ class Aggregate(Operator):
             raise FlowDefinitionError(f"aggregate output column {key!r} collides with the key column")
         self.accumulators = [a for i, (c, f) in enumerate(self.pairs) for a in _accumulators(i, c, f)]
 
-    def build(self, context: OperatorContext, restored: pa.Table | None) -> OperatorLogic:
+    def build(self, context: OperatorContext, restored: dict[int, pa.Table] | None) -> OperatorLogic:
         return AggregateLogic(self, context, restored)
 
     def describe(self) -> dict:
@@ -114,10 +117,10 @@ class Aggregate(Operator):
 
 
 class AggregateLogic(OperatorLogic):
-    def __init__(self, op: Aggregate, context: OperatorContext, restored: pa.Table | None):
+    def __init__(self, op: Aggregate, context: OperatorContext, restored: dict[int, pa.Table] | None):
         self.op = op
         self.context = context
-        self.state = restored if restored is not None and restored.num_rows else None
+        self.store = KeyGroupStore(restored)
 
     def _partial(self, table: pa.Table) -> pa.Table:
         op = self.op
@@ -134,23 +137,23 @@ class AggregateLogic(OperatorLogic):
             return None
         op = self.op
         partial = self._partial(table)
-        if self.state is not None:
-            touched = pc.is_in(self.state.column(op.key), value_set=partial.column(op.key).combine_chunks())
-            previous = self.state.filter(touched).drop_columns([KEY_GROUP_COLUMN]).select(partial.column_names)
-            untouched = self.state.filter(pc.invert(touched))
-            combined = pa.concat_tables([previous, partial], promote_options="permissive")
-        else:
-            untouched = None
-            combined = partial
-        merged = _group(combined, op.key, [(a.name, a.merge) for a in op.accumulators], [a.name for a in op.accumulators])
-        merged = merged.append_column(
-            KEY_GROUP_COLUMN, key_groups(merged.column(op.key), self.context.max_key_groups)
-        )
-        if untouched is not None and untouched.num_rows:
-            self.state = pa.concat_tables([untouched, merged.select(untouched.column_names)], promote_options="permissive")
-        else:
-            self.state = merged
-        return self._finalize(merged)
+        groups = key_groups(partial.column(op.key), self.context.max_key_groups)
+        touched = {int(kg) for kg in pc.unique(groups).to_pylist()}
+        previous = self.store.read(touched)  # the state of the touched key groups only
+        if previous is None:
+            self.store.write(split_by_key_group(partial, groups))
+            return self._finalize(partial)
+        # Merge with the touched groups' state in one group-by; __new marks
+        # the keys this epoch updated (the only ones emitted).
+        old = previous.select(partial.column_names).append_column(_NEW, pa.repeat(pa.scalar(0, pa.int8()), previous.num_rows))
+        new = partial.append_column(_NEW, pa.repeat(pa.scalar(1, pa.int8()), partial.num_rows))
+        combined = pa.concat_tables([old, new], promote_options="permissive")
+        names = [a.name for a in op.accumulators]
+        merged = _group(combined, op.key, [(a.name, a.merge) for a in op.accumulators] + [(_NEW, "max")], names + [_NEW])
+        updated = merged.filter(pc.equal(merged.column(_NEW), 1)).drop_columns([_NEW])
+        merged = merged.drop_columns([_NEW])
+        self.store.write(split_by_key_group(merged, key_groups(merged.column(op.key), self.context.max_key_groups)))
+        return self._finalize(updated)
 
     def _finalize(self, merged: pa.Table) -> pa.Table:
         columns = {self.op.key: merged.column(self.op.key)}
@@ -163,7 +166,8 @@ class AggregateLogic(OperatorLogic):
                 columns[name] = merged.column(f"__acc{i}")
         return pa.table(columns)
 
-    def snapshot(self) -> pa.Table | None:
-        if self.state is None:
-            return pa.table({self.op.key: pa.array([], pa.null()), KEY_GROUP_COLUMN: pa.array([], pa.int32())})
-        return self.state
+    def snapshot(self) -> dict[int, pa.Table]:
+        return self.store.full()
+
+    def snapshot_changes(self) -> StateChanges:
+        return self.store.take_changes()

@@ -2,10 +2,11 @@
 
 An :class:`Operator` is the picklable part (functions, column names, options)
 that travels to a worker. There ``build(restored)`` makes the
-:class:`OperatorLogic` holding live state, from the snapshot restored from the
-latest checkpoint (or ``None``). ``snapshot()`` returns data: a
-``pyarrow.Table`` with a ``__key_group`` column for keyed state, never a live
-object.
+:class:`OperatorLogic` holding live state, from the state restored from the
+latest checkpoint: ``{key_group: pyarrow.Table}`` for the key groups the
+subtask owns (or ``None``). Keyed state lives in a
+:class:`~sluiceway.operators.state.KeyGroupStore`; ``snapshot_changes()``
+returns the key groups changed since the last checkpoint, as data.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
+
+from sluiceway.operators.state import StateChanges
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,13 @@ class OperatorLogic:
         """Called once per epoch after ``process``; window operators fire here."""
         return None
 
-    def snapshot(self) -> pa.Table | None:
-        """State as data, or ``None`` for a stateless operator."""
+    def snapshot(self) -> dict[int, pa.Table] | None:
+        """All state as ``{key_group: table}``, or ``None`` for a stateless operator."""
+        return None
+
+    def snapshot_changes(self) -> StateChanges | None:
+        """Key groups changed since the last call (what an incremental
+        checkpoint writes), or ``None`` for a stateless operator."""
         return None
 
 
@@ -47,7 +55,7 @@ class Operator:
     kind: str = "operator"
     stateful: bool = False
 
-    def build(self, context: OperatorContext, restored: pa.Table | None) -> OperatorLogic:
+    def build(self, context: OperatorContext, restored: dict[int, pa.Table] | None) -> OperatorLogic:
         raise NotImplementedError
 
     def describe(self) -> dict:

@@ -100,8 +100,8 @@ def test_corrupt_checkpoint_is_named_and_the_one_before_is_used(tmp_path):
     run(flow, ckpt, epochs=4, trigger_s=0.05, max_records_per_epoch=2000, checkpoint_every=2)
     storage = JobStorage(ckpt, "clicks")
     manifest = storage.read_manifest(4)
-    state = [f for t in manifest["tasks"] for f in t["files"] if f["rows"]][0]
-    path = storage.absolute(state["path"])
+    state_path = [p for p, f in manifest["files"].items() if f["checkpoint"] == 4 and f["rows"]][0]
+    path = storage.absolute(state_path)
     data = bytearray(storage.fs.cat_file(path))
     data[-40] ^= 0xFF
     storage.fs.pipe_file(path, bytes(data))
@@ -109,7 +109,7 @@ def test_corrupt_checkpoint_is_named_and_the_one_before_is_used(tmp_path):
     run(flow, ckpt, trigger_s=0.05, max_records_per_epoch=2000, checkpoint_every=2, on_event=events.append)
     corrupt = [e for e in events if e["type"] == "corrupt_checkpoint"]
     assert corrupt and corrupt[0]["checkpoint"] == 4
-    assert corrupt[0]["problem"].startswith(f"state file {state['path']} fails its checksum")
+    assert corrupt[0]["problem"].startswith(f"state file {state_path} fails its checksum")
     totals = example.final_totals(read_committed(f"{out}/totals"))
     from sluiceway.jobs.testing import compare_exactly_once
 

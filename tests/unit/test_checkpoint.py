@@ -4,9 +4,9 @@ import pyarrow as pa
 import pytest
 
 from sluiceway.checkpoint import CheckpointHistory, CorruptCheckpointError, JobStorage, StorageError
-from sluiceway.checkpoint.manifest import CheckpointStatus, build_manifest, latest_complete
+from sluiceway.checkpoint.manifest import CheckpointStatus, assemble_state, build_manifest, latest_complete
 from sluiceway.checkpoint.retention import apply_retention, plan_retention
-from sluiceway.checkpoint.state import KEY_GROUP_COLUMN, read_state, write_state
+from sluiceway.checkpoint.state import read_key_groups, write_key_groups
 
 
 @pytest.fixture
@@ -14,30 +14,80 @@ def storage(tmp_path):
     return JobStorage(str(tmp_path / "ckpt"), "job")
 
 
-def state_table():
-    return pa.table({"k": [1, 2, 3, 4, 5], "v": [10, 20, 30, 40, 50], KEY_GROUP_COLUMN: pa.array([7, 3, 7, 90, 3], pa.int32())})
+def groups():
+    return {7: pa.table({"k": [1, 3], "v": [10, 30]}), 3: pa.table({"k": [2, 5], "v": [20, 50]}),
+            90: pa.table({"k": [4], "v": [40]})}
 
 
-def write_checkpoint(storage, checkpoint_id, with_manifest=True):
-    entry = write_state(storage, checkpoint_id, "agg", 0, state_table())
+def write_checkpoint(storage, checkpoint_id, with_manifest=True, changed=None, previous=None):
+    """A checkpoint of one step 'agg' on one subtask: ``changed`` key groups
+    are written now, the others referred to in ``previous`` (a manifest)."""
+    changed = groups() if changed is None else changed
+    entry = write_key_groups(storage, checkpoint_id, "agg", 0, "f1g0", changed)
+    index = dict((previous or {}).get("state", {}).get("agg", {}))
+    index.update({kg: [entry["path"], b] for kg, b in entry["key_groups"].items()})
+    state, files = assemble_state([{"agg": index}], [entry], (previous or {}).get("files", {}))
+    manifest = build_manifest(
+        job=storage.job, checkpoint_id=checkpoint_id, epoch=checkpoint_id, offsets={"src": {"0": checkpoint_id * 10}},
+        watermarks={}, tasks=[{"task": "agg[0]"}], state=state, files=files, started_at=1.0, completed_at=1.5,
+        parallelism={"agg": 1}, max_key_groups=128, sink_handles={},
+    )
     if with_manifest:
-        manifest = build_manifest(
-            job=storage.job, checkpoint_id=checkpoint_id, epoch=checkpoint_id, offsets={"src": {"0": checkpoint_id * 10}},
-            watermarks={}, tasks=[{"task": "agg[0]", "files": [entry]}], started_at=1.0, completed_at=1.5,
-            parallelism={"agg": 1}, max_key_groups=128, sink_handles={},
-        )
         storage.write_manifest(checkpoint_id, manifest)
-    return entry
+    return manifest
 
 
 def test_state_round_trip_reads_only_requested_key_groups(storage):
-    entry = write_checkpoint(storage, 4)
-    assert sorted(map(int, entry["key_groups"])) == [3, 7, 90]
-    parts = read_state(storage, entry, range(0, 64))
-    got = pa.concat_tables(parts).sort_by("k").to_pydict()
-    assert got == {"k": [1, 2, 3, 5], "v": [10, 20, 30, 50], KEY_GROUP_COLUMN: [7, 3, 7, 3]}
-    assert pa.concat_tables(read_state(storage, entry, {90})).column("k").to_pylist() == [4]
-    assert read_state(storage, entry, range(100, 128)) == []
+    m = write_checkpoint(storage, 4)
+    assert sorted(map(int, m["state"]["agg"])) == [3, 7, 90]
+    got = read_key_groups(storage, m["state"]["agg"], m["files"], range(0, 64))
+    assert {kg: t.to_pydict() for kg, t in got.items()} == {3: {"k": [2, 5], "v": [20, 50]}, 7: {"k": [1, 3], "v": [10, 30]}}
+    assert read_key_groups(storage, m["state"]["agg"], m["files"], {90})[90].column("k").to_pylist() == [4]
+    assert read_key_groups(storage, m["state"]["agg"], m["files"], range(100, 128)) == {}
+
+
+def test_incremental_checkpoint_writes_only_changed_groups_and_refers_to_older_files(storage):
+    first = write_checkpoint(storage, 2)
+    second = write_checkpoint(storage, 4, changed={7: pa.table({"k": [1, 3], "v": [11, 31]})}, previous=first)
+    assert second["state"]["agg"]["3"] == first["state"]["agg"]["3"]  # unchanged: the old file
+    assert second["state"]["agg"]["7"][0] != first["state"]["agg"]["7"][0]
+    assert {f["checkpoint"] for f in second["files"].values()} == {2, 4}
+    written = [p for p, f in second["files"].items() if f["checkpoint"] == 4]
+    assert second["written_bytes"] == sum(second["files"][p]["size_bytes"] for p in written) < second["size_bytes"]
+    assert second["files"][written[0]]["rows"] == 2
+
+
+def test_restore_from_a_chain_of_incremental_checkpoints_equals_a_full_one(storage):
+    full = groups()
+    manifest = write_checkpoint(storage, 1)
+    for cid, kg in ((2, 7), (3, 90), (4, 7), (5, 3)):
+        full[kg] = pa.table({"k": [100 + cid], "v": [cid]})
+        manifest = write_checkpoint(storage, cid, changed={kg: full[kg]}, previous=manifest)
+    assert len(manifest["files"]) == 3  # key groups 90, 7 and 3 come from checkpoints 3, 4 and 5
+    chained = read_key_groups(storage, manifest["state"]["agg"], manifest["files"], range(128))
+    other = JobStorage(storage.root_url, "job_full")
+    reference = write_checkpoint(other, 5, changed=full)
+    direct = read_key_groups(other, reference["state"]["agg"], reference["files"], range(128))
+    assert {k: t.to_pylist() for k, t in chained.items()} == {k: t.to_pylist() for k, t in direct.items()}
+
+
+def test_retention_never_deletes_a_file_a_retained_checkpoint_refers_to(storage):
+    manifest = write_checkpoint(storage, 1)
+    for cid in (2, 3, 4):
+        manifest = write_checkpoint(storage, cid, changed={7: pa.table({"k": [cid], "v": [cid]})}, previous=manifest)
+    assert apply_retention(storage, keep=2) == [1, 2]
+    assert latest_complete(storage)[0].checkpoint_id == 4
+    for cid in (3, 4):  # the retained ones still restore in full, from checkpoint 1's file too
+        m = storage.read_manifest(cid)
+        assert len(read_key_groups(storage, m["state"]["agg"], m["files"], range(128))) == 3
+    assert storage.read_manifest(1) is None  # checkpoint 1 is no longer a restore point...
+    assert storage.checkpoint_ids() == [1, 3, 4]  # ...but its folder keeps the file others use
+    assert not storage.fs.exists(storage.checkpoint_path(2))  # nothing of 2 is referenced
+    assert [r.status for r in CheckpointHistory(storage).list()] == ["retired", "complete", "complete"]
+    for cid in (5, 6):  # later checkpoints rewrite every group: the retired folder goes too
+        manifest = write_checkpoint(storage, cid, previous=manifest)
+    apply_retention(storage, keep=2)
+    assert storage.checkpoint_ids() == [5, 6]
 
 
 def test_checkpoint_without_manifest_is_ignored(storage):
@@ -51,13 +101,13 @@ def test_checkpoint_without_manifest_is_ignored(storage):
 
 def test_checksum_mismatch_is_detected_and_previous_checkpoint_used(storage):
     write_checkpoint(storage, 5)
-    entry = write_checkpoint(storage, 10)
-    path = storage.absolute(entry["path"])
+    m = write_checkpoint(storage, 10)
+    path = storage.absolute(next(iter(m["files"])))
     data = bytearray(storage.fs.cat_file(path))
     data[-20] ^= 0xFF
     storage.fs.pipe_file(path, bytes(data))  # same size, different bytes
     with pytest.raises(CorruptCheckpointError, match="fails its checksum"):
-        read_state(storage, entry, range(128))
+        read_key_groups(storage, m["state"]["agg"], m["files"], range(128))
     storage.fs.pipe_file(path, b"short")  # size differs: caught without reading
     check, corrupt = latest_complete(storage)
     assert check.checkpoint_id == 5 and [c.checkpoint_id for c in corrupt] == [10]

@@ -2,7 +2,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from sluiceway.checkpoint.state import KEY_GROUP_COLUMN
+from sluiceway.operators.keys import key_groups
 from sluiceway.operators.aggregate import Aggregate
 from sluiceway.operators.base import OperatorContext
 from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError
@@ -66,7 +66,7 @@ def test_aggregate_snapshot_restores_to_the_same_results():
     a = op.build(CTX, None)
     a.process(table())
     snapshot = a.snapshot()
-    assert KEY_GROUP_COLUMN in snapshot.column_names
+    assert all(isinstance(kg, int) and 0 <= kg < 128 for kg in snapshot)
     b = op.build(CTX, snapshot)
     more = pa.table({"user": ["a", "d"], "amount": [5, 1]})
     assert b.process(more).to_pylist() == a.process(more).to_pylist()
@@ -100,3 +100,20 @@ def test_list_source_round_robins_rows():
     src = ListSource(pa.table({"x": list(range(7))}), partitions=3)
     assert [src.end_offset(p) for p in range(3)] == [3, 2, 2]
     assert src.read(2, 0, 2).column("x").to_pylist() == [2, 5]
+
+
+def test_an_epoch_touching_one_key_group_reads_and_writes_only_that_group():
+    op = Aggregate("user", [("amount", "sum")])
+    logic = op.build(CTX, None)
+    users = pa.array(range(5000), pa.int64())
+    logic.process(pa.table({"user": users, "amount": pa.repeat(1, 5000)}))  # state in every key group
+    assert len(logic.store.groups) == 128
+    kg = key_groups(pa.array([42], pa.int64()), 128)[0].as_py()
+    same_group = [u for u, g in zip(users.to_pylist(), key_groups(users, 128).to_pylist()) if g == kg][:3]
+    logic.snapshot_changes()
+    logic.store.reset_touched()
+    out = logic.process(pa.table({"user": same_group, "amount": [5, 5, 5]}))
+    assert logic.store.reads == {kg} and logic.store.writes == {kg}
+    assert out.to_pylist() == [{"user": u, "amount_sum": 6} for u in same_group]  # only the updated keys
+    changes = logic.snapshot_changes()
+    assert list(changes.changed) == [kg] and changes.removed == set()
