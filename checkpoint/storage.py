@@ -21,6 +21,11 @@ Every write of a JSON document goes to a temporary name first and is then
 moved into place, so a reader never sees half a document. No method turns a
 storage error into "nothing there": a missing file is ``None`` or an empty
 list, anything else raises :class:`StorageError`.
+
+Storage outages are pauses, not crashes: a failed call is retried with a
+growing backoff until :class:`StorageRetry`'s deadline, and ``on_wait`` hears
+when storage fails and when it is back. Only past the deadline does the
+error reach the caller, with the cause in its first line.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import time
 import uuid
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -42,6 +49,59 @@ _EPOCH_DIGITS = 10
 
 def _epoch_name(n: int) -> str:
     return f"{n:0{_EPOCH_DIGITS}d}"
+
+
+@dataclass(frozen=True)
+class StorageRetry:
+    """How long storage calls are retried before they fail. Seconds."""
+
+    deadline_s: float = 120.0
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 2.0
+
+    def __post_init__(self):
+        if self.deadline_s < 0 or self.initial_backoff_s <= 0 or self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError(
+                f"storage retry needs deadline >= 0 and 0 < initial backoff <= max backoff, got {self}"
+            )
+
+
+NO_RETRY = StorageRetry(deadline_s=0.0)
+
+WaitListener = Callable[[str, str], None]  # ("waiting" | "resumed", message)
+
+
+def call_with_retry(what: str, url: str, fn, retry: StorageRetry, on_wait: WaitListener | None = None):
+    """Run ``fn()``; on failure retry with backoff until ``retry.deadline_s``.
+    ``FileNotFoundError`` and ``FileExistsError`` are answers, not failures:
+    they pass through at once."""
+    started = None
+    backoff = retry.initial_backoff_s
+    while True:
+        try:
+            result = fn()
+        except (FileNotFoundError, FileExistsError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised with the path and the cause
+            cause = f"cannot {what} {url}: {type(exc).__name__}: {exc}"
+            now = time.monotonic()
+            if started is None:
+                started = now
+                if retry.deadline_s > 0 and on_wait is not None:
+                    on_wait("waiting", cause)
+            if now - started >= retry.deadline_s:
+                if retry.deadline_s > 0:
+                    raise StorageError(
+                        f"{cause} (storage kept failing for {now - started:.0f} s, past the "
+                        f"{retry.deadline_s:g} s storage deadline)"
+                    ) from exc
+                raise StorageError(f"{cause}. Check that the checkpoint dir is a folder you can read and write") from exc
+            time.sleep(min(backoff, max(0.0, started + retry.deadline_s - now)))
+            backoff = min(retry.max_backoff_s, backoff * 2)
+            continue
+        if started is not None and on_wait is not None and retry.deadline_s > 0:
+            on_wait("resumed", f"storage answered again after {time.monotonic() - started:.1f} s ({what} {url})")
+        return result
 
 
 def open_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -85,11 +145,13 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 class JobStorage:
     """The storage of one job under ``<root>/<job>``: paths, logs and documents."""
 
-    def __init__(self, root: str, job: str):
+    def __init__(self, root: str, job: str, retry: StorageRetry = StorageRetry()):
         if not job or "/" in job or job.startswith("."):
             raise StorageError(f"job name {job!r} cannot be used as a folder name; use letters, digits, '-' or '_'")
         self.root_url = root
         self.job = job
+        self.retry = retry
+        self.on_wait: WaitListener | None = None  # set where the job runs; never pickled
         self.fs, root_path = open_filesystem(root)
         self.base = posixpath.join(root_path, job)
 
@@ -137,15 +199,7 @@ class JobStorage:
 
     # ------------------------------------------------------------ primitives
     def _call(self, what: str, path: str, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (FileNotFoundError, FileExistsError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - re-raised with the path and the cause
-            raise StorageError(
-                f"cannot {what} {self.fs.unstrip_protocol(path)}: {type(exc).__name__}: {exc}. "
-                "Check that the checkpoint dir is a folder you can read and write"
-            ) from exc
+        return call_with_retry(what, self.url(path), lambda: fn(*args, **kwargs), self.retry, self.on_wait)
 
     def write_bytes(self, path: str, data: bytes) -> None:
         self._call("write", path, atomic_write, self.fs, path, data)
@@ -202,8 +256,8 @@ class JobStorage:
     def check_access(self) -> None:
         """Fail early, with the cause, when the root cannot hold a job."""
         probe = posixpath.join(self.base, f".probe-{uuid.uuid4().hex[:8]}")
-        self.write_bytes(probe, b"ok")
-        self._call("delete", probe, self.fs.rm, probe)
+        call_with_retry("write", self.url(probe), lambda: atomic_write(self.fs, probe, b"ok"), NO_RETRY)
+        call_with_retry("delete", self.url(probe), lambda: self.fs.rm(probe), NO_RETRY)
 
     # ----------------------------------------------------------- documents
     def read_job(self) -> dict | None:
@@ -291,4 +345,4 @@ class JobStorage:
             pass
 
     def __reduce__(self):
-        return (JobStorage, (self.root_url, self.job))
+        return (JobStorage, (self.root_url, self.job, self.retry))

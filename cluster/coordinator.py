@@ -44,6 +44,7 @@ from sluiceway.cluster.restart import Failure, FailureKind, GiveUp, RestartPolic
 from sluiceway.cluster.task import TaskActor
 
 PING_INTERVAL_S = 0.5
+STUCK_FLOOR_S = 60.0
 LOOP_WAIT_S = 0.02
 RESET_TIMEOUT_S = 120.0
 
@@ -60,6 +61,7 @@ class RunOptions:
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     until_idle: bool = False
     lease_ttl_s: float = DEFAULT_TTL_S
+    epoch_timeout_s: float | None = None  # None: 10x the slowest recent epoch, at least 60 s
     epochs: int | None = None  # stop after this many new epochs in this run
 
     def __post_init__(self):
@@ -74,6 +76,8 @@ class RunOptions:
             problems.append(f"max_records_per_epoch must be >= 1, got {self.max_records_per_epoch}")
         if self.keep_checkpoints < 1:
             problems.append(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.epoch_timeout_s is not None and self.epoch_timeout_s <= 0:
+            problems.append(f"epoch_timeout_s must be > 0 seconds or None, got {self.epoch_timeout_s}")
         if self.lease_ttl_s <= 0:
             problems.append(f"lease_ttl_s must be > 0 seconds, got {self.lease_ttl_s}")
         if self.epochs is not None and self.epochs < 1:
@@ -111,6 +115,9 @@ class Coordinator:
         self.last_checkpoint = 0
         self.stop_reason: str | None = None
         self.sizer = EpochSizer(options.trigger_s, options.max_records_per_epoch)
+        self.recent_latencies: deque[float] = deque(maxlen=20)
+        self.storage_waits: dict[str, float] = {}  # who -> since when it waits for storage
+        self.storage.on_wait = lambda kind, message: self.storage_event("coordinator", kind, message)
         self.waiting = 0  # records readable but not yet planned, as of the last plan
         self.epochs_planned_this_run = 0
         self.high_water = 0  # highest epoch ever completed; stats count only newer ones
@@ -126,6 +133,15 @@ class Coordinator:
 
     def task_failed(self, task: TaskId, generation: int, failure: Failure) -> None:
         self.inbox.put(("failed", (task, generation, failure)))
+
+    def storage_event(self, who: str, kind: str, message: str) -> None:
+        """A task or the coordinator waits for storage, or has it back."""
+        if kind == "waiting":
+            self.storage_waits[who] = time.time()
+            self._event("storage_waiting", who=who, error=message, deadline_s=self.storage.retry.deadline_s)
+        else:
+            self.storage_waits.pop(who, None)
+            self._event("storage_resumed", who=who, message=message)
 
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -336,7 +352,37 @@ class Coordinator:
                 if generation == self.generation:
                     failures.append(failure)
         failures.extend(self._check_liveness())
+        if not failures:
+            failures.extend(self._check_stuck())
         return failures
+
+    def epoch_bound_s(self) -> float:
+        """How long an epoch may take before it counts as stuck."""
+        if self.options.epoch_timeout_s is not None:
+            return self.options.epoch_timeout_s
+        return max(STUCK_FLOOR_S, 10 * max(self.recent_latencies, default=0.0))
+
+    def _unanswered_for(self, task: TaskId, now: float) -> float:
+        """How long the task's outstanding ping has waited (0 if none waits)."""
+        ref, sent = self._pings.get(task, (None, now))
+        return now - sent if ref is not None else 0.0
+
+    def _check_stuck(self) -> list[Failure]:
+        """An epoch overdue while every actor is alive: name the tasks that have
+        not acknowledged it; those not answering pings are restarted."""
+        if self.storage_waits:
+            return []  # waiting for storage is a pause, not a hang
+        now, bound = time.time(), self.epoch_bound_s()
+        overdue = self.book.overdue(now, bound)
+        if overdue is None:
+            return []
+        epoch, missing = overdue
+        hung = [t for t in missing if self._unanswered_for(t, now) > bound / 2]
+        self._dead.update(hung)
+        names = ", ".join(map(str, missing))
+        restart = f"; restarting {', '.join(map(str, hung))}, which stopped answering" if hung else ""
+        return [Failure(FailureKind.STUCK, f"epoch {epoch} did not complete within {bound:g} s: "
+                        f"{names} have not acknowledged it{restart}", epoch=epoch)]
 
     def _check_liveness(self) -> list[Failure]:
         """One outstanding ping per task; a dead actor's ping fails."""
@@ -403,6 +449,7 @@ class Coordinator:
             self.actors[task] = self._create_actor(task, node)
         self._dead = set()
         self._pings = {}
+        self.storage_waits.clear()
         # 4. Restore the latest complete checkpoint and replay the epochs after it.
         self._restore_point()
         self._reset_all()
@@ -471,6 +518,7 @@ class Coordinator:
         rows_in = sum(a.rows_in for a in ordered)
         rows_out = sum(a.rows_out for a in ordered)
         duration = now - plan.planned_at
+        self.recent_latencies.append(self.book.latency(plan.epoch, now))
         if plan.epoch > self.high_water:
             self.sizer.observe(rows_in, duration)
         record = {
@@ -566,7 +614,7 @@ class Coordinator:
         self._dispatch(plan)
 
     def _dispatch(self, plan: EpochPlan) -> None:
-        self.book.add(plan)
+        self.book.add(plan, time.time())
         for stage in self.plan.stages.values():
             if stage.source is not None:
                 for task in stage.tasks():
@@ -610,6 +658,9 @@ class CoordinatorActor:
 
     def stop(self) -> None:
         self.coordinator.request_stop()
+
+    def storage_event(self, who: str, kind: str, message: str) -> None:
+        self.coordinator.storage_event(who, kind, message)
 
     def events(self) -> list[dict]:
         return self.coordinator.drain_events()

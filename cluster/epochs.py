@@ -209,17 +209,38 @@ class EpochBook:
         self.generation = generation
         self.plans: dict[int, EpochPlan] = {}
         self.acks: dict[int, dict[TaskId, TaskAck]] = {}
+        self.dispatched_at: dict[int, float] = {}
         self.stale_acks = 0
 
     @property
     def in_flight(self) -> int:
         return len(self.plans)
 
-    def add(self, plan: EpochPlan) -> None:
+    def add(self, plan: EpochPlan, now: float = 0.0) -> None:
         if plan.epoch in self.plans:
             raise ValueError(f"epoch {plan.epoch} is already in flight")
         self.plans[plan.epoch] = plan
         self.acks[plan.epoch] = {}
+        self.dispatched_at[plan.epoch] = now
+
+    def latency(self, epoch: int, now: float) -> float:
+        """Seconds from dispatch to ``now`` of a completed epoch (once per epoch)."""
+        return now - self.dispatched_at.pop(epoch, now)
+
+    def overdue(self, now: float, bound_s: float) -> tuple[int, list[TaskId]] | None:
+        """The oldest epoch in flight for longer than ``bound_s``, and the
+        tasks that have not acknowledged it; ``None`` if none is overdue.
+
+        >>> book = EpochBook([TaskId("a", 0), TaskId("b", 0)], generation=0)
+        >>> book.add(EpochPlan(1, {}, False, 0.0), now=100.0)
+        >>> _ = book.handle_ack(TaskAck(TaskId("a", 0), 0, 1))
+        >>> book.overdue(now=105.0, bound_s=10.0), book.overdue(now=111.0, bound_s=10.0)
+        (None, (1, [TaskId(stage='b', subtask=0)]))
+        """
+        for epoch in sorted(self.plans):
+            if now - self.dispatched_at[epoch] > bound_s:
+                return epoch, sorted(self.tasks - set(self.acks[epoch]))
+        return None
 
     def handle_ack(self, ack: TaskAck) -> bool:
         """Record an ack; False if it is stale (old generation or unknown epoch)."""

@@ -113,6 +113,8 @@ class RestartTracker:
         previous, self.last_failure = self.last_failure, failure
         if failure.kind is FailureKind.FATAL:
             return GiveUp("no replay can fix this, so the job stopped without restarting")
+        if failure.kind is FailureKind.STORAGE:
+            return GiveUp("storage stayed unavailable past its deadline, so the job stopped")
         if (
             failure.kind is FailureKind.USER_CODE
             and previous is not None

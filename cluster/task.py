@@ -30,6 +30,7 @@ class TaskActor:
         self.plan = plan
         self.runtime = TaskRuntime(plan, task, storage)
         self.coordinator = coordinator
+        storage.on_wait = lambda kind, message: coordinator.storage_event.remote(str(task), kind, message)
         self.generation = -1
         self.failed = False
         self.downstream: dict[str, list] = {}

@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
              "delay before the second restart in a row; it doubles with each further one (the first is immediate)")
     _env_arg(r, "--max-restart-delay", "SLUICEWAY_MAX_RESTART_DELAY", "60", _seconds,
              "the longest delay between restarts")
+    _env_arg(r, "--storage-deadline", "SLUICEWAY_STORAGE_DEADLINE", "120", _seconds,
+             "seconds to keep retrying checkpoint storage that fails (the job pauses) before the job fails")
+    _env_arg(r, "--epoch-timeout", "SLUICEWAY_EPOCH_TIMEOUT", None, _seconds,
+             "seconds after which an epoch counts as stuck and its tasks are restarted "
+             "(default: 10x the slowest recent epoch, at least 60)")
     r.add_argument("--force", action="store_true", default=_env("SLUICEWAY_FORCE", "") not in ("", "0"),
                    help="take the job over even if another run holds its lease; that run then stops writing "
                    "(env SLUICEWAY_FORCE=1)")
@@ -146,6 +151,12 @@ def format_event(event: dict) -> str | None:
     if kind == "recovered":
         return (f"recovered in {event['duration_s']:.2f} s: restarted {event['restarted_tasks'] or 'no'} task(s), "
                 f"restored checkpoint {event['checkpoint']}, replaying epochs {event['replay_epochs']}")
+    if kind == "storage_waiting":
+        return f"WAITING FOR STORAGE ({event['who']}): {event['error']}; retrying for up to {event['deadline_s']:g} s"
+    if kind == "storage_resumed":
+        return f"storage is back ({event['who']}): {event['message']}"
+    if kind == "adopted_plan":
+        return f"epoch {event['epoch']} was planned by another run; running that plan"
     if kind == "corrupt_checkpoint":
         return f"checkpoint {event['checkpoint']} is corrupt ({event['problem']}); using the one before"
     return None
@@ -184,6 +195,8 @@ def cmd_run(args) -> int:
         parallelism=args.parallelism,
         restart_policy=policy,
         force=args.force,
+        storage_deadline_s=args.storage_deadline,
+        epoch_timeout_s=args.epoch_timeout,
         on_event=_print_event,
     )
     print(

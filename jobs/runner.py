@@ -17,7 +17,7 @@ from ray.exceptions import RayTaskError
 from sluiceway.checkpoint import lease as leases
 from sluiceway.checkpoint.errors import IncompatibleJobError, StorageError
 from sluiceway.checkpoint.lease import DEFAULT_TTL_S, LeaseHolder
-from sluiceway.checkpoint.storage import JobStorage
+from sluiceway.checkpoint.storage import NO_RETRY, JobStorage, StorageRetry
 from sluiceway.cluster.coordinator import CoordinatorActor, RunOptions
 from sluiceway.cluster.restart import RestartPolicy
 from sluiceway.cluster.errors import JobFailedError
@@ -105,6 +105,8 @@ def run(
     restart_policy: RestartPolicy | None = None,
     force: bool = False,
     lease_ttl_s: float = DEFAULT_TTL_S,
+    epoch_timeout_s: float | None = None,
+    storage_deadline_s: float = StorageRetry.deadline_s,
     on_event: Callable[[dict], None] | None = None,
     on_started: Callable[[object], None] | None = None,
 ) -> dict:
@@ -126,6 +128,13 @@ def run(
     the holder. ``force`` takes the job over regardless (the older run then
     stops writing); a lease not renewed within ``lease_ttl_s`` expires.
 
+    Checkpoint storage that fails is retried with backoff for up to
+    ``storage_deadline_s``: the job pauses (``storage_waiting`` events) and
+    resumes when storage answers again. An epoch that takes longer than
+    ``epoch_timeout_s`` (default: 10 times the slowest recent epoch, at
+    least 60 s) counts as stuck: the tasks that did not finish it are named
+    and restarted, and the job recovers.
+
     Whatever stops the job is raised with its cause in the first line:
     :class:`JobFailedError` for a failure of the job, ``StorageError`` when
     the checkpoint dir cannot be used.
@@ -138,6 +147,7 @@ def run(
         keep_checkpoints=keep_checkpoints,
         restart=restart_policy or RestartPolicy(),
         lease_ttl_s=lease_ttl_s,
+        epoch_timeout_s=epoch_timeout_s,
         until_idle=until_idle if epochs is None else False,
         epochs=epochs,
     )
@@ -148,7 +158,7 @@ def run(
                 f"sink {step!r} ({type(sink).__name__}) only works with run_local; on Ray use ParquetSink"
             )
     _ship_user_modules(plan)
-    storage = JobStorage(checkpoint_dir or default_checkpoint_dir(), plan.job)
+    storage = JobStorage(checkpoint_dir or default_checkpoint_dir(), plan.job, StorageRetry(deadline_s=storage_deadline_s))
     try:
         storage.check_access()
     except StorageError as exc:
@@ -171,7 +181,17 @@ def run(
             if embedded:
                 ray.shutdown()
     finally:
-        leases.release(storage, lease, now=time.time())
+        _release(storage, lease)
+
+
+def _release(storage: JobStorage, lease) -> None:
+    """Let the next run start at once. Best effort, without retries: a lease
+    that cannot be released expires by itself within its time to live, and
+    a failure here must not hide why the job ended."""
+    try:
+        leases.release(JobStorage(storage.root_url, storage.job, NO_RETRY), lease, now=time.time())
+    except StorageError:
+        pass
 
 
 def _wait(coordinator, on_event) -> dict:

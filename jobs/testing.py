@@ -5,17 +5,23 @@
 - :class:`CollectSink` keeps committed rows in memory (``run_local`` only).
 - :func:`compare_exactly_once` compares committed output with an independent
   computation and counts duplicates and missing rows.
+- :class:`FlakyFileSystem` (``sluiceway-flaky://``) fails on demand, to test
+  how a job rides out a storage outage.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import math
+import os
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.cluster.alignment import Barrier, BarrierAligner, BarrierEvent, Data
@@ -157,3 +163,68 @@ def wait_for(condition, timeout_s: float = 30.0, interval_s: float = 0.05, what:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout_s} s")
         time.sleep(interval_s)
+
+
+class FlakyFileSystem(LocalFileSystem):
+    """A local filesystem that fails while an outage is declared, for testing
+    how a job rides out storage trouble. URLs: ``sluiceway-flaky:///path``.
+
+    An outage is a file ``SLUICEWAY_OUTAGE.json`` in any folder above the
+    path, ``{"until": <unix time>, "error": "..."}``: until then every call
+    raises ``OSError`` (ENOSPC: no space left on device). Every process sees
+    the same outage (Ray workers too), since it lives on disk; the protocol
+    is registered through the package's ``fsspec.specs`` entry point.
+    """
+
+    protocol = ("sluiceway-flaky",)
+    OUTAGE_FILE = "SLUICEWAY_OUTAGE.json"
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        if isinstance(path, str) and path.startswith("sluiceway-flaky://"):
+            path = path[len("sluiceway-flaky://"):]
+        return super()._strip_protocol(path)
+
+    def unstrip_protocol(self, name: str) -> str:
+        return f"sluiceway-flaky://{self._strip_protocol(name)}"
+
+    @classmethod
+    def declare_outage(cls, folder: str, seconds: float, error: str = "No space left on device") -> None:
+        """Make every path below ``folder`` fail for ``seconds`` from now."""
+        doc = {"until": time.time() + seconds, "error": error}
+        tmp = os.path.join(folder, f".{cls.OUTAGE_FILE}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(doc, f)
+        os.replace(tmp, os.path.join(folder, cls.OUTAGE_FILE))
+
+    @classmethod
+    def _check(cls, path) -> None:
+        folder = os.path.dirname(str(path))
+        while True:
+            marker = os.path.join(folder, cls.OUTAGE_FILE)
+            if os.path.exists(marker):
+                with open(marker) as f:
+                    doc = json.load(f)
+                if time.time() < doc["until"]:
+                    raise OSError(errno.ENOSPC, f"{doc['error']} (simulated outage)", str(path))
+                return
+            parent = os.path.dirname(folder)
+            if parent == folder:
+                return
+            folder = parent
+
+
+def _guarded(name):
+    method = getattr(LocalFileSystem, name)
+
+    def guarded(self, path, *args, **kwargs):
+        FlakyFileSystem._check(self._strip_protocol(path))
+        return method(self, path, *args, **kwargs)
+
+    guarded.__name__ = name
+    return guarded
+
+
+for _name in ("_open", "cat_file", "pipe_file", "ls", "info", "mv", "rm", "rm_file", "find", "makedirs",
+              "exists", "size", "cp_file", "touch"):
+    setattr(FlakyFileSystem, _name, _guarded(_name))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sluiceway.checkpoint.storage import atomic_write, create_exclusive, open_filesystem
+from sluiceway.checkpoint.storage import StorageRetry, atomic_write, call_with_retry, create_exclusive, open_filesystem
 
 _DIGITS = 10
 
@@ -93,9 +93,10 @@ class _ParquetLayout:
 
 
 class _ParquetWriter(SinkWriter):
-    def __init__(self, layout: _ParquetLayout, context: SinkContext):
+    def __init__(self, layout: _ParquetLayout, context: SinkContext, retry: StorageRetry):
         self.layout = layout
         self.context = context
+        self.retry = retry
 
     def write_epoch(self, epoch: int, table: pa.Table | None) -> dict:
         subtask = self.context.subtask
@@ -107,7 +108,9 @@ class _ParquetWriter(SinkWriter):
         buf = io.BytesIO()
         pq.write_table(table, buf)
         path = self.layout.data_path(epoch, subtask, self.context.attempt)
-        atomic_write(self.layout.fs, path, buf.getvalue())
+        data = buf.getvalue()
+        call_with_retry("write", self.layout.fs.unstrip_protocol(path), lambda: atomic_write(self.layout.fs, path, data),
+                        self.retry)
         return {"subtask": subtask, "rows": table.num_rows, "path": posixpath.relpath(path, self.layout.base)}
 
 
@@ -117,12 +120,13 @@ class ParquetSink(Sink):
 
     kind = "parquet"
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, retry: StorageRetry = StorageRetry()):
         self.url = url
+        self.retry = retry
         _ParquetLayout(url)  # fail at build time on an unknown protocol
 
     def open(self, context: SinkContext) -> SinkWriter:
-        return _ParquetWriter(_ParquetLayout(self.url), context)
+        return _ParquetWriter(_ParquetLayout(self.url), context, self.retry)
 
     def commit(self, epoch: int, handles: list[dict]) -> None:
         layout = _ParquetLayout(self.url)
@@ -133,8 +137,10 @@ class ParquetSink(Sink):
             key=lambda f: f["subtask"],
         )
         marker = {"epoch": epoch, "files": files, "rows": sum(f["rows"] for f in files), "committed_at": time.time()}
+        data, path = json.dumps(marker, indent=1).encode(), layout.marker_path(epoch)
         try:  # created only if absent: a marker never names another run's files
-            create_exclusive(layout.fs, layout.marker_path(epoch), json.dumps(marker, indent=1).encode())
+            call_with_retry("commit", layout.fs.unstrip_protocol(path), lambda: create_exclusive(layout.fs, path, data),
+                            self.retry)
         except FileExistsError:
             pass
 
