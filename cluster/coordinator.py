@@ -226,15 +226,15 @@ class Coordinator:
         self._restore_point()
         nodes = worker_nodes()
         tasks = self.plan.tasks()
-        placement = dict(zip(tasks, spread(len(tasks), nodes)))
-        self.actors = {t: self._create_actor(t, n) for t, n in placement.items()}
+        self.placement = dict(zip(tasks, spread(len(tasks), nodes)))
+        self.actors = {t: self._create_actor(t, n) for t, n in self.placement.items()}
         self._reset_all()
         if "sources_started_at" not in self.job_doc:  # the generators' clock starts when tasks are ready
             self.job_doc["sources_started_at"] = time.time()
             self.storage.write_job(self.job_doc)
         self._event(
             "started",
-            tasks={str(t): n for t, n in placement.items()},
+            tasks={str(t): n for t, n in self.placement.items()},
             actor_names={str(t): n for t, n in self.actor_names.items()},
             nodes=len(nodes),
             resume_checkpoint=self.restore_manifest["id"] if self.restore_manifest else None,
@@ -447,6 +447,7 @@ class Coordinator:
         for (task, node) in zip(sorted(dead), spread(len(dead), nodes, offset=self.restarts)):
             ray.kill(self.actors[task], no_restart=True)
             self.actors[task] = self._create_actor(task, node)
+            self.placement[task] = node
         self._dead = set()
         self._pings = {}
         self.storage_waits.clear()
@@ -457,6 +458,7 @@ class Coordinator:
             "recovered",
             checkpoint=self.last_checkpoint,
             restarted_tasks=[str(t) for t in sorted(dead)],
+            tasks={str(t): n for t, n in self.placement.items()},
             actor_names={str(t): n for t, n in self.actor_names.items()},
             replay_epochs=[p.epoch for p in self.replay],
             duration_s=round(time.time() - t0, 3),

@@ -219,12 +219,14 @@ def cmd_checkpoints_list(args) -> int:
     if not rows:
         print(f"job {args.job_name!r} has no checkpoints under {args.checkpoint_dir}")
         return 0
-    print(f"{'id':>6} {'epoch':>6} {'status':<10} {'started at':<24} {'duration':>9} {'bytes':>10}  offsets")
+    print(f"{'id':>6} {'epoch':>6} {'status':<10} {'started at':<24} {'duration':>9} {'bytes':>10} {'written':>10}  "
+          "offsets")
     for r in rows:
         dur = f"{r.duration_s:.3f}s" if r.duration_s is not None else "-"
         size = f"{r.size_bytes:,}" if r.size_bytes is not None else "-"
+        written = f"{r.written_bytes:,}" if r.written_bytes is not None else "-"
         print(f"{r.id:>6} {r.epoch if r.epoch is not None else '-':>6} {r.status:<10} {_when(r.started_at):<24} "
-              f"{dur:>9} {size:>10}  {_offsets_summary(r.offsets)}")
+              f"{dur:>9} {size:>10} {written:>10}  {_offsets_summary(r.offsets)}")
     return 0
 
 

@@ -5,6 +5,7 @@ and an exactly-once verdict against an independent computation."""
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import sys
 import tempfile
@@ -19,10 +20,15 @@ from sluiceway.jobs.testing import compare_exactly_once
 from sluiceway.operators.sinks import read_committed
 
 
-def node_kill_run(rows: int, rows_per_second: float, kill_after_epoch: int, work: str, log=print) -> dict:
-    """Run the example job on a head + 2 workers cluster and kill one worker
-    node once ``kill_after_epoch`` completed. Returns the summary, the kill
-    time, the checkpoint history and the verdicts."""
+def node_kill_run(rows: int, rows_per_second: float, kill_after_epoch: int, work: str, log=print,
+                  kills: int = 1, checkpoint_every: int = 3) -> dict:
+    """Run the example job on a head + 2 workers cluster and SIGKILL worker
+    nodes while it runs: the first once ``kill_after_epoch`` completed, each
+    further one once the job has recovered and completed a checkpoint since
+    (the default restart policy forgives a failure the job recovered from).
+    With several kills, a replacement node joins before each kill.
+
+    Returns the summary, the kill times, the checkpoint history and the verdicts."""
     from sluiceway.cluster.local import start_local_cluster
     from sluiceway.jobs.runner import run
 
@@ -30,33 +36,53 @@ def node_kill_run(rows: int, rows_per_second: float, kill_after_epoch: int, work
     flow = example.build(output=output, rows_per_partition=rows, rows_per_second=rows_per_second)
     log("starting a local Ray cluster: head (no CPUs for jobs) + 2 worker nodes ...")
     cluster, workers = start_local_cluster(workers=2)
-    kill_now = threading.Event()
-    result: dict = {"killed_at": None}
+    nodes = {n.node_id: n for n in workers}
+    events: queue.Queue = queue.Queue()
+    result: dict = {"killed_at": None, "kills": []}
 
     def on_event(event: dict) -> None:
         line = format_event(event)
         if line:
             log(line)
-        if event["type"] == "epoch" and event["epoch"] >= kill_after_epoch:
-            kill_now.set()
+        events.put(event)
 
     def job() -> None:
         try:
-            result["summary"] = run(flow, checkpoints, until_idle=True, checkpoint_every=3, on_event=on_event)
+            result["summary"] = run(flow, checkpoints, until_idle=True, checkpoint_every=checkpoint_every,
+                                    on_event=on_event)
         except BaseException as exc:  # noqa: BLE001 - reported by the caller
             result["error"] = f"{type(exc).__name__}: {exc}"
 
     try:
         thread = threading.Thread(target=job)
         thread.start()
-        while not kill_now.wait(0.2):
-            if not thread.is_alive():
-                break
-        if kill_now.is_set() and thread.is_alive():
-            victim = workers[0]
-            log(f">>> killing worker node {victim.node_id[:12]} (SIGKILL of its raylet and workers)")
-            result["killed_at"] = time.time()
-            cluster.remove_node(victim, allow_graceful=False)
+        placement: dict[str, str] = {}
+        recoveries, ready = 0, False
+        while len(result["kills"]) < kills and thread.is_alive():
+            try:
+                event = events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if event["type"] in ("started", "recovered"):
+                placement = event["tasks"]
+                recoveries += event["type"] == "recovered"
+            if event["type"] == "epoch":
+                if not result["kills"]:
+                    ready = event["epoch"] >= kill_after_epoch
+                elif event["checkpoint"] and recoveries >= len(result["kills"]):
+                    ready = True  # recovered from the last kill and completed a checkpoint since
+            if not ready:
+                continue
+            hosting = sorted({n for n in placement.values() if n in nodes})
+            victim = max(hosting, key=lambda n: sum(1 for v in placement.values() if v == n))
+            if kills > 1:
+                replacement = cluster.add_node(num_cpus=2, object_store_memory=256 * 1024**2)
+                nodes[replacement.node_id] = replacement
+            log(f">>> killing worker node {victim[:12]} (SIGKILL of its raylet and workers)")
+            result["kills"].append(time.time())
+            result["killed_at"] = result["killed_at"] or result["kills"][0]
+            cluster.remove_node(nodes.pop(victim), allow_graceful=False)
+            ready = False
         thread.join()
     finally:
         import ray
