@@ -1,9 +1,10 @@
 """Keyed running aggregation, emitting an upsert changelog.
 
 Each epoch, the rows of the epoch are aggregated per key with Arrow's
-group-by (partial aggregates), merged with the state of the key groups they
-touch (a second group-by over those groups only), and the updated rows are
-emitted: key first, then one column per ``(column, function)`` pair named as
+group-by (partial aggregates); from each key group they touch, the state
+rows of the epoch's keys are merged with them (a second group-by over the
+epoch's keys only), and the updated rows are emitted, in the order their
+keys first appear in the epoch: key first, then one column per ``(column, function)`` pair named as
 ``pyarrow.TableGroupBy`` names them (``value_sum``). No per-row Python
 anywhere; state is kept per key group in a
 :class:`~sluiceway.operators.state.KeyGroupStore`.
@@ -31,7 +32,6 @@ from sluiceway.operators.keys import key_groups
 from sluiceway.operators.state import KeyGroupStore, StateChanges, split_by_key_group
 
 SUPPORTED_FUNCTIONS = ("count", "count_all", "sum", "min", "max", "mean")
-_NEW = "__new"
 
 
 def _probe_keys_first() -> bool:
@@ -67,6 +67,15 @@ def _accumulators(index: int, column: str | None, function: str) -> list[_Accumu
         ]
     merge = {"count": "sum", "count_all": "sum", "sum": "sum", "min": "min", "max": "max"}[function]
     return [_Accumulator(f"__acc{index}", column, function, merge)]
+
+
+def _append(rest: pa.Table | None, merged: pa.Table) -> pa.Table:
+    """A key group's new state: its untouched rows, then the merged ones.
+    Chunks are combined now and then, so a group never fragments."""
+    if rest is None or rest.num_rows == 0:
+        return merged
+    out = pa.concat_tables([rest, merged.select(rest.column_names)], promote_options="permissive")
+    return out.combine_chunks() if out.column(0).num_chunks > 16 else out
 
 
 def _normalize_pairs(pairs) -> list[tuple[str | None, str]]:
@@ -136,24 +145,31 @@ class AggregateLogic(OperatorLogic):
         if table.num_rows == 0:
             return None
         op = self.op
-        partial = self._partial(table)
-        groups = key_groups(partial.column(op.key), self.context.max_key_groups)
-        touched = {int(kg) for kg in pc.unique(groups).to_pylist()}
-        previous = self.store.read(touched)  # the state of the touched key groups only
-        if previous is None:
-            self.store.write(split_by_key_group(partial, groups))
-            return self._finalize(partial)
-        # Merge with the touched groups' state in one group-by; __new marks
-        # the keys this epoch updated (the only ones emitted).
-        old = previous.select(partial.column_names).append_column(_NEW, pa.repeat(pa.scalar(0, pa.int8()), previous.num_rows))
-        new = partial.append_column(_NEW, pa.repeat(pa.scalar(1, pa.int8()), partial.num_rows))
-        combined = pa.concat_tables([old, new], promote_options="permissive")
-        names = [a.name for a in op.accumulators]
-        merged = _group(combined, op.key, [(a.name, a.merge) for a in op.accumulators] + [(_NEW, "max")], names + [_NEW])
-        updated = merged.filter(pc.equal(merged.column(_NEW), 1)).drop_columns([_NEW])
-        merged = merged.drop_columns([_NEW])
-        self.store.write(split_by_key_group(merged, key_groups(merged.column(op.key), self.context.max_key_groups)))
-        return self._finalize(updated)
+        key = op.key
+        partial = self._partial(table)  # one row per key of this epoch
+        parts = split_by_key_group(partial, key_groups(partial.column(key), self.context.max_key_groups))
+        # 1. From each touched key group, the rows of this epoch's keys; the
+        #    rest of the group stays as it is. Untouched groups are not read.
+        previous, rest = [], {}
+        for kg, part in parts.items():
+            old = self.store.read({kg})
+            if old is None:
+                continue
+            hit = pc.is_in(old.column(key), value_set=part.column(key))
+            previous.append(old.filter(hit).select(partial.column_names))
+            rest[kg] = old.filter(pc.invert(hit))
+        # 2. Merge them with the epoch's partial aggregates in one group-by
+        #    over the epoch's keys only (the epoch's first-seen key order).
+        if previous:
+            combined = pa.concat_tables([partial] + previous, promote_options="permissive")
+            names = [a.name for a in op.accumulators]
+            merged = _group(combined, key, [(a.name, a.merge) for a in op.accumulators], names)
+            parts = split_by_key_group(merged, key_groups(merged.column(key), self.context.max_key_groups))
+        else:
+            merged = partial
+        # 3. Write back the touched groups: their untouched rows plus the merged ones.
+        self.store.write({kg: _append(rest.get(kg), part) for kg, part in parts.items()})
+        return self._finalize(merged)
 
     def _finalize(self, merged: pa.Table) -> pa.Table:
         columns = {self.op.key: merged.column(self.op.key)}

@@ -135,3 +135,12 @@ class ListSource(Source):
 
     def read(self, partition: int, start: int, stop: int) -> pa.Table:
         return self.parts[partition].slice(start, stop - start)
+
+
+def __getattr__(name: str):
+    """Connectors' sources, re-exported here (imported on first use)."""
+    if name == "ParquetFilesSource":
+        from sluiceway.operators.connectors.files import ParquetFilesSource
+
+        return ParquetFilesSource
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
