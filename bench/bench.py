@@ -1,17 +1,28 @@
-"""``make bench``: sluiceway against a plain single-process pyarrow loop on the
-same data and the same work.
+"""``make bench``: sluiceway beside a plain single-process pyarrow loop doing
+the same work on the same data.
 
-Jobs: (1) stateless: parse CSV-like bid lines, filter, project, write
-Parquet, with checkpoints on; (2) a keyed running count of bids per auction.
-The loop generates the same batches, does the same Arrow work and writes the
-same Parquet in one process: that is the ceiling. Reported: events/s for
-both, the ratio, and the ratio per core (the engine gets both cores).
+1. **Backlog from Parquet files** (Nexmark query 1, currency conversion, into
+   a checksum sink): 20 M bids in 50 Parquet files, all waiting when the job
+   starts. Run with the defaults a user gets (trigger 1 s, at most 1 M
+   records per epoch, checkpoints every 5 epochs), again with ``trigger_s=0``
+   (plan as fast as possible), and as a single-process loop over the same
+   files. The default run must reach the ``trigger 0`` throughput, and both
+   the loop's (two cores against one).
+2. **Keyed state growing to millions of keys**: a running count per auction
+   where every epoch brings new auctions. Reported: the time of ordinary and
+   of checkpoint epochs as state grows, and what each checkpoint wrote.
+
+After one discarded warm-up run, the configurations run interleaved,
+``BENCH_REPEAT`` (3) times each, and the median is reported. Events/s are measured over the processing window: from the first epoch
+being planned to the last one completing. Start-up (creating actors, reading
+footers) is reported beside it.
 """
 
 from __future__ import annotations
 
-import io
+import json
 import os
+import posixpath
 import sys
 import tempfile
 import time
@@ -20,100 +31,188 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from sluiceway.checkpoint import CheckpointHistory, JobStorage
+from sluiceway.checkpoint.storage import create_exclusive, open_filesystem
 from sluiceway.jobs import Dataflow, run
-from sluiceway.operators.aggregate import Aggregate
-from sluiceway.operators.base import OperatorContext
-from sluiceway.operators.sinks import ParquetSink
-from sluiceway.operators.sources import GeneratorSource
+from sluiceway.operators.sinks import Sink, SinkContext, SinkWriter
+from sluiceway.operators.sources import GeneratorSource, ParquetFilesSource
 
-PARTITIONS = 2
-ROWS = int(os.environ.get("BENCH_ROWS_PER_PARTITION", "2000000"))
-PER_EPOCH = int(os.environ.get("BENCH_RECORDS_PER_EPOCH", "500000"))
+BIDS = int(os.environ.get("BENCH_BIDS", "20000000"))
+FILES = int(os.environ.get("BENCH_FILES", "50"))
+KEYED_ROWS = int(os.environ.get("BENCH_KEYED_ROWS_PER_PARTITION", "3000000"))
 CORES = os.cpu_count() or 2
+REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))  # runs per configuration; the median is reported
+EUR_PER_USD = 0.908
 
 
-def bids(partition: int, start: int, stop: int) -> pa.RecordBatch:
-    """Bid lines ``auction,bidder,price_cents,ts``, as a source would deliver raw text."""
-    i = pa.array(range(start, stop), pa.int64())
-    parts = [
-        pc.remainder(pc.add(pc.multiply(i, 2654435761), partition), 10_000),
-        pc.remainder(pc.multiply(i, 40503), 100_000),
-        pc.remainder(pc.multiply(i, 7919), 50_000),
-        pc.add(i, 1_700_000_000_000),
-    ]
-    line = pc.binary_join_element_wise(*[pc.cast(p, pa.string()) for p in parts], ",")
-    return pa.record_batch({"line": line})
+# --------------------------------------------------------------------- data
+def write_bids(folder: str) -> None:
+    """Nexmark-style bids: auction, bidder, price (cents), channel, date_time."""
+    per_file = BIDS // FILES
+    channels = pa.array(["Google", "Facebook", "Baidu", "Apple"])
+    for f in range(FILES):
+        i = pa.array(range(f * per_file, (f + 1) * per_file), pa.int64())
+        table = pa.table({
+            "auction": pc.remainder(pc.multiply(i, 2654435761), 100_000),
+            "bidder": pc.remainder(pc.multiply(i, 40503), 1_000_000),
+            "price": pc.add(pc.remainder(pc.multiply(i, 7919), 100_000), 100),
+            "channel": pc.take(channels, pc.remainder(i, 4)),
+            "date_time": pc.cast(pc.add(pc.multiply(i, 1000), 1_700_000_000_000_000), pa.timestamp("us", "UTC")),
+        })
+        pq.write_table(table, os.path.join(folder, f"bids-{f:03d}.parquet"), row_group_size=25_000)
 
 
-def parse_filter_project(batch: pa.RecordBatch) -> pa.RecordBatch:
-    fields = pc.split_pattern(batch["line"], ",")
-    auction = pc.cast(pc.list_element(fields, 0), pa.int64())
-    price = pc.cast(pc.list_element(fields, 2), pa.int64())
-    keep = pc.greater(price, 10_000)
-    return pa.record_batch(
-        {
-            "auction": pc.filter(auction, keep),
-            "bidder": pc.filter(pc.cast(pc.list_element(fields, 1), pa.int64()), keep),
-            "price_eur": pc.filter(pc.multiply(pc.cast(price, pa.float64()), 0.0092), keep),
-        }
-    )
+def q1(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Nexmark query 1: bid prices from dollars to euros."""
+    euros = pc.multiply(pc.cast(batch["price"], pa.float64()), EUR_PER_USD)
+    return pa.record_batch([batch["auction"], batch["bidder"], euros, batch["date_time"]],
+                           names=["auction", "bidder", "price_eur", "date_time"])
 
 
-def stateless_flow(out: str) -> Dataflow:
-    flow = Dataflow("bench_stateless")
-    flow.source(GeneratorSource(bids, PARTITIONS, 1e12, ROWS)).map_batches(parse_filter_project).sink(ParquetSink(out))
-    return flow
+# --------------------------------------------------------------- the sink
+class _ChecksumWriter(SinkWriter):
+    def __init__(self, context: SinkContext, column: str):
+        self.context = context
+        self.column = column
+
+    def write_epoch(self, epoch: int, table: pa.Table | None) -> dict:
+        rows = 0 if table is None else table.num_rows
+        total = 0.0 if not rows else pc.sum(table[self.column]).as_py()
+        return {"subtask": self.context.subtask, "rows": rows, "sum": total}
 
 
-def keyed_flow(out: str) -> Dataflow:
-    flow = Dataflow("bench_keyed")
-    parsed = flow.source(GeneratorSource(bids, PARTITIONS, 1e12, ROWS)).map_batches(parse_filter_project)
-    parsed.key_by("auction").aggregate([([], "count_all")]).sink(ParquetSink(out))
-    return flow
+class ChecksumSink(Sink):
+    """Nexmark's blackhole made checkable: each epoch's output reduces to a
+    row count and a sum, committed once per epoch as a small JSON file."""
+
+    kind = "checksum"
+
+    def __init__(self, url: str, column: str):
+        self.url = url
+        self.column = column
+
+    def open(self, context: SinkContext) -> SinkWriter:
+        return _ChecksumWriter(context, self.column)
+
+    def commit(self, epoch: int, handles: list[dict]) -> None:
+        fs, base = open_filesystem(self.url)
+        doc = {"rows": sum(h["rows"] for h in handles), "sum": sum(h["sum"] for h in handles)}
+        try:
+            create_exclusive(fs, posixpath.join(base, f"{epoch:010d}.json"), json.dumps(doc).encode())
+        except FileExistsError:
+            pass
 
 
-def engine_rate(flow: Dataflow, work: str) -> tuple[float, int]:
-    events = []
-    run(flow, os.path.join(work, "ckpt"), trigger_s=0.0, max_records_per_epoch=PER_EPOCH, checkpoint_every=4,
-        max_epochs_in_flight=2, on_event=events.append)
-    epochs = [e for e in events if e["type"] == "epoch"]
-    first_planned = epochs[0]["at"] - epochs[0]["duration_s"]
-    rows = sum(e["rows_in"] for e in epochs)
-    return rows / (epochs[-1]["at"] - first_planned), len(epochs)
+def read_checksums(url: str) -> tuple[int, float]:
+    fs, base = open_filesystem(url)
+    docs = [json.loads(fs.cat_file(p)) for p in fs.ls(base, detail=False)]
+    return sum(d["rows"] for d in docs), sum(d["sum"] for d in docs)
 
 
-def loop_rate(keyed: bool) -> float:
-    """The ceiling: the same batches, the same work, one process, no engine."""
-    agg = Aggregate("auction", [([], "count_all")]).build(OperatorContext("loop", 0, 1, 128), None) if keyed else None
-    per_partition = PER_EPOCH // PARTITIONS
+# --------------------------------------------------------------- measuring
+def engine_run(flow: Dataflow, work: str, **options) -> dict:
+    events: list[dict] = []
     t0 = time.perf_counter()
-    rows = 0
-    for start in range(0, ROWS, per_partition):
-        stop = min(ROWS, start + per_partition)
-        for p in range(PARTITIONS):
-            out = pa.Table.from_batches([parse_filter_project(bids(p, start, stop))])
-            if agg is not None:
-                out = agg.process(out)
-            buf = io.BytesIO()
-            pq.write_table(out, buf)
-            rows += stop - start
-    return rows / (time.perf_counter() - t0)
+    wall0 = time.time()
+    summary = run(flow, os.path.join(work, "ckpt"), on_event=events.append, **options)
+    elapsed = time.perf_counter() - t0
+    epochs = [e for e in events if e["type"] == "epoch"]
+    first_planned = min(e["at"] - e["duration_s"] for e in epochs)
+    window = epochs[-1]["at"] - first_planned
+    return {
+        "summary": summary,
+        "epochs": epochs,
+        "rate": summary["rows_in"] / window,
+        "window_s": window,
+        "startup_s": first_planned - wall0,
+        "elapsed_s": elapsed,
+    }
+
+
+def loop_q1(folder: str) -> tuple[float, int, float]:
+    """The ceiling: the same files, the same work, one process on one core
+    (Arrow's own thread pool off), no engine."""
+    t0 = time.perf_counter()
+    rows, total = 0, 0.0
+    for name in sorted(os.listdir(folder)):
+        table = pq.read_table(os.path.join(folder, name), use_threads=False)
+        for batch in table.to_batches():
+            out = q1(batch)
+            rows += out.num_rows
+            total += pc.sum(out["price_eur"]).as_py()
+    return rows / (time.perf_counter() - t0), rows, total
+
+
+def backlog_bench() -> None:
+    with tempfile.TemporaryDirectory() as work:
+        data = os.path.join(work, "bids")
+        os.makedirs(data)
+        write_bids(data)
+        print(f"\n1. backlog: {BIDS:,} bids in {FILES} Parquet files, Nexmark q1 into a checksum sink, {CORES} cores")
+        loop_rate, loop_rows, loop_sum = sorted(loop_q1(data) for _ in range(REPEAT))[REPEAT // 2]
+        configurations = {"defaults (trigger 1 s)": {}, "trigger 0": {"trigger_s": 0.0}}
+        runs: dict[str, list[dict]] = {label: [] for label in configurations}
+        # A warm-up run first (workers import and page in the files), then the
+        # configurations interleaved, so neither pays for going first.
+        schedule = [("warm-up", {})] + [item for _ in range(REPEAT) for item in configurations.items()]
+        for n, (label, options) in enumerate(schedule):
+            out = os.path.join(work, f"sums-{n}")
+            flow = Dataflow("bench_q1")
+            flow.source(ParquetFilesSource(data)).map_batches(q1, name="q1").sink(ChecksumSink(out, "price_eur"))
+            r = engine_run(flow, os.path.join(work, f"run-{n}"), **options)
+            rows, total = read_checksums(out)
+            assert rows == loop_rows and abs(total - loop_sum) < 1e-6 * abs(loop_sum), (rows, total, loop_sum)
+            if label in runs:
+                runs[label].append(r)
+        results = {}
+        for label, measured in runs.items():
+            r = results[label] = sorted(measured, key=lambda x: x["rate"])[REPEAT // 2]
+            print(f"   sluiceway, {label:<22} {r['rate']:>12,.0f} events/s over {r['window_s']:5.2f} s "
+                  f"({len(r['epochs'])} epochs, start-up {r['startup_s']:.2f} s, whole run {r['elapsed_s']:.2f} s)")
+        print(f"   single-process pyarrow loop       {loop_rate:>12,.0f} events/s (same files, same work, one core)")
+        default, fast = results["defaults (trigger 1 s)"]["rate"], results["trigger 0"]["rate"]
+        print(f"   defaults / trigger 0: {default / fast:.2f}; defaults / loop: {default / loop_rate:.2f} "
+              f"(per core {default / loop_rate / CORES:.2f}); output checksums equal the loop's")
+
+
+def auctions(partition: int, start: int, stop: int) -> pa.RecordBatch:
+    """Bids on ever newer auctions: two bids per auction, so every epoch
+    brings new keys and state grows by a quarter of a million keys per
+    million records."""
+    i = pa.array(range(start, stop), pa.int64())
+    return pa.record_batch({"auction": pc.add(pc.divide(i, 2), partition * 1_000_000_000), "price": pc.remainder(i, 97)})
+
+
+def keyed_bench() -> None:
+    with tempfile.TemporaryDirectory() as work:
+        flow = Dataflow("bench_keyed")
+        flow.source(GeneratorSource(auctions, 2, 1e12, KEYED_ROWS)).key_by("auction") \
+            .aggregate([([], "count_all"), ("price", "sum")], name="per_auction") \
+            .sink(ChecksumSink(os.path.join(work, "sums"), "price_sum"))
+        print(f"\n2. keyed state: {2 * KEYED_ROWS:,} bids on {KEYED_ROWS:,} auctions (running count and sum per "
+              "auction), 500,000 records per epoch, trigger 0, checkpoint every 4 epochs")
+        ckpt = os.path.join(work, "run")
+        r = engine_run(flow, ckpt, trigger_s=0.0, max_records_per_epoch=500_000, checkpoint_every=4,
+                       keep_checkpoints=100)
+        history = {c.id: c for c in CheckpointHistory(JobStorage(os.path.join(ckpt, "ckpt"), "bench_keyed")).list()}
+        print(f"   {r['rate']:,.0f} events/s over {r['window_s']:.2f} s")
+        print(f"   {'epoch':>5} {'keys in state':>14} {'epoch time':>11}  checkpoint (written / total state)")
+        keys = 0
+        for e in r["epochs"]:
+            keys += e["rows_in"] // 2
+            c = history.get(e["checkpoint"]) if e["checkpoint"] else None
+            ck = f"{c.written_bytes / 1e6:7.1f} MB / {c.size_bytes / 1e6:6.1f} MB, {c.duration_s:.2f} s" if c else ""
+            print(f"   {e['epoch']:>5} {keys:>14,} {e['duration_s']:>9.3f} s  {ck}")
 
 
 def main() -> int:
     from sluiceway.cluster.local import init_embedded
 
-    print(f"sluiceway bench: {PARTITIONS} partitions x {ROWS:,} bids, {PER_EPOCH:,} per epoch, {CORES} cores", flush=True)
+    print(f"sluiceway bench on {CORES} cores (python {sys.version.split()[0]}, pyarrow {pa.__version__})", flush=True)
     init_embedded(num_cpus=CORES)
     try:
-        for name, flow_fn, keyed in (("stateless parse/filter/project", stateless_flow, False),
-                                     ("keyed running count", keyed_flow, True)):
-            with tempfile.TemporaryDirectory() as work:
-                engine, epochs = engine_rate(flow_fn(os.path.join(work, "out")), work)
-            ceiling = loop_rate(keyed)
-            print(f"{name:32s} sluiceway {engine:>12,.0f} events/s ({epochs} epochs, checkpoints every 4) | "
-                  f"pyarrow loop {ceiling:>12,.0f} events/s | ratio {engine / ceiling:.2f} | "
-                  f"per core {engine / CORES / ceiling:.2f}", flush=True)
+        backlog_bench()
+        keyed_bench()
     finally:
         import ray
 

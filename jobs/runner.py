@@ -32,6 +32,15 @@ DEFAULT_CHECKPOINT_DIR = ".sluiceway"
 JOB_FORMAT = 1
 
 
+def default_parallelism() -> int:
+    """Parallelism of steps that set none: the CPUs of the cluster this
+    process is connected to, or of this machine for an embedded cluster
+    (a source never gets more tasks than it has partitions)."""
+    if ray.is_initialized():
+        return max(1, int(ray.cluster_resources().get("CPU", 0)))
+    return os.cpu_count() or 2
+
+
 def default_checkpoint_dir() -> str:
     return os.environ.get("SLUICEWAY_CHECKPOINT_DIR", DEFAULT_CHECKPOINT_DIR)
 
@@ -118,6 +127,9 @@ def run(
     again on the same ``checkpoint_dir`` continues where it stopped. Returns a
     summary: epochs, rows_in, rows_out, checkpoints, restarts, ...
 
+    Steps that set no parallelism get ``parallelism``, else the flow's,
+    else one task per CPU of the cluster (:func:`default_parallelism`).
+
     ``on_event`` receives progress events (epoch completed, failure,
     recovery) as dicts; ``on_started`` receives the coordinator actor handle.
     ``restart_policy`` says how often and how fast the job restarts after a
@@ -151,7 +163,7 @@ def run(
         until_idle=until_idle if epochs is None else False,
         epochs=epochs,
     )
-    plan = physical_plan(flow.graph, parallelism)
+    plan = physical_plan(flow.graph, parallelism or flow.graph.parallelism or default_parallelism())
     for step, sink in plan.sinks().items():
         if getattr(sink, "in_process_only", False):
             raise FlowDefinitionError(

@@ -28,6 +28,7 @@ import posixpath
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from sluiceway.operators.errors import FlowDefinitionError
 from sluiceway.operators.sources import Source
@@ -72,11 +73,25 @@ class ParquetFilesSource(Source):
             self.row_group_starts.append(starts)
             self.rows.append(total)
         self._cache: dict[int, tuple[int, pa.Table]] = {}
+        self._open_files: dict[int, pq.ParquetFile] = {}
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_cache"] = {}
+        state["_cache"], state["_open_files"] = {}, {}
         return state
+
+    def _file(self, partition: int) -> pq.ParquetFile:
+        """The partition's file, opened once per process (local files with
+        Arrow's own reader, others through fsspec)."""
+        reader = self._open_files.get(partition)
+        if reader is None:
+            fs, path = url_to_fs(self.urls[partition])
+            if isinstance(fs, LocalFileSystem):
+                reader = pq.ParquetFile(path, memory_map=True)
+            else:
+                reader = pq.ParquetFile(fs.open(path, "rb"))
+            self._open_files[partition] = reader
+        return reader
 
     def partition_count(self) -> int:
         return len(self.urls)
@@ -91,9 +106,7 @@ class ParquetFilesSource(Source):
         cached = self._cache.get(partition)
         if cached is not None and cached[0] == index:
             return cached[1]
-        fs, path = url_to_fs(self.urls[partition])
-        with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(index, columns=self.columns)
+        table = self._file(partition).read_row_group(index, columns=self.columns)
         self._cache[partition] = (index, table)
         return table
 
