@@ -49,6 +49,11 @@ def _job_document(storage: JobStorage, plan: PhysicalPlan) -> dict:
     """Create job.json on first run; on later runs check the flow still fits it."""
     existing = storage.read_job()
     if existing is not None:
+        if not isinstance(existing, dict) or not isinstance(existing.get("max_key_groups"), int):
+            raise IncompatibleJobError(
+                f"{storage.url(storage.job_path)} is malformed (it has no whole-number 'max_key_groups'); it is "
+                "written by sluiceway alone: restore it from a backup, or use a new checkpoint dir"
+            )
         if existing.get("max_key_groups") != plan.max_key_groups:
             raise IncompatibleJobError(
                 f"job {plan.job!r} in {storage.root_url} was created with max_key_groups "

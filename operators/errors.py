@@ -23,6 +23,10 @@ class FlowDefinitionError(OperatorError):
     """An operator was configured wrongly; raised when the flow is built."""
 
 
+class SinkError(OperatorError):
+    """A sink's own files (output, commit markers) cannot be used."""
+
+
 def user_frames(exc: BaseException) -> str:
     """The traceback of ``exc`` with sluiceway's and Ray's own frames left out:
     what the user wrote, then the exception line.

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sluiceway.checkpoint.storage import StorageRetry, atomic_write, call_with_retry, create_exclusive, open_filesystem
+from sluiceway.operators.errors import SinkError
 
 _DIGITS = 10
 
@@ -86,10 +87,16 @@ class _ParquetLayout:
         return sorted(int(s) for s in stems if s.isdigit())
 
     def read_marker(self, epoch: int) -> dict | None:
+        path = self.marker_path(epoch)
         try:
-            return json.loads(self.fs.cat_file(self.marker_path(epoch)))
+            doc = json.loads(self.fs.cat_file(path))
         except FileNotFoundError:
             return None
+        except ValueError as exc:
+            raise SinkError(f"commit marker {self.fs.unstrip_protocol(path)} is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("files"), list):
+            raise SinkError(f"commit marker {self.fs.unstrip_protocol(path)} is malformed: it lists no 'files'")
+        return doc
 
 
 class _ParquetWriter(SinkWriter):

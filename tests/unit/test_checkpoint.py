@@ -168,3 +168,17 @@ def test_a_file_where_the_folder_should_be_is_a_clear_storage_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(StorageError, match="Check that the checkpoint dir is a folder"):
         JobStorage(str(blocker), "job").check_access()
+
+
+def test_malformed_sink_marker_names_the_file(tmp_path):
+    from sluiceway.operators.errors import SinkError
+    from sluiceway.operators.sinks import read_committed
+
+    marker = tmp_path / "out" / "_committed" / "0000000003.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("[1, 2]")
+    with pytest.raises(SinkError, match=r"^commit marker file://.*0000000003.json is malformed: it lists no 'files'"):
+        read_committed(str(tmp_path / "out"))
+    marker.write_text("{half")
+    with pytest.raises(SinkError, match=r"^commit marker .*0000000003.json is not valid JSON"):
+        read_committed(str(tmp_path / "out"))
