@@ -13,7 +13,7 @@ the same work on the same data.
    of checkpoint epochs as state grows, and what each checkpoint wrote.
 
 After one discarded warm-up run, the configurations run interleaved,
-``BENCH_REPEAT`` (3) times each, and the median is reported. Events/s are measured over the processing window: from the first epoch
+``BENCH_REPEAT`` (5) times each, and the median is reported. Events/s are measured over the processing window: from the first epoch
 being planned to the last one completing. Start-up (creating actors, reading
 footers) is reported beside it.
 """
@@ -42,7 +42,7 @@ BIDS = int(os.environ.get("BENCH_BIDS", "20000000"))
 FILES = int(os.environ.get("BENCH_FILES", "50"))
 KEYED_ROWS = int(os.environ.get("BENCH_KEYED_ROWS_PER_PARTITION", "3000000"))
 CORES = os.cpu_count() or 2
-REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))  # runs per configuration; the median is reported
+REPEAT = int(os.environ.get("BENCH_REPEAT", "5"))  # runs per configuration; the median is reported
 EUR_PER_USD = 0.908
 
 
@@ -179,8 +179,10 @@ def backlog_bench() -> None:
         results = {}
         for label, measured in runs.items():
             r = results[label] = sorted(measured, key=lambda x: x["rate"])[REPEAT // 2]
+            each = ", ".join(f"{m['rate'] / 1e6:.2f}" for m in measured)
             print(f"   sluiceway, {label:<22} {r['rate']:>12,.0f} events/s over {r['window_s']:5.2f} s "
-                  f"({len(r['epochs'])} epochs, start-up {r['startup_s']:.2f} s, whole run {r['elapsed_s']:.2f} s)")
+                  f"({len(r['epochs'])} epochs, start-up {r['startup_s']:.2f} s, whole run {r['elapsed_s']:.2f} s; "
+                  f"runs: {each} M/s)")
         print(f"   single-process pyarrow loop       {loop_rate:>12,.0f} events/s (same files, same work, pinned to one core)")
         print(f"   the same loop, not pinned         {threaded_rate:>12,.0f} events/s (Arrow's reader threads use ~2 cores)")
         default, fast = results["defaults (trigger 1 s)"]["rate"], results["trigger 0"]["rate"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sluiceway.checkpoint.errors import CorruptCheckpointError, StorageError
 from sluiceway.checkpoint.storage import JobStorage
 
-MANIFEST_FORMAT = 2
+MANIFEST_FORMAT = 3
 
 
 class CheckpointStatus(str, enum.Enum):
@@ -80,14 +80,14 @@ def build_manifest(
 
 def assemble_state(task_states: list[dict], new_files: list[dict], previous_files: dict) -> tuple[dict, dict]:
     """The manifest's ``state`` map and ``files`` from what each task reported
-    (its key groups' file and batch per step), the files written now, and the
-    previous checkpoint's files (for key groups that did not change).
+    (per step, each key group's chain of ``[file, batch]``), the files written
+    now, and the previous checkpoint's files (which unchanged chains refer to).
 
     >>> new = [{"path": "c/2/a", "checkpoint": 2, "size_bytes": 5, "sha256": "x", "rows": 1}]
     >>> old = {"c/1/a": {"checkpoint": 1, "size_bytes": 7, "sha256": "y", "rows": 2}, "c/1/b": {"checkpoint": 1}}
-    >>> state, files = assemble_state([{"agg": {"3": ["c/2/a", 0], "4": ["c/1/a", 1]}}], new, old)
-    >>> sorted(files), state
-    (['c/1/a', 'c/2/a'], {'agg': {'3': ['c/2/a', 0], '4': ['c/1/a', 1]}})
+    >>> state, files = assemble_state([{"agg": {"3": [["c/1/a", 0], ["c/2/a", 0]], "4": [["c/1/a", 1]]}}], new, old)
+    >>> sorted(files)
+    ['c/1/a', 'c/2/a']
     """
     state: dict[str, dict] = {}
     for task_state in task_states:
@@ -98,12 +98,13 @@ def assemble_state(task_states: list[dict], new_files: list[dict], previous_file
         known[f["path"]] = {k: f[k] for k in ("checkpoint", "size_bytes", "sha256", "rows")}
     files = {}
     for step, key_groups in state.items():
-        for kg, (path, _) in key_groups.items():
-            if path not in known:
-                raise CorruptCheckpointError(
-                    f"step {step!r} key group {kg} refers to state file {path}, which no checkpoint wrote"
-                )
-            files[path] = known[path]
+        for kg, chain in key_groups.items():
+            for path, _ in chain:
+                if path not in known:
+                    raise CorruptCheckpointError(
+                        f"step {step!r} key group {kg} refers to state file {path}, which no checkpoint wrote"
+                    )
+                files[path] = known[path]
     return state, dict(sorted(files.items()))
 
 

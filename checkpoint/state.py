@@ -1,12 +1,14 @@
 """Keyed state on disk, by key group, for incremental checkpoints.
 
-A checkpoint writes, per (step, subtask), one Arrow IPC file holding the key
-groups that changed since the previous checkpoint, one record batch per key
-group. The manifest's ``state`` map names, for every key group of every
-step, the file and batch that hold it, which may be a file an earlier
-checkpoint wrote; its ``files`` map gives each referenced file's size and
-sha256. A restore reads any set of key groups (the basis of rescaling), and
-retention keeps every file a retained manifest names.
+A checkpoint writes, per (step, subtask), one Arrow IPC file holding what
+changed since the previous checkpoint, one record batch per key group: the
+whole group, or only the rows of the keys that changed (a delta). The
+manifest's ``state`` map names, for every key group of every step, its
+*chain*: the ``[file, batch]`` of a full copy, then of each delta after it,
+in files that earlier checkpoints may have written. Its ``files`` map gives
+each referenced file's size and sha256. A restore reads any set of key
+groups (the basis of rescaling), and retention keeps every file a retained
+manifest names.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import pyarrow as pa
 from sluiceway.checkpoint.errors import CorruptCheckpointError
 from sluiceway.checkpoint.storage import JobStorage
 
-StateMap = dict[str, dict[str, list]]  # step -> str(key group) -> [file path, batch index]
+StateMap = dict[str, dict[str, list]]  # step -> str(key group) -> [[file path, batch index], ...]
+MAX_CHAIN = 8  # deltas after a full copy, at most, before the key group is written whole again
 
 
 def encode_key_groups(groups: dict[int, pa.Table]) -> tuple[bytes, dict[int, int]]:
@@ -61,14 +64,16 @@ def write_key_groups(storage: JobStorage, checkpoint_id: int, step: str, subtask
 
 
 def read_key_groups(storage: JobStorage, step_map: dict[str, list], files: dict[str, dict],
-                    key_groups: range | set[int]) -> dict[int, pa.Table]:
-    """The state of ``key_groups`` of one step, as the manifest's state map
-    names it; every file read is checked against its size and sha256."""
-    by_file: dict[str, list[tuple[int, int]]] = {}
-    for kg_text, (path, batch) in step_map.items():
+                    key_groups: range | set[int]) -> dict[int, list[pa.Table]]:
+    """The chains of ``key_groups`` of one step (full copy first, then the
+    deltas), as the manifest's state map names them; every file read is
+    checked against its size and sha256."""
+    by_file: dict[str, list[tuple[int, int, int]]] = {}
+    for kg_text, chain in step_map.items():
         if int(kg_text) in key_groups:
-            by_file.setdefault(path, []).append((int(kg_text), batch))
-    out: dict[int, pa.Table] = {}
+            for position, (path, batch) in enumerate(chain):
+                by_file.setdefault(path, []).append((int(kg_text), position, batch))
+    parts: dict[int, dict[int, pa.Table]] = {}
     for path, wanted in sorted(by_file.items()):
         meta = files.get(path)
         if meta is None:
@@ -81,6 +86,6 @@ def read_key_groups(storage: JobStorage, step_map: dict[str, list], files: dict[
                 f"state file {path} fails its checksum ({len(data)} bytes, manifest says {meta['size_bytes']})"
             )
         reader = pa.ipc.open_file(pa.BufferReader(data))
-        for kg, batch in wanted:
-            out[kg] = pa.Table.from_batches([reader.get_batch(batch)])
-    return out
+        for kg, position, batch in wanted:
+            parts.setdefault(kg, {})[position] = pa.Table.from_batches([reader.get_batch(batch)])
+    return {kg: [chain[i] for i in sorted(chain)] for kg, chain in parts.items()}

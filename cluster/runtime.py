@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sluiceway.checkpoint.state import read_key_groups, write_key_groups
+from sluiceway.checkpoint.state import MAX_CHAIN, read_key_groups, write_key_groups
 from sluiceway.checkpoint.errors import StorageError
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.checkpoint.types import TaskId, key_group_range
@@ -25,6 +25,7 @@ from sluiceway.operators.base import OperatorContext, OperatorLogic
 from sluiceway.operators.errors import FlowValidationError, UserCodeError, missing_columns
 from sluiceway.operators.keys import key_groups
 from sluiceway.operators.sinks import SinkContext, SinkWriter
+from sluiceway.operators.state import apply_chain
 from sluiceway.operators.stateless import Identity
 
 
@@ -43,7 +44,7 @@ class EpochResult:
     sink_handles: dict[str, dict] = field(default_factory=dict)
     rows_out: int = 0
     state_files: list[dict] = field(default_factory=list)  # files written at this checkpoint
-    state: dict[str, dict[str, list]] = field(default_factory=dict)  # step -> key group -> [file, batch]
+    state: dict[str, dict[str, list]] = field(default_factory=dict)  # step -> key group -> chain of [file, batch]
     snapshot_s: float = 0.0
 
 
@@ -52,6 +53,18 @@ def _concat(tables: list[pa.Table]) -> pa.Table | None:
     if not tables:
         return None
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
+
+
+def _write_whole(chain: list | None, changes, kg: int) -> bool:
+    """Write a key group whole rather than as a delta: when it has no chain
+    yet, its chain is long, or the delta is not much smaller than the group."""
+    delta = changes.delta.get(kg)
+    return (
+        delta is None
+        or not chain
+        or len(chain) > MAX_CHAIN
+        or 2 * delta.num_rows >= changes.full[kg].num_rows
+    )
 
 
 def partition_by_key(table: pa.Table, key: str, parallelism: int, max_key_groups: int) -> list[pa.Table | None]:
@@ -81,7 +94,7 @@ class TaskRuntime:
         self.storage = storage
         self.stage = plan.stages[task.stage]
         self.logic: dict[str, OperatorLogic] = {}
-        self.state_index: dict[str, dict[str, list]] = {}  # step -> key group -> [file, batch], as checkpointed
+        self.state_index: dict[str, dict[str, list]] = {}  # step -> key group -> chain of [file, batch]
         self.sink_writers: dict[str, SinkWriter] = {}
         self._buffers: dict[str, list[pa.Table]] = {}
 
@@ -107,7 +120,8 @@ class TaskRuntime:
                 step_map = (manifest or {}).get("state", {}).get(step_id, {})
                 self.state_index[step_id] = {kg: ref for kg, ref in step_map.items() if int(kg) in owned}
                 if manifest is not None:
-                    restored = read_key_groups(self.storage, step_map, manifest["files"], owned)
+                    chains = read_key_groups(self.storage, step_map, manifest["files"], owned)
+                    restored = {kg: apply_chain(chain, operator.state_key) for kg, chain in chains.items()}
             self.logic[step_id] = self._user_call(step_id, operator.kind, operator.build, context, restored)
         self._reset_buffers()
 
@@ -190,14 +204,15 @@ class TaskRuntime:
                 index = self.state_index.setdefault(step_id, {})
                 for kg in changes.removed:
                     index.pop(str(kg), None)
-                if changes.changed:  # incremental: only key groups changed since the last checkpoint
-                    entry = write_key_groups(
-                        self.storage, epoch, step_id, self.task.subtask, self.attempt, changes.changed
-                    )
+                whole = {kg for kg in changes.full if _write_whole(index.get(str(kg)), changes, kg)}
+                tables = {kg: changes.full[kg] if kg in whole else changes.delta[kg] for kg in changes.full}
+                if tables:  # incremental: only what changed since the last checkpoint
+                    entry = write_key_groups(self.storage, epoch, step_id, self.task.subtask, self.attempt, tables)
                     result.state_files.append(entry)
-                    for kg, batch in entry["key_groups"].items():
-                        index[kg] = [entry["path"], batch]
-                result.state[step_id] = dict(index)
+                    for kg_text, batch in entry["key_groups"].items():
+                        ref = [entry["path"], batch]
+                        index[kg_text] = [ref] if int(kg_text) in whole else index[kg_text] + [ref]
+                result.state[step_id] = {kg: list(chain) for kg, chain in index.items()}
             result.snapshot_s = time.time() - t0
         return result
 

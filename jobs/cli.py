@@ -243,12 +243,14 @@ def cmd_checkpoints_show(args) -> int:
               f"wrote {task['written_bytes']:,} bytes")
     for step, key_groups in manifest["state"].items():
         by_file: dict[str, int] = {}
-        for path, _ in key_groups.values():
-            by_file[path] = by_file.get(path, 0) + 1
-        print(f"  {step}: {len(key_groups)} key groups in {len(by_file)} file(s)")
+        for chain in key_groups.values():
+            for path, _ in chain:
+                by_file[path] = by_file.get(path, 0) + 1
+        deltas = sum(len(chain) - 1 for chain in key_groups.values())
+        print(f"  {step}: {len(key_groups)} key groups in {len(by_file)} file(s), {deltas} delta(s) on full copies")
         for path, count in sorted(by_file.items()):
             f = manifest["files"][path]
-            print(f"    {path}  {count} key groups, {f['size_bytes']:,} bytes, {f['rows']:,} rows, "
+            print(f"    {path}  {count} key group part(s), {f['size_bytes']:,} bytes, {f['rows']:,} rows, "
                   f"from checkpoint {f['checkpoint']}, sha256 {f['sha256'][:12]}")
     return 0
 

@@ -118,6 +118,10 @@ class Aggregate(Operator):
             raise FlowDefinitionError(f"aggregate output column {key!r} collides with the key column")
         self.accumulators = [a for i, (c, f) in enumerate(self.pairs) for a in _accumulators(i, c, f)]
 
+    @property
+    def state_key(self) -> str:
+        return self.key
+
     def build(self, context: OperatorContext, restored: dict[int, pa.Table] | None) -> OperatorLogic:
         return AggregateLogic(self, context, restored)
 
@@ -129,7 +133,7 @@ class AggregateLogic(OperatorLogic):
     def __init__(self, op: Aggregate, context: OperatorContext, restored: dict[int, pa.Table] | None):
         self.op = op
         self.context = context
-        self.store = KeyGroupStore(restored)
+        self.store = KeyGroupStore(restored, key=op.key)
 
     def _partial(self, table: pa.Table) -> pa.Table:
         op = self.op
@@ -168,7 +172,10 @@ class AggregateLogic(OperatorLogic):
         else:
             merged = partial
         # 3. Write back the touched groups: their untouched rows plus the merged ones.
-        self.store.write({kg: _append(rest.get(kg), part) for kg, part in parts.items()})
+        self.store.write(
+            {kg: _append(rest.get(kg), part) for kg, part in parts.items()},
+            changed={kg: part.column(key).combine_chunks() for kg, part in parts.items()},
+        )
         return self._finalize(merged)
 
     def _finalize(self, merged: pa.Table) -> pa.Table:

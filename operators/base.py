@@ -54,6 +54,7 @@ class Operator:
 
     kind: str = "operator"
     stateful: bool = False
+    state_key: str | None = None  # the column identifying a state row: checkpoints can then write deltas
 
     def build(self, context: OperatorContext, restored: dict[int, pa.Table] | None) -> OperatorLogic:
         raise NotImplementedError

@@ -3,18 +3,25 @@ and CEP keep their state in.
 
 An epoch reads and writes only the key groups its input touches, so the
 work of an epoch follows the epoch's rows and the state of those groups,
-not the whole state. The store remembers which groups changed since the
-last checkpoint, so a checkpoint writes only those (incremental
-checkpoints), and records what each epoch touched, so tests can assert it.
+not the whole state. The store remembers which keys changed since the last
+checkpoint, so a checkpoint can write just those rows (a *delta*) instead
+of whole key groups, and records what each epoch touched, so tests can
+assert it.
+
+State rows are identified by one key column (``key``). A delta holds the
+current rows of the keys that changed, plus a tombstone (``__deleted``) for
+each changed key that is gone; :func:`apply_chain` rebuilds a key group from
+a full base and the deltas written after it.
 
 >>> import pyarrow as pa
->>> store = KeyGroupStore()
->>> store.write({7: pa.table({"k": ["a"], "n": [1]})})
->>> store.read({7, 9}).to_pylist(), sorted(store.reads), sorted(store.writes)
-([{'k': 'a', 'n': 1}], [7, 9], [7])
->>> changes = store.take_changes()
->>> sorted(changes.changed), changes.removed, store.take_changes().changed
-([7], set(), {})
+>>> store = KeyGroupStore(key="k")
+>>> store.write({7: pa.table({"k": ["a", "b"], "n": [1, 2]})})
+>>> store.read({7, 9}).num_rows, sorted(store.reads), sorted(store.writes)
+(2, [7, 9], [7])
+>>> _ = store.take_changes()
+>>> store.write({7: pa.table({"k": ["a", "b"], "n": [1, 3]})}, changed={7: pa.array(["b"])})
+>>> store.take_changes().delta[7].to_pylist()
+[{'k': 'b', 'n': 3}]
 """
 
 from __future__ import annotations
@@ -25,13 +32,46 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 
+DELETED_COLUMN = "__deleted"
+
+
 @dataclass
 class StateChanges:
-    """What changed since the last checkpoint: new contents of key groups,
-    and key groups that became empty."""
+    """What changed since the last checkpoint, per key group: the group's
+    full contents, its delta (the rows of the keys that changed, with
+    tombstones; ``None`` when every row may have changed), and the key
+    groups that became empty."""
 
-    changed: dict[int, pa.Table] = field(default_factory=dict)
+    full: dict[int, pa.Table] = field(default_factory=dict)
+    delta: dict[int, pa.Table | None] = field(default_factory=dict)
     removed: set[int] = field(default_factory=set)
+
+
+def apply_chain(tables: list[pa.Table], key: str | None) -> pa.Table:
+    """A key group's state from its full base and the deltas after it, in
+    order: each delta's rows replace the rows with the same key, and its
+    tombstones delete them.
+
+    >>> base = pa.table({"k": [1, 2, 3], "n": [10, 20, 30]})
+    >>> delta = pa.table({"k": [2, 4, 3], "n": [21, 40, None], "__deleted": [False, False, True]})
+    >>> apply_chain([base, delta], "k").sort_by("k").to_pylist()
+    [{'k': 1, 'n': 10}, {'k': 2, 'n': 21}, {'k': 4, 'n': 40}]
+    """
+    result = _live_rows(tables[0])
+    for delta in tables[1:]:
+        replaced = pc.is_in(result.column(key), value_set=delta.column(key).combine_chunks())
+        result = pa.concat_tables(
+            [result.filter(pc.invert(replaced)), _live_rows(delta).select(result.column_names)],
+            promote_options="permissive",
+        )
+    return result
+
+
+def _live_rows(table: pa.Table) -> pa.Table:
+    if DELETED_COLUMN not in table.column_names:
+        return table
+    deleted = pc.fill_null(table.column(DELETED_COLUMN), False)
+    return table.filter(pc.invert(deleted)).drop_columns([DELETED_COLUMN])
 
 
 def split_by_key_group(table: pa.Table, key_groups: pa.Array) -> dict[int, pa.Table]:
@@ -55,11 +95,15 @@ def split_by_key_group(table: pa.Table, key_groups: pa.Array) -> dict[int, pa.Ta
 
 
 class KeyGroupStore:
-    """Tables of state, one per key group, for one operator in one subtask."""
+    """Tables of state, one per key group, for one operator in one subtask.
+    ``key`` names the column that identifies a state row (``None``: no
+    deltas, a checkpoint writes changed key groups whole)."""
 
-    def __init__(self, restored: dict[int, pa.Table] | None = None):
+    def __init__(self, restored: dict[int, pa.Table] | None = None, key: str | None = None):
+        self.key = key
         self.groups: dict[int, pa.Table] = {kg: t for kg, t in (restored or {}).items() if t.num_rows}
         self._dirty: set[int] = set()
+        self._changed_keys: dict[int, list[pa.Array] | None] = {}
         self.reads: set[int] = set()  # key groups read since reset_touched()
         self.writes: set[int] = set()  # key groups written since reset_touched()
 
@@ -77,11 +121,16 @@ class KeyGroupStore:
             return None
         return parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="permissive")
 
-    def write(self, tables: dict[int, pa.Table]) -> None:
-        """Replace the state of each given key group; an empty table clears it."""
+    def write(self, tables: dict[int, pa.Table], changed: dict[int, pa.Array] | None = None) -> None:
+        """Replace the state of each given key group (an empty table clears
+        it). ``changed`` names, per key group, the keys whose rows changed;
+        without it every row of the group counts as changed."""
         for kg, table in tables.items():
             self.writes.add(kg)
             self._dirty.add(kg)
+            keys = (changed or {}).get(kg)
+            so_far = self._changed_keys.get(kg, [])
+            self._changed_keys[kg] = None if keys is None or so_far is None or self.key is None else so_far + [keys]
             if table.num_rows:
                 self.groups[kg] = table
             else:
@@ -94,9 +143,21 @@ class KeyGroupStore:
         """Key groups changed since the last call: what a checkpoint writes."""
         changes = StateChanges()
         for kg in sorted(self._dirty):
-            if kg in self.groups:
-                changes.changed[kg] = self.groups[kg]
-            else:
+            if kg not in self.groups:
                 changes.removed.add(kg)
-        self._dirty = set()
+                continue
+            table = changes.full[kg] = self.groups[kg]
+            keys = self._changed_keys.get(kg)
+            changes.delta[kg] = None if keys is None else self._delta(table, keys)
+        self._dirty, self._changed_keys = set(), {}
         return changes
+
+    def _delta(self, table: pa.Table, keys: list[pa.Array]) -> pa.Table:
+        changed = pc.unique(pa.chunked_array(keys).combine_chunks())
+        rows = table.filter(pc.is_in(table.column(self.key), value_set=changed))
+        gone = pc.filter(changed, pc.invert(pc.is_in(changed, value_set=rows.column(self.key).combine_chunks())))
+        if len(gone) == 0:
+            return rows
+        tombstones = pa.table({self.key: gone, DELETED_COLUMN: pa.repeat(True, len(gone))})
+        live = rows.append_column(DELETED_COLUMN, pa.repeat(pa.scalar(False), rows.num_rows))
+        return pa.concat_tables([live, tombstones], promote_options="permissive")

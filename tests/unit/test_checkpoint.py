@@ -25,7 +25,7 @@ def write_checkpoint(storage, checkpoint_id, with_manifest=True, changed=None, p
     changed = groups() if changed is None else changed
     entry = write_key_groups(storage, checkpoint_id, "agg", 0, "f1g0", changed)
     index = dict((previous or {}).get("state", {}).get("agg", {}))
-    index.update({kg: [entry["path"], b] for kg, b in entry["key_groups"].items()})
+    index.update({kg: [[entry["path"], b]] for kg, b in entry["key_groups"].items()})
     state, files = assemble_state([{"agg": index}], [entry], (previous or {}).get("files", {}))
     manifest = build_manifest(
         job=storage.job, checkpoint_id=checkpoint_id, epoch=checkpoint_id, offsets={"src": {"0": checkpoint_id * 10}},
@@ -41,8 +41,9 @@ def test_state_round_trip_reads_only_requested_key_groups(storage):
     m = write_checkpoint(storage, 4)
     assert sorted(map(int, m["state"]["agg"])) == [3, 7, 90]
     got = read_key_groups(storage, m["state"]["agg"], m["files"], range(0, 64))
-    assert {kg: t.to_pydict() for kg, t in got.items()} == {3: {"k": [2, 5], "v": [20, 50]}, 7: {"k": [1, 3], "v": [10, 30]}}
-    assert read_key_groups(storage, m["state"]["agg"], m["files"], {90})[90].column("k").to_pylist() == [4]
+    assert {kg: [t.to_pydict() for t in chain] for kg, chain in got.items()} == {
+        3: [{"k": [2, 5], "v": [20, 50]}], 7: [{"k": [1, 3], "v": [10, 30]}]}
+    assert read_key_groups(storage, m["state"]["agg"], m["files"], {90})[90][0].column("k").to_pylist() == [4]
     assert read_key_groups(storage, m["state"]["agg"], m["files"], range(100, 128)) == {}
 
 
@@ -68,7 +69,7 @@ def test_restore_from_a_chain_of_incremental_checkpoints_equals_a_full_one(stora
     other = JobStorage(storage.root_url, "job_full")
     reference = write_checkpoint(other, 5, changed=full)
     direct = read_key_groups(other, reference["state"]["agg"], reference["files"], range(128))
-    assert {k: t.to_pylist() for k, t in chained.items()} == {k: t.to_pylist() for k, t in direct.items()}
+    assert {k: [t.to_pylist() for t in c] for k, c in chained.items()} == {k: [t.to_pylist() for t in c] for k, c in direct.items()}
 
 
 def test_retention_never_deletes_a_file_a_retained_checkpoint_refers_to(storage):

@@ -116,4 +116,5 @@ def test_an_epoch_touching_one_key_group_reads_and_writes_only_that_group():
     assert logic.store.reads == {kg} and logic.store.writes == {kg}
     assert out.to_pylist() == [{"user": u, "amount_sum": 6} for u in same_group]  # only the updated keys
     changes = logic.snapshot_changes()
-    assert list(changes.changed) == [kg] and changes.removed == set()
+    assert list(changes.full) == [kg] and changes.removed == set()
+    assert sorted(changes.delta[kg].column("user").to_pylist()) == sorted(same_group)  # only the changed rows
