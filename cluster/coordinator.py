@@ -45,6 +45,7 @@ from sluiceway.cluster.task import TaskActor
 
 PING_INTERVAL_S = 0.5
 STUCK_FLOOR_S = 60.0
+STUCK_BEFORE_FIRST_EPOCH_S = 600.0  # no epoch finished yet: nothing to compare with, so be generous
 LOOP_WAIT_S = 0.02
 RESET_TIMEOUT_S = 120.0
 
@@ -61,7 +62,7 @@ class RunOptions:
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     until_idle: bool = False
     lease_ttl_s: float = DEFAULT_TTL_S
-    epoch_timeout_s: float | None = None  # None: 10x the slowest recent epoch, at least 60 s
+    epoch_timeout_s: float | None = None  # None: 10x the slowest recent epoch, at least 60 s (600 s before one)
     epochs: int | None = None  # stop after this many new epochs in this run
 
     def __post_init__(self):
@@ -360,7 +361,9 @@ class Coordinator:
         """How long an epoch may take before it counts as stuck."""
         if self.options.epoch_timeout_s is not None:
             return self.options.epoch_timeout_s
-        return max(STUCK_FLOOR_S, 10 * max(self.recent_latencies, default=0.0))
+        if not self.recent_latencies:
+            return STUCK_BEFORE_FIRST_EPOCH_S
+        return max(STUCK_FLOOR_S, 10 * max(self.recent_latencies))
 
     def _unanswered_for(self, task: TaskId, now: float) -> float:
         """How long the task's outstanding ping has waited (0 if none waits)."""
@@ -519,8 +522,8 @@ class Coordinator:
         # 3. The commit log records the epoch and its metrics.
         rows_in = sum(a.rows_in for a in ordered)
         rows_out = sum(a.rows_out for a in ordered)
-        duration = now - plan.planned_at
-        self.recent_latencies.append(self.book.latency(plan.epoch, now))
+        duration = self.book.latency(plan.epoch, now)  # from dispatch: a replay's plan is older than its run
+        self.recent_latencies.append(duration)
         if plan.epoch > self.high_water:
             self.sizer.observe(rows_in, duration)
         record = {

@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
              "seconds to keep retrying checkpoint storage that fails (the job pauses) before the job fails")
     _env_arg(r, "--epoch-timeout", "SLUICEWAY_EPOCH_TIMEOUT", None, _seconds,
              "seconds after which an epoch counts as stuck and its tasks are restarted "
-             "(default: 10x the slowest recent epoch, at least 60)")
+             "(default: 10x the slowest recent epoch, at least 60; 600 before the first epoch completes)")
     r.add_argument("--force", action="store_true", default=_env("SLUICEWAY_FORCE", "") not in ("", "0"),
                    help="take the job over even if another run holds its lease; that run then stops writing "
                    "(env SLUICEWAY_FORCE=1)")

@@ -76,3 +76,9 @@ def test_offsets_entries_are_written_once(storage):
     with pytest.raises(FileExistsError):
         storage.write_offsets(1, {"epoch": 1, "other": True})
     assert storage.read_offsets(1) == {"epoch": 1}
+
+
+def test_malformed_lease_record_names_the_file(storage):
+    storage.write_lease(1, {"job": "job", "fencing": 1})
+    with pytest.raises(LeaseHeldError, match=r"^lease record file://.*lease/0000000001.json is malformed"):
+        acquire(storage, holder("next"), ttl_s=10, now=100.0)
