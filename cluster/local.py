@@ -9,7 +9,9 @@ declares it dead after 2 missed pings of 500 ms.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from dataclasses import dataclass
 
 FAST_HEALTH_CHECK = {
     "health_check_initial_delay_ms": 0,
@@ -44,17 +46,38 @@ def init_embedded(num_cpus: int | None = None, object_store_memory: int | None =
     )
 
 
-def start_local_cluster(workers: int = 2, cpus_per_worker: int = 2, object_store_memory: int = 256 * 1024**2):
-    """A ``ray.cluster_utils.Cluster`` with a head that offers no CPUs to jobs
-    and ``workers`` worker nodes, and connect this process to it.
+@dataclass
+class LocalCluster:
+    """A head and worker nodes on this machine, this process connected.
+    :meth:`stop` ends every process and removes the session folder it made."""
 
-    Returns ``(cluster, worker_nodes)``; call ``cluster.shutdown()`` when done.
-    """
+    cluster: object  # ray.cluster_utils.Cluster
+    workers: list
+    tmpdir: str | None  # RAY_TMPDIR made for this cluster, or None if the caller set one
+
+    def stop(self) -> None:
+        import ray
+
+        ray.shutdown()
+        self.cluster.shutdown()
+        if self.tmpdir is not None:
+            if os.environ.get("RAY_TMPDIR") == self.tmpdir:
+                del os.environ["RAY_TMPDIR"]
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def start_local_cluster(workers: int = 2, cpus_per_worker: int = 2,
+                        object_store_memory: int = 256 * 1024**2) -> LocalCluster:
+    """A ``ray.cluster_utils.Cluster`` with a head that offers no CPUs to jobs
+    and ``workers`` worker nodes, and connect this process to it. Call
+    :meth:`LocalCluster.stop` when done."""
     import ray
     from ray.cluster_utils import Cluster
 
     quiet_environment()
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="sluiceway-ray-"))
+    tmpdir = None
+    if "RAY_TMPDIR" not in os.environ:
+        tmpdir = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="sluiceway-ray-")
     cluster = Cluster(
         initialize_head=True,
         connect=False,
@@ -68,4 +91,4 @@ def start_local_cluster(workers: int = 2, cpus_per_worker: int = 2, object_store
     nodes = [cluster.add_node(num_cpus=cpus_per_worker, object_store_memory=object_store_memory) for _ in range(workers)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-    return cluster, nodes
+    return LocalCluster(cluster, nodes, tmpdir)

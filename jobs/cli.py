@@ -183,7 +183,6 @@ def cmd_run(args) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     flow = load_flow(args.job)
-    print(f"job {flow.name!r}: checkpoints in {args.checkpoint_dir}", flush=True)
     summary = run(
         flow,
         args.checkpoint_dir,
@@ -197,6 +196,7 @@ def cmd_run(args) -> int:
         storage_deadline_s=args.storage_deadline,
         epoch_timeout_s=args.epoch_timeout,
         on_event=_print_event,
+        on_started=lambda _: print(f"job {flow.name!r}: checkpoints in {args.checkpoint_dir}", flush=True),
     )
     print(
         f"done ({summary['stopped']}): {summary['epochs']} epochs, {summary['rows_in']:,} rows in, "

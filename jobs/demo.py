@@ -35,8 +35,9 @@ def node_kill_run(rows: int, rows_per_second: float, kill_after_epoch: int, work
     output, checkpoints = os.path.join(work, "output"), os.path.join(work, "checkpoints")
     flow = example.build(output=output, rows_per_partition=rows, rows_per_second=rows_per_second)
     log("starting a local Ray cluster: head (no CPUs for jobs) + 2 worker nodes ...")
-    cluster, workers = start_local_cluster(workers=2)
-    nodes = {n.node_id: n for n in workers}
+    local = start_local_cluster(workers=2)
+    cluster = local.cluster
+    nodes = {n.node_id: n for n in local.workers}
     events: queue.Queue = queue.Queue()
     result: dict = {"killed_at": None, "kills": []}
 
@@ -85,10 +86,7 @@ def node_kill_run(rows: int, rows_per_second: float, kill_after_epoch: int, work
             ready = False
         thread.join()
     finally:
-        import ray
-
-        ray.shutdown()
-        cluster.shutdown()
+        local.stop()
     if "error" in result:
         return result
     result["checkpoints"] = [c.to_dict() for c in CheckpointHistory(JobStorage(checkpoints, "clicks")).list()]
