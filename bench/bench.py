@@ -36,7 +36,7 @@ from sluiceway.checkpoint import CheckpointHistory, JobStorage
 from sluiceway.checkpoint.storage import create_exclusive, open_filesystem
 from sluiceway.jobs import Dataflow, run
 from sluiceway.operators.sinks import Sink, SinkContext, SinkWriter
-from sluiceway.operators.sources import GeneratorSource, ParquetFilesSource
+from sluiceway.operators.sources import GeneratorSource, ParquetFilesSource, offsets
 
 BIDS = int(os.environ.get("BENCH_BIDS", "20000000"))
 FILES = int(os.environ.get("BENCH_FILES", "50"))
@@ -194,7 +194,7 @@ def auctions(partition: int, start: int, stop: int) -> pa.RecordBatch:
     """Bids on ever newer auctions: two bids per auction, so every epoch
     brings new keys and state grows by a quarter of a million keys per
     million records."""
-    i = pa.array(range(start, stop), pa.int64())
+    i = offsets(start, stop)
     return pa.record_batch({"auction": pc.add(pc.divide(i, 2), partition * 1_000_000_000), "price": pc.remainder(i, 97)})
 
 

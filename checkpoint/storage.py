@@ -104,6 +104,20 @@ def call_with_retry(what: str, url: str, fn, retry: StorageRetry, on_wait: WaitL
         return result
 
 
+def absolute_url(url: str) -> str:
+    """A local path made absolute here, so that a process with another
+    working directory (a Ray worker) finds the same folder; URLs of other
+    filesystems are returned as they are.
+
+    >>> import os
+    >>> absolute_url("ckpt") == os.path.join(os.getcwd(), "ckpt"), absolute_url("s3://bucket/x")
+    (True, 's3://bucket/x')
+    """
+    if "://" in url or "::" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
 def open_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Resolve a URL or local path to ``(filesystem, path)`` with a clear error."""
     try:
@@ -148,11 +162,11 @@ class JobStorage:
     def __init__(self, root: str, job: str, retry: StorageRetry = StorageRetry()):
         if not job or "/" in job or job.startswith("."):
             raise StorageError(f"job name {job!r} cannot be used as a folder name; use letters, digits, '-' or '_'")
-        self.root_url = root
+        self.root_url = absolute_url(root)
         self.job = job
         self.retry = retry
         self.on_wait: WaitListener | None = None  # set where the job runs; never pickled
-        self.fs, root_path = open_filesystem(root)
+        self.fs, root_path = open_filesystem(self.root_url)
         self.base = posixpath.join(root_path, job)
 
     def __repr__(self) -> str:

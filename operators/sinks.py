@@ -26,7 +26,14 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sluiceway.checkpoint.storage import StorageRetry, atomic_write, call_with_retry, create_exclusive, open_filesystem
+from sluiceway.checkpoint.storage import (
+    StorageRetry,
+    absolute_url,
+    atomic_write,
+    call_with_retry,
+    create_exclusive,
+    open_filesystem,
+)
 from sluiceway.operators.errors import SinkError
 
 _DIGITS = 10
@@ -128,7 +135,7 @@ class ParquetSink(Sink):
     kind = "parquet"
 
     def __init__(self, url: str, retry: StorageRetry = StorageRetry()):
-        self.url = url
+        self.url = absolute_url(url)  # the same folder from every worker's working directory
         self.retry = retry
         _ParquetLayout(url)  # fail at build time on an unknown protocol
 

@@ -19,9 +19,29 @@ import math
 from typing import Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError
 from sluiceway.operators.stateless import as_table
+
+
+_ARANGE = pa.array([], pa.int64())
+
+
+def offsets(start: int, stop: int) -> pa.Array:
+    """The offsets ``[start, stop)`` as an int64 array, built by Arrow kernels
+    (``pa.array(range(...))`` is a per-row Python loop): the usual first line
+    of a :class:`GeneratorSource` function.
+
+    >>> offsets(5, 9).to_pylist()
+    [5, 6, 7, 8]
+    """
+    global _ARANGE
+    n = stop - start
+    if n > len(_ARANGE):
+        size = max(n, 2 * len(_ARANGE))
+        _ARANGE = pc.subtract(pc.cumulative_sum(pa.repeat(pa.scalar(1, pa.int64()), size)), 1)
+    return pc.add(_ARANGE.slice(0, n), start)
 
 
 class Source:

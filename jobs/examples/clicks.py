@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from sluiceway.jobs import Dataflow
 from sluiceway.operators.sinks import ParquetSink
-from sluiceway.operators.sources import GeneratorSource
+from sluiceway.operators.sources import GeneratorSource, offsets
 
 PARTITIONS = 2
 ROWS_PER_SECOND = int(os.environ.get("SLUICEWAY_EXAMPLE_RATE", "4000"))
@@ -30,7 +30,7 @@ USERS = 500
 
 def clicks(partition: int, start: int, stop: int) -> pa.RecordBatch:
     """Events ``[start, stop)`` of ``partition``: the same every time."""
-    offset = pa.array(range(start, stop), pa.int64())
+    offset = offsets(start, stop)
     mixed = pc.add(pc.multiply(offset, 7919), partition * 104729)
     return pa.record_batch(
         {
