@@ -535,6 +535,7 @@ class Coordinator:
             "rows_out": rows_out,
             "checkpoint": plan.checkpoint,
             "generation": self.generation,
+            "fencing": self.lease.fencing,
         }
         self.storage.write_commit(plan.epoch, record)
         self.last_completed = plan.epoch
@@ -607,7 +608,7 @@ class Coordinator:
         plan = EpochPlan(self.next_epoch, ranges, checkpoint, now, waiting)
         self._check_lease()
         try:
-            self.storage.write_offsets(plan.epoch, plan.to_json())  # before anything runs
+            self.storage.write_offsets(plan.epoch, {**plan.to_json(), "fencing": self.lease.fencing})  # first
         except FileExistsError:
             # Another run planned this epoch after we read the log (it has
             # lost the job, or we have): the plan in the log is the one to run.

@@ -93,3 +93,7 @@ def test_paused_run_whose_lease_was_taken_over_stops_writing(tmp_path):
     assert clicks.exactly_once, clicks.line()
     assert totals.exactly_once
     assert storage.lease_numbers() == [1, 2]
+    # Every offsets entry and commit record names the run that wrote it; the last ones, the second run.
+    last = storage.offset_epochs()[-1]
+    assert storage.read_offsets(last)["fencing"] == 2 and storage.read_commit(last)["fencing"] == 2
+    assert {storage.read_offsets(e)["fencing"] for e in storage.offset_epochs()} <= {1, 2}
