@@ -1,5 +1,11 @@
 """The checkpoint history as anyone can read it: the CLI and users' scripts.
 
+It joins the job's lasting history records (:mod:`sluiceway.checkpoint.timeline`:
+every checkpoint ever attempted, complete, failed or aborted) with what the
+checkpoint folders hold now: a complete checkpoint whose folder retention
+removed is listed as ``removed``; one that can still be restored, as
+``complete``.
+
 >>> from sluiceway.checkpoint import JobStorage, CheckpointHistory
 >>> CheckpointHistory(JobStorage("memory://history-doc", "none")).list()
 []
@@ -12,6 +18,7 @@ from dataclasses import asdict, dataclass
 from sluiceway.checkpoint.errors import CheckpointError
 from sluiceway.checkpoint.manifest import CheckpointStatus, check_manifest, require_manifest
 from sluiceway.checkpoint.storage import JobStorage
+from sluiceway.checkpoint.timeline import diff_checkpoints, read_history
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,9 @@ class CheckpointInfo:
     offsets: dict
     written_bytes: int | None = None
     problem: str | None = None
+    reason: str | None = None  # why a checkpoint failed or was aborted
+    restored: int = 0  # how often a recovery or a restart restored it
+    attempts: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -37,25 +47,54 @@ class CheckpointHistory:
         self.storage = storage
 
     def list(self) -> list[CheckpointInfo]:
-        """Every checkpoint folder, oldest first, complete or not."""
+        """Every checkpoint ever attempted, oldest first: from the history
+        records, with the state of its folder now."""
+        records = read_history(self.storage).checkpoints()
+        folders = {i: check_manifest(self.storage, i) for i in self.storage.checkpoint_ids()}
         rows = []
-        for checkpoint_id in self.storage.checkpoint_ids():
-            check = check_manifest(self.storage, checkpoint_id)
-            m = check.manifest or {}
+        for checkpoint_id in sorted(set(records) | set(folders)):
+            record, check = records.get(checkpoint_id), folders.get(checkpoint_id)
+            m = (check.manifest if check else None) or {}
+            if record is None:  # no record (written before histories existed, or in progress)
+                status = check.status.value
+            elif record["status"] != "complete":
+                status = record["status"]
+            elif check is None:
+                status = "removed"  # by retention: the record outlives the files
+            else:
+                status = check.status.value
             rows.append(
                 CheckpointInfo(
                     id=checkpoint_id,
-                    epoch=m.get("epoch", checkpoint_id if check.status is CheckpointStatus.INCOMPLETE else None),
-                    status=check.status.value,
-                    started_at=m.get("started_at"),
-                    duration_s=m.get("duration_s"),
-                    size_bytes=m.get("size_bytes"),
-                    offsets=m.get("offsets", {}),
-                    written_bytes=m.get("written_bytes"),
-                    problem=check.problem,
+                    epoch=(record or m).get("epoch", checkpoint_id),
+                    status=status,
+                    started_at=(record or {}).get("trigger_time", m.get("started_at")),
+                    duration_s=(record or m).get("duration_s"),
+                    size_bytes=(record or m).get("size_bytes"),
+                    offsets=(record or m).get("offsets", {}),
+                    written_bytes=(record or m).get("written_bytes"),
+                    problem=check.problem if check else None,
+                    reason=(record or {}).get("reason"),
+                    restored=len((record or {}).get("restored_by", [])),
+                    attempts=(record or {}).get("attempts", 1),
                 )
             )
         return rows
+
+    def record(self, checkpoint_id: int) -> dict:
+        """The history record of one checkpoint (kept after retention)."""
+        records = read_history(self.storage).checkpoints()
+        if checkpoint_id not in records:
+            known = ", ".join(str(i) for i in records) or "none"
+            raise CheckpointError(
+                f"job {self.storage.job!r} has no checkpoint {checkpoint_id} in its history under "
+                f"{self.storage.root_url} (checkpoints: {known})"
+            )
+        return records[checkpoint_id]
+
+    def diff(self, a: int, b: int) -> dict:
+        """How checkpoint ``b`` differs from ``a``: offsets advanced, state per step."""
+        return diff_checkpoints(self.record(a), self.record(b))
 
     def show(self, checkpoint_id: int) -> dict:
         """The manifest of one complete checkpoint."""

@@ -11,6 +11,7 @@ Layout (docs/architecture.md)::
     <root>/<job>/
       job.json               job id, graph, parallelism, key groups, versions
       lease/<fencing>.json   the owner of the job: the highest number wins
+      history/<time>-f<fencing>-<seq>-<kind>.json   the job's timeline, kept past retention
       offsets/<epoch>.json   planned ranges per source partition (written first)
       commits/<epoch>.json   epoch finished and its output durable
       checkpoints/<id>/
@@ -182,6 +183,18 @@ class JobStorage:
 
     def commit_path(self, epoch: int) -> str:
         return posixpath.join(self.base, "commits", _epoch_name(epoch) + ".json")
+
+    def history_path(self, name: str) -> str:
+        return posixpath.join(self.base, "history", name)
+
+    def history_names(self) -> list[str]:
+        """Every history record's file name, oldest first (names sort by time)."""
+        folder = posixpath.join(self.base, "history")
+        try:
+            names = self._call("list", folder, self.fs.ls, folder, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(n) for n in names if n.endswith(".json"))
 
     def lease_path(self, fencing: int) -> str:
         return posixpath.join(self.base, "lease", _epoch_name(fencing) + ".json")

@@ -35,10 +35,12 @@ from sluiceway.checkpoint.lease import DEFAULT_TTL_S, Lease
 from sluiceway.checkpoint.manifest import assemble_state, build_manifest, latest_complete
 from sluiceway.checkpoint.retention import apply_retention
 from sluiceway.checkpoint.storage import JobStorage
+from sluiceway.checkpoint.timeline import HistoryWriter, RecordKind
 from sluiceway.checkpoint.types import TaskId
 from sluiceway.cluster.epochs import EpochBook, EpochPlan, EpochSizer, TaskAck, Trigger, plan_epoch, sources_exhausted
 from sluiceway.cluster.errors import JobFailedError
 from sluiceway.cluster.graph import PhysicalPlan
+from sluiceway.cluster import records
 from sluiceway.cluster.placement import pinned, spread, worker_nodes
 from sluiceway.cluster.restart import Failure, FailureKind, GiveUp, RestartPolicy, RestartTracker, primary
 from sluiceway.cluster.task import TaskActor
@@ -125,6 +127,9 @@ class Coordinator:
         self._pings: dict[TaskId, tuple[object | None, float]] = {}
         self._dead: set[TaskId] = set()
         self.run_id = lease.holder.run_id
+        self.history = HistoryWriter(storage, lease.fencing)
+        self.last_checkpoint_size: int | None = None
+        self._alive_at: dict[str, float] = {}  # task -> when it last answered a ping
         self.incarnations: dict[TaskId, int] = {}
         self.actor_names: dict[TaskId, str] = {}
 
@@ -162,6 +167,7 @@ class Coordinator:
         started = time.time()
         renewer = threading.Thread(target=self._renew_lease, name="lease-renewer", daemon=True)
         renewer.start()
+        ended = {"reason": "failed", "error": None}
         try:
             self._start()
             while not self._finished():
@@ -173,8 +179,13 @@ class Coordinator:
                     continue
                 self._complete_epochs()
                 self._plan_next()
+            ended["reason"] = self.stop_reason
+        except BaseException as exc:
+            ended["error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise
         finally:
             self._stop_renewing.set()
+            self._record_end(ended)
             for actor in self.actors.values():
                 ray.kill(actor, no_restart=True)
         return {
@@ -188,6 +199,22 @@ class Coordinator:
             "duration_s": round(time.time() - started, 3),
             "failures": self.failures,
         }
+
+    def _record_end(self, ended: dict) -> None:
+        """The run's last history records; none once the job belongs to another run."""
+        if self._lease_lost is not None or not hasattr(self, "book"):
+            return
+        try:
+            now = time.time()
+            for plan, acked in self.book.pending_checkpoints():
+                reason = f"the run ended ({ended['error'] or ended['reason']})"
+                self.history.write(RecordKind.CHECKPOINT,
+                                   records.checkpoint_not_completed(plan, acked, "aborted", reason, now), now)
+            self.history.write(RecordKind.RUN_ENDED, {
+                "run_id": self.run_id, **ended, "last_epoch": self.last_completed,
+                "last_checkpoint": self.last_checkpoint, "restarts": self.restarts}, now)
+        except CheckpointError:
+            pass  # storage is gone: the job's own error says so
 
     def _renew_lease(self) -> None:
         """Renew the lease every quarter of its time to live, until the run
@@ -233,6 +260,7 @@ class Coordinator:
         if "sources_started_at" not in self.job_doc:  # the generators' clock starts when tasks are ready
             self.job_doc["sources_started_at"] = time.time()
             self.storage.write_job(self.job_doc)
+        self._record_start(len(nodes))
         self._event(
             "started",
             tasks={str(t): n for t, n in self.placement.items()},
@@ -241,6 +269,23 @@ class Coordinator:
             resume_checkpoint=self.restore_manifest["id"] if self.restore_manifest else None,
             replay_epochs=[p.epoch for p in self.replay],
         )
+
+    def _record_start(self, nodes: int) -> None:
+        """A run_started record, and a rescale record when parallelism changed
+        since the previous run."""
+        now = time.time()
+        parallelism = self.plan.parallelism()
+        previous = [n for n in self.storage.history_names() if n.endswith(f"-{RecordKind.RUN_STARTED.value}.json")]
+        before = self.storage.read_json(self.storage.history_path(previous[-1])) if previous else None
+        restored = self.restore_manifest["id"] if self.restore_manifest else None
+        if before and before.get("parallelism") != parallelism:
+            self.history.write(RecordKind.RESCALE, {"from": before.get("parallelism"), "to": parallelism,
+                                                    "restored_checkpoint": restored}, now)
+        self.history.write(RecordKind.RUN_STARTED, {
+            "run_id": self.run_id, "host": self.lease.holder.host, "pid": self.lease.holder.pid,
+            "restored_checkpoint": restored, "replay_epochs": [p.epoch for p in self.replay],
+            "parallelism": parallelism, "nodes": nodes,
+            "placement": {str(t): n for t, n in self.placement.items()}}, now)
 
     def _create_actor(self, task: TaskId, node_id: str):
         """A task actor pinned to ``node_id``, named ``sluiceway/<job>/<run>/<task>#<incarnation>``."""
@@ -274,6 +319,7 @@ class Coordinator:
             )
         self.restore_manifest = manifest
         self.previous_files = dict(manifest["files"]) if manifest else {}
+        self.last_checkpoint_size = manifest["size_bytes"] if manifest else None
         self.replay: deque[EpochPlan] = deque(plans)
         self.last_completed = self.last_checkpoint = base
         self.next_epoch = base + len(plans) + 1
@@ -404,6 +450,7 @@ class Coordinator:
             try:
                 ray.get(ref)
                 self._pings[task] = (None, now)
+                self._alive_at[str(task)] = now
             except RayActorError as exc:
                 self._pings.pop(task, None)
                 self._dead.add(task)
@@ -425,6 +472,7 @@ class Coordinator:
         if isinstance(decision, GiveUp):
             self._event("failure", error=failure.message, failure_kind=failure.kind.value, restarts=self.restarts,
                         delay_s=None)
+            self._record_checkpoints_lost("aborted", f"the job stopped: {failure.message}", t0)
             raise JobFailedError(
                 failure.message,
                 f"job {self.plan.job!r} stopped: {decision.reason}; committed output stays as of epoch "
@@ -436,6 +484,7 @@ class Coordinator:
         if decision.delay_s:
             self._stop_requested.wait(decision.delay_s)
         # 1. Halt: a new generation makes every message in flight stale.
+        self._record_checkpoints_lost("failed", failure.message, t0)
         self.generation += 1
         # 2. Find the dead: those that failed a ping, and any that do not answer now.
         dead = set(self._dead)
@@ -457,6 +506,11 @@ class Coordinator:
         # 4. Restore the latest complete checkpoint and replay the epochs after it.
         self._restore_point()
         self._reset_all()
+        lost_at = self._alive_at.get(failure.task or "", t0) if failure.kind is FailureKind.TASK_LOST else t0
+        self.history.write(RecordKind.RECOVERY, records.recovery(
+            failure, detect_s=t0 - lost_at, restore_s=time.time() - t0, delay_s=decision.delay_s,
+            restored=self.last_checkpoint, replay=[p.epoch for p in self.replay],
+            restarted=[str(t) for t in sorted(dead)]), t0)
         self._event(
             "recovered",
             checkpoint=self.last_checkpoint,
@@ -466,6 +520,11 @@ class Coordinator:
             replay_epochs=[p.epoch for p in self.replay],
             duration_s=round(time.time() - t0, 3),
         )
+
+    def _record_checkpoints_lost(self, status: str, reason: str, now: float) -> None:
+        for plan, acked in self.book.pending_checkpoints():
+            self.history.write(RecordKind.CHECKPOINT,
+                               records.checkpoint_not_completed(plan, acked, status, reason, now), now)
 
     # ----------------------------------------------------------- complete
     def _complete_epochs(self) -> None:
@@ -512,6 +571,9 @@ class Coordinator:
                 sink_handles={str(a.task): a.sink_handles for a in ordered},
             )
             self.storage.write_manifest(plan.epoch, manifest)
+            self.history.write(RecordKind.CHECKPOINT, records.checkpoint_completed(
+                plan, ordered, manifest, self.last_checkpoint_size, now), now)
+            self.last_checkpoint_size = manifest["size_bytes"]
             self.previous_files = files
             self.last_checkpoint = plan.epoch
             self.stats["checkpoints"] += 1

@@ -85,6 +85,7 @@ class TaskAck:
     state_files: list[dict] = field(default_factory=list)
     state: dict[str, dict[str, list]] = field(default_factory=dict)
     snapshot_s: float = 0.0
+    alignment_s: float = 0.0  # first barrier of the epoch received to the last one
     sink_handles: dict[str, dict] = field(default_factory=dict)
     watermark: float | None = None
 
@@ -222,6 +223,10 @@ class EpochBook:
         self.plans[plan.epoch] = plan
         self.acks[plan.epoch] = {}
         self.dispatched_at[plan.epoch] = now
+
+    def pending_checkpoints(self) -> list[tuple[EpochPlan, list[str]]]:
+        """Checkpoint epochs in flight, each with the tasks that acknowledged it."""
+        return [(p, sorted(str(t) for t in self.acks[e])) for e, p in sorted(self.plans.items()) if p.checkpoint]
 
     def latency(self, epoch: int, now: float) -> float:
         """Seconds from dispatch to ``now`` of a completed epoch (once per epoch)."""

@@ -37,6 +37,7 @@ class TaskActor:
         self.aligner: BarrierAligner | None = None
         self.next_source_epoch = 0
         self.current_epoch: int | None = None
+        self._first_barrier_at: dict[int, float] = {}
         self._early_plans: dict[int, EpochPlan] = {}
 
     def ping(self) -> str:
@@ -56,6 +57,7 @@ class TaskActor:
         self.failed = False
         self.downstream = downstream
         self._early_plans = {}
+        self._first_barrier_at = {}
         self.next_source_epoch = first_epoch
         channels = self.plan.input_channels(self.task.stage)
         self.aligner = BarrierAligner(channels, first_epoch) if channels else None
@@ -86,6 +88,7 @@ class TaskActor:
         self._guarded(self._deliver, channel, table, barrier)
 
     def _deliver(self, channel: TaskId, table, barrier: Barrier) -> None:
+        self._first_barrier_at.setdefault(barrier.epoch, time.time())
         events = [] if table is None else [Data(channel, table)]
         events.append(BarrierEvent(channel, barrier))
         for event in events:
@@ -95,6 +98,7 @@ class TaskActor:
     def _run_epoch(self, barrier: Barrier, tables: list, rows_in: int) -> None:
         t0 = time.time()
         self.current_epoch = barrier.epoch
+        alignment_s = t0 - self._first_barrier_at.pop(barrier.epoch, t0)
         out = self.runtime.process_epoch(barrier.epoch, barrier, tables, rows_in)
         # 1. Forward data and barrier first, so downstream starts while we write.
         for exchange, parts in out.exchanges.items():
@@ -114,6 +118,7 @@ class TaskActor:
                 state_files=result.state_files,
                 state=result.state,
                 snapshot_s=result.snapshot_s,
+                alignment_s=alignment_s,
                 sink_handles=result.sink_handles,
                 watermark=barrier.watermark,
             )

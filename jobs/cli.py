@@ -121,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_dir_arg(show)
     show.add_argument("--json", action="store_true", default=_env("SLUICEWAY_JSON", "") not in ("", "0"),
                       help="print the manifest as JSON (env SLUICEWAY_JSON=1)")
+    diff = csub.add_parser("diff", help="how checkpoint B differs from A: offsets advanced, state per step")
+    diff.add_argument("job_name")
+    diff.add_argument("a", type=int)
+    diff.add_argument("b", type=int)
+    _checkpoint_dir_arg(diff)
+    diff.add_argument("--json", action="store_true", default=_env("SLUICEWAY_JSON", "") not in ("", "0"),
+                      help="print the difference as JSON (env SLUICEWAY_JSON=1)")
+
+    h = sub.add_parser("history", help="a job's whole timeline: runs, checkpoints, failures, recoveries, rescales")
+    h.add_argument("job_name")
+    _checkpoint_dir_arg(h)
+    h.add_argument("--json", action="store_true", default=_env("SLUICEWAY_JSON", "") not in ("", "0"),
+                   help="print the records as JSON (env SLUICEWAY_JSON=1)")
     return parser
 
 
@@ -219,13 +232,76 @@ def cmd_checkpoints_list(args) -> int:
         print(f"job {args.job_name!r} has no checkpoints under {args.checkpoint_dir}")
         return 0
     print(f"{'id':>6} {'epoch':>6} {'status':<10} {'started at':<24} {'duration':>9} {'bytes':>10} {'written':>10}  "
-          "offsets")
+          "offsets  notes")
     for r in rows:
         dur = f"{r.duration_s:.3f}s" if r.duration_s is not None else "-"
         size = f"{r.size_bytes:,}" if r.size_bytes is not None else "-"
         written = f"{r.written_bytes:,}" if r.written_bytes is not None else "-"
+        notes = [f"restored {r.restored}x"] if r.restored else []
+        notes += [f"after {r.attempts - 1} failed attempt(s)"] if r.attempts > 1 and r.status != "failed" else []
+        notes += [r.reason] if r.reason else []
+        notes += [r.problem] if r.problem else []
         print(f"{r.id:>6} {r.epoch if r.epoch is not None else '-':>6} {r.status:<10} {_when(r.started_at):<24} "
-              f"{dur:>9} {size:>10} {written:>10}  {_offsets_summary(r.offsets)}")
+              f"{dur:>9} {size:>10} {written:>10}  {_offsets_summary(r.offsets)}  {'; '.join(notes)}".rstrip())
+    return 0
+
+
+def cmd_checkpoints_diff(args) -> int:
+    d = CheckpointHistory(JobStorage(args.checkpoint_dir, args.job_name)).diff(args.a, args.b)
+    if args.json:
+        print(json.dumps(d, indent=1))
+        return 0
+    print(f"checkpoint {d['from']} -> {d['to']} of job {args.job_name}")
+    for source, parts in d["offsets"].items():
+        advanced = ", ".join(f"partition {p} +{n:,}" for p, n in sorted(parts.items(), key=lambda x: int(x[0])))
+        print(f"  {source}: {advanced}")
+    for step, s in d["steps"].items():
+        print(f"  {step}: state {s['bytes_from']:,} -> {s['bytes_to']:,} bytes ({s['bytes_delta']:+,}), "
+              f"{s['rows_from']:,} -> {s['rows_to']:,} stored rows ({s['rows_delta']:+,})")
+    return 0
+
+
+def format_record(r: dict) -> str:
+    """One line of ``sluiceway history``."""
+    kind = r["kind"]
+    if kind == "run_started":
+        where = f"from checkpoint {r['restored_checkpoint']}" if r["restored_checkpoint"] else "from the start"
+        replay = f", replaying epochs {r['replay_epochs']}" if r["replay_epochs"] else ""
+        text = (f"run {r['run_id']} (fencing {r['fencing']}, process {r['pid']} on {r['host']}) {where}{replay}; "
+                f"parallelism {r['parallelism']}")
+    elif kind == "checkpoint":
+        if r["status"] == "complete":
+            text = (f"{r['id']} complete: {r['duration_s']:.3f} s, alignment {r['alignment_s']:.3f} s, "
+                    f"{r['size_bytes']:,} bytes of state, {r['written_bytes']:,} written")
+        else:
+            text = f"{r['id']} {r['status']}: {r['reason']}"
+    elif kind == "recovery":
+        text = (f"{r['failure']}; detected in {r['detect_s']:.2f} s, restored checkpoint "
+                f"{r['restored_checkpoint'] or '(none: from the start)'} in {r['restore_s']:.2f} s, replaying "
+                f"epochs {r['replay_epochs']}, restarted {r['restarted_tasks'] or 'no tasks'}")
+    elif kind == "rescale":
+        text = f"parallelism {r['from']} -> {r['to']}, from checkpoint {r['restored_checkpoint']}"
+    elif kind == "run_ended":
+        why = f"failed: {r['error']}" if r["error"] else r["reason"]
+        text = (f"run {r['run_id']} ended ({why}): last epoch {r['last_epoch']}, last checkpoint "
+                f"{r['last_checkpoint']}, {r['restarts']} restart(s)")
+    else:
+        text = json.dumps(r)
+    return f"{_when(r['at'])}  {kind:<12} {text}"
+
+
+def cmd_history(args) -> int:
+    from sluiceway.checkpoint.timeline import read_history
+
+    records = read_history(JobStorage(args.checkpoint_dir, args.job_name)).records
+    if args.json:
+        print(json.dumps(records, indent=1))
+        return 0
+    if not records:
+        print(f"job {args.job_name!r} has no history under {args.checkpoint_dir}")
+        return 0
+    for r in records:
+        print(format_record(r))
     return 0
 
 
@@ -266,8 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "history":
+            return cmd_history(args)
         if args.checkpoints_command == "list":
             return cmd_checkpoints_list(args)
+        if args.checkpoints_command == "diff":
+            return cmd_checkpoints_diff(args)
         return cmd_checkpoints_show(args)
     except (UsageError, JobFileError, FlowDefinitionError) as exc:
         print(f"sluiceway: error: {exc}", file=sys.stderr)

@@ -6,6 +6,7 @@ import pyarrow.compute as pc
 import pytest
 
 from sluiceway.checkpoint import JobStorage
+from sluiceway.checkpoint.timeline import history
 from sluiceway.jobs import Dataflow, run
 from sluiceway.jobs.testing import compare_exactly_once
 from sluiceway.operators.sinks import ParquetSink, read_committed
@@ -63,3 +64,6 @@ def test_incremental_chain_restores_exactly_after_rescaling(tmp_path):
     assert second["stopped"] == "idle"
     verdict = compare_exactly_once(last_per_sensor(read_committed(out)), expected())
     assert verdict.exactly_once, verdict.line()
+    rescales = [r for r in history(ckpt, "sensors").records if r["kind"] == "rescale"]
+    assert len(rescales) == 1 and rescales[0]["restored_checkpoint"] == 4
+    assert sorted(rescales[0]["from"].values()) == [2, 2] and sorted(rescales[0]["to"].values()) == [2, 3]
