@@ -306,11 +306,36 @@ def cmd_history(args) -> int:
 
 
 def cmd_checkpoints_show(args) -> int:
-    manifest = CheckpointHistory(JobStorage(args.checkpoint_dir, args.job_name)).show(args.id)
+    """A checkpoint's history record, and its manifest while its files are retained."""
+    checkpoints = CheckpointHistory(JobStorage(args.checkpoint_dir, args.job_name))
+    ids = {r.id: r for r in checkpoints.list()}
+    if args.id in ids and ids[args.id].status not in ("complete", "corrupt", "incomplete"):
+        record = checkpoints.record(args.id)
+        if args.json:
+            print(json.dumps({"record": record, "manifest": None}, indent=1))
+            return 0
+        row = ids[args.id]
+        print(f"checkpoint {args.id} of job {args.job_name}: epoch {record['epoch']}, {row.status}"
+              + (f" ({record['reason']})" if record.get("reason") else ""))
+        print(f"  triggered {_when(record['trigger_time'])}, took {record['duration_s']:.3f} s"
+              + (f", {record['size_bytes']:,} bytes of state" if record.get("size_bytes") is not None else ""))
+        print(f"  offsets: {json.dumps(record['offsets'])}")
+        if row.restored:
+            print(f"  restored {row.restored} time(s) by a recovery or a restart")
+        if row.status in ("removed", "retired"):
+            print("  its state files were removed by retention: it can no longer be restored")
+        return 0
+    manifest = checkpoints.show(args.id)
     if args.json:
-        print(json.dumps(manifest, indent=1))
+        try:
+            record = checkpoints.record(args.id)
+        except CheckpointError:
+            record = None  # taken before the job kept a history
+        print(json.dumps({"record": record, "manifest": manifest}, indent=1))
         return 0
     print(f"checkpoint {manifest['id']} of job {manifest['job']}: epoch {manifest['epoch']}, {manifest['status']}")
+    if args.id in ids and ids[args.id].restored:
+        print(f"  restored {ids[args.id].restored} time(s) by a recovery or a restart")
     print(f"  started {_when(manifest['started_at'])}, took {manifest['duration_s']:.3f} s, "
           f"{manifest['size_bytes']:,} bytes of state, {manifest['written_bytes']:,} written by this checkpoint")
     print(f"  offsets: {json.dumps(manifest['offsets'])}")

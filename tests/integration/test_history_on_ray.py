@@ -57,6 +57,16 @@ def test_history_survives_retention_and_restarts_and_shows_the_recovery(tmp_path
     before = sum(complete[0]["offsets"]["events"].values())
     assert advanced == 2 * rows - before and "totals" in diff["steps"]
 
+    removed = [c["id"] for c in complete if c["status"] == "removed"][0]
+    assert cli(["checkpoints", "show", "clicks", str(removed), "--checkpoint-dir", ckpt]) == 0
+    shown = capsys.readouterr().out
+    assert f"checkpoint {removed} of job clicks: epoch {removed}, removed" in shown
+    assert "removed by retention: it can no longer be restored" in shown
+    both = cli_json(capsys, "checkpoints", "show", "clicks", str(first["last_checkpoint"]), "--checkpoint-dir", ckpt)
+    assert both["record"]["status"] == "complete" and both["manifest"]["id"] == first["last_checkpoint"]
+    assert cli(["checkpoints", "diff", "clicks", "1", "999", "--checkpoint-dir", ckpt]) == 1
+    assert "has no checkpoint 1 in its history" in capsys.readouterr().err
+
     assert cli(["history", "clicks", "--checkpoint-dir", ckpt]) == 0
     text = capsys.readouterr().out
     assert "recovery     task by_user[1] died" in text and "run_ended" in text and "complete:" in text
