@@ -38,6 +38,7 @@ from sluiceway.checkpoint.errors import LeaseHeldError, LeaseLostError
 from sluiceway.checkpoint.storage import JobStorage
 
 DEFAULT_TTL_S = 20.0
+KEEP_RECORDS = 10  # lease records kept below the newest: who ran the job lately
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ def acquire(storage: JobStorage, holder: LeaseHolder, *, ttl_s: float, now: floa
                 continue  # another run took top + 1 first: force takes the next number
             force = False
             continue  # someone else started at the same moment: look again, and be refused
+        for old in numbers[: max(0, len(numbers) - KEEP_RECORDS)]:
+            storage.delete_file(storage.lease_path(old))  # a stale run still sees a higher number
         return lease
 
 

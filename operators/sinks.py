@@ -11,6 +11,9 @@ replayed epoch neither duplicates nor loses output.
     data/epoch=<epoch>/part-<subtask>-<attempt>.parquet   pre-committed by each subtask
     _committed/<epoch>.json     created once by commit(): names the epoch's files
 
+Files of an epoch that its marker does not name (an attempt that failed, a
+run that lost its lease) are deleted once the marker exists.
+
 Readers (:func:`read_committed`) see only files named by a commit marker, so
 they never see a half-written or replayed epoch twice.
 """
@@ -156,7 +159,25 @@ class ParquetSink(Sink):
             call_with_retry("commit", layout.fs.unstrip_protocol(path), lambda: create_exclusive(layout.fs, path, data),
                             self.retry)
         except FileExistsError:
-            pass
+            marker = layout.read_marker(epoch)
+        self._remove_unnamed(layout, epoch, marker)
+
+    def _remove_unnamed(self, layout: _ParquetLayout, epoch: int, marker: dict) -> None:
+        """Once an epoch is committed, files in its folder that the marker does
+        not name (a failed attempt's, a stale run's) are never read: delete them."""
+        folder = posixpath.dirname(layout.data_path(epoch, 0, "-"))
+        named = {posixpath.join(layout.base, f["path"]) for f in marker["files"]}
+        url = layout.fs.unstrip_protocol(folder)
+        try:
+            present = call_with_retry("list", url, lambda: layout.fs.ls(folder, detail=False), self.retry)
+        except FileNotFoundError:
+            return
+        for name in present:
+            if name not in named:
+                try:
+                    call_with_retry("delete", url, lambda n=name: layout.fs.rm_file(n), self.retry)
+                except FileNotFoundError:
+                    pass
 
     def describe(self) -> dict:
         return {"kind": self.kind, "url": self.url}

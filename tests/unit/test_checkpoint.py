@@ -183,3 +183,17 @@ def test_malformed_sink_marker_names_the_file(tmp_path):
     marker.write_text("{half")
     with pytest.raises(SinkError, match=r"^commit marker .*0000000003.json is not valid JSON"):
         read_committed(str(tmp_path / "out"))
+
+
+def test_parquet_commit_keeps_only_the_files_its_marker_names(tmp_path):
+    from sluiceway.operators.sinks import ParquetSink, SinkContext, read_committed
+
+    sink = ParquetSink(str(tmp_path / "out"))
+    stale = sink.open(SinkContext("out", 0, 1, "job", attempt="f1g0")).write_epoch(7, pa.table({"x": [1, 2]}))
+    owner = sink.open(SinkContext("out", 0, 1, "job", attempt="f2g0")).write_epoch(7, pa.table({"x": [1, 2]}))
+    folder = tmp_path / "out" / "data" / "epoch=0000000007"
+    assert len(list(folder.iterdir())) == 2
+    sink.commit(7, [owner])
+    assert [p.name for p in folder.iterdir()] == ["part-00000-f2g0.parquet"]
+    sink.commit(7, [stale])  # a late commit of the same epoch changes nothing
+    assert read_committed(str(tmp_path / "out")).column("x").to_pylist() == [1, 2]

@@ -82,3 +82,12 @@ def test_malformed_lease_record_names_the_file(storage):
     storage.write_lease(1, {"job": "job", "fencing": 1})
     with pytest.raises(LeaseHeldError, match=r"^lease record file://.*lease/0000000001.json is malformed"):
         acquire(storage, holder("next"), ttl_s=10, now=100.0)
+
+
+def test_old_lease_records_are_pruned_and_stale_runs_still_learn_they_lost(storage):
+    first = acquire(storage, holder("run0"), ttl_s=1, now=0.0)
+    for i in range(1, 15):
+        acquire(storage, holder(f"run{i}"), ttl_s=1, now=float(i * 10))
+    assert storage.lease_numbers() == list(range(5, 16))
+    with pytest.raises(LeaseLostError, match="lost job 'job' to run run14"):
+        check(storage, first)
