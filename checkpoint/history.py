@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from sluiceway.checkpoint.errors import CheckpointError
-from sluiceway.checkpoint.manifest import CheckpointStatus, check_manifest, require_manifest
+from sluiceway.checkpoint.manifest import check_manifest, require_manifest
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.checkpoint.timeline import diff_checkpoints, read_history
 

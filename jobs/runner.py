@@ -20,7 +20,6 @@ from sluiceway.checkpoint.lease import DEFAULT_TTL_S, LeaseHolder
 from sluiceway.checkpoint.storage import NO_RETRY, JobStorage, StorageRetry
 from sluiceway.cluster.coordinator import CoordinatorActor, RunOptions
 from sluiceway.cluster.restart import RestartPolicy
-from sluiceway.cluster.errors import JobFailedError
 from sluiceway.cluster.graph import PhysicalPlan
 from sluiceway.cluster.graph import plan as physical_plan
 from sluiceway.cluster.local import init_embedded

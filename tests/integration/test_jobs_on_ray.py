@@ -1,16 +1,14 @@
 import threading
 
-import pyarrow as pa
 import pytest
 import ray
 
 from sluiceway.checkpoint import CheckpointHistory, JobStorage
-from sluiceway.jobs import Dataflow, JobFailedError, run
+from sluiceway.jobs import run
 from sluiceway.jobs.cli import main as cli
 from sluiceway.jobs.examples import clicks as example
 from sluiceway.jobs.testing import compare_exactly_once
-from sluiceway.operators.sinks import ParquetSink, read_committed
-from sluiceway.operators.sources import GeneratorSource
+from sluiceway.operators.sinks import read_committed
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.timeout(180)]
 

@@ -85,9 +85,9 @@ def test_backlog_is_planned_back_to_back_and_live_input_waits_for_the_trigger():
     once; once caught up, the next one waits for the trigger."""
     src = {"s": GeneratorSource(lambda p, a, b: None, partitions=2, rows_per_second=1e6, rows_per_partition=2_500_000)}
     trigger, sizer = Trigger(interval_s=1.0), EpochSizer(trigger_s=1.0, max_records=1_000_000)
-    now, offsets, planned_at = 1000.0, {}, []
+    now, offsets, planned_at, waiting = 1000.0, {}, [], 0
     while True:
-        if not trigger.due(now, waiting=planned.waiting if planned_at else 0):
+        if not trigger.due(now, waiting=waiting):
             break
         planned = plan_epoch(len(planned_at) + 1, src, offsets, now=now, started_at=0.0,
                              max_records_per_epoch=sizer.size())
@@ -95,6 +95,7 @@ def test_backlog_is_planned_back_to_back_and_live_input_waits_for_the_trigger():
             break
         trigger.planned(now)
         planned_at.append(now)
+        waiting = planned.waiting
         offsets = {s: {p: stop for p, (_, stop) in parts.items()} for s, parts in planned.ranges.items()}
     assert len(planned_at) == 5 and set(planned_at) == {1000.0}  # 5 M records, 1 M per epoch, no waiting
     assert not trigger.due(now, waiting=0) and trigger.due(now + 1.0, waiting=0)

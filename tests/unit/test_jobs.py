@@ -7,7 +7,7 @@ from sluiceway.jobs.examples import clicks as example
 from sluiceway.jobs.jobfile import load_flow
 from sluiceway.jobs.testing import CollectSink, compare_exactly_once, run_local
 from sluiceway.operators.errors import FlowDefinitionError
-from sluiceway.operators.sinks import ParquetSink, read_committed
+from sluiceway.operators.sinks import read_committed
 from sluiceway.operators.sources import ListSource
 
 

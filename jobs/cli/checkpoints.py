@@ -1,0 +1,177 @@
+"""``sluiceway checkpoints list|show|diff`` and ``sluiceway history``: what
+a job did, read from checkpoint storage alone."""
+
+from __future__ import annotations
+
+import json
+
+from sluiceway.checkpoint.errors import CheckpointError
+from sluiceway.checkpoint.history import CheckpointHistory
+from sluiceway.checkpoint.storage import JobStorage
+from sluiceway.jobs.cli.common import checkpoint_dir_arg, json_arg, when
+
+
+def register(sub) -> None:
+    c = sub.add_parser("checkpoints", help="read a job's checkpoints")
+    csub = c.add_subparsers(dest="checkpoints_command", required=True)
+    ls = csub.add_parser("list", help="one row per checkpoint ever taken")
+    ls.set_defaults(func=cmd_checkpoints_list)
+    ls.add_argument("job_name")
+    checkpoint_dir_arg(ls)
+    json_arg(ls, "a list")
+    show = csub.add_parser("show", help="one checkpoint: its history record, and its manifest while retained")
+    show.set_defaults(func=cmd_checkpoints_show)
+    show.add_argument("job_name")
+    show.add_argument("id", type=int)
+    checkpoint_dir_arg(show)
+    json_arg(show, "the record and the manifest")
+    diff = csub.add_parser("diff", help="how checkpoint B differs from A: offsets advanced, state per step")
+    diff.set_defaults(func=cmd_checkpoints_diff)
+    diff.add_argument("job_name")
+    diff.add_argument("a", type=int)
+    diff.add_argument("b", type=int)
+    checkpoint_dir_arg(diff)
+    json_arg(diff, "the difference")
+
+    h = sub.add_parser("history", help="a job's whole timeline: runs, checkpoints, failures, recoveries, rescales")
+    h.set_defaults(func=cmd_history)
+    h.add_argument("job_name")
+    checkpoint_dir_arg(h)
+    json_arg(h, "the records")
+
+
+def offsets_summary(offsets: dict) -> str:
+    return " ".join(f"{s}:{sum(parts.values())}" for s, parts in offsets.items()) or "-"
+
+
+def cmd_checkpoints_list(args) -> int:
+    rows = CheckpointHistory(JobStorage(args.checkpoint_dir, args.job_name)).list()
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=1))
+        return 0
+    if not rows:
+        print(f"job {args.job_name!r} has no checkpoints under {args.checkpoint_dir}")
+        return 0
+    print(f"{'id':>6} {'epoch':>6} {'status':<10} {'started at':<24} {'duration':>9} {'bytes':>10} {'written':>10}  "
+          "offsets  notes")
+    for r in rows:
+        dur = f"{r.duration_s:.3f}s" if r.duration_s is not None else "-"
+        size = f"{r.size_bytes:,}" if r.size_bytes is not None else "-"
+        written = f"{r.written_bytes:,}" if r.written_bytes is not None else "-"
+        notes = [f"restored {r.restored}x"] if r.restored else []
+        notes += [f"after {r.attempts - 1} failed attempt(s)"] if r.attempts > 1 and r.status != "failed" else []
+        notes += [r.reason] if r.reason else []
+        notes += [r.problem] if r.problem else []
+        print(f"{r.id:>6} {r.epoch if r.epoch is not None else '-':>6} {r.status:<10} {when(r.started_at):<24} "
+              f"{dur:>9} {size:>10} {written:>10}  {offsets_summary(r.offsets)}  {'; '.join(notes)}".rstrip())
+    return 0
+
+
+def cmd_checkpoints_show(args) -> int:
+    """A checkpoint's history record, and its manifest while its files are retained."""
+    checkpoints = CheckpointHistory(JobStorage(args.checkpoint_dir, args.job_name))
+    ids = {r.id: r for r in checkpoints.list()}
+    if args.id in ids and ids[args.id].status not in ("complete", "corrupt", "incomplete"):
+        record = checkpoints.record(args.id)
+        if args.json:
+            print(json.dumps({"record": record, "manifest": None}, indent=1))
+            return 0
+        row = ids[args.id]
+        print(f"checkpoint {args.id} of job {args.job_name}: epoch {record['epoch']}, {row.status}"
+              + (f" ({record['reason']})" if record.get("reason") else ""))
+        print(f"  triggered {when(record['trigger_time'])}, took {record['duration_s']:.3f} s"
+              + (f", {record['size_bytes']:,} bytes of state" if record.get("size_bytes") is not None else ""))
+        print(f"  offsets: {json.dumps(record['offsets'])}")
+        if row.restored:
+            print(f"  restored {row.restored} time(s) by a recovery or a restart")
+        if row.status in ("removed", "retired"):
+            print("  its state files were removed by retention: it can no longer be restored")
+        return 0
+    manifest = checkpoints.show(args.id)
+    if args.json:
+        try:
+            record = checkpoints.record(args.id)
+        except CheckpointError:
+            record = None  # taken before the job kept a history
+        print(json.dumps({"record": record, "manifest": manifest}, indent=1))
+        return 0
+    print(f"checkpoint {manifest['id']} of job {manifest['job']}: epoch {manifest['epoch']}, {manifest['status']}")
+    if args.id in ids and ids[args.id].restored:
+        print(f"  restored {ids[args.id].restored} time(s) by a recovery or a restart")
+    print(f"  started {when(manifest['started_at'])}, took {manifest['duration_s']:.3f} s, "
+          f"{manifest['size_bytes']:,} bytes of state, {manifest['written_bytes']:,} written by this checkpoint")
+    print(f"  offsets: {json.dumps(manifest['offsets'])}")
+    for task in manifest["tasks"]:
+        print(f"  task {task['task']}: snapshot {task['snapshot_s']:.3f} s, epoch {task['duration_s']:.3f} s, "
+              f"wrote {task['written_bytes']:,} bytes")
+    for step, key_groups in manifest["state"].items():
+        by_file: dict[str, int] = {}
+        for chain in key_groups.values():
+            for path, _ in chain:
+                by_file[path] = by_file.get(path, 0) + 1
+        deltas = sum(len(chain) - 1 for chain in key_groups.values())
+        print(f"  {step}: {len(key_groups)} key groups in {len(by_file)} file(s), {deltas} delta(s) on full copies")
+        for path, count in sorted(by_file.items()):
+            f = manifest["files"][path]
+            print(f"    {path}  {count} key group part(s), {f['size_bytes']:,} bytes, {f['rows']:,} rows, "
+                  f"from checkpoint {f['checkpoint']}, sha256 {f['sha256'][:12]}")
+    return 0
+
+
+def cmd_checkpoints_diff(args) -> int:
+    d = CheckpointHistory(JobStorage(args.checkpoint_dir, args.job_name)).diff(args.a, args.b)
+    if args.json:
+        print(json.dumps(d, indent=1))
+        return 0
+    print(f"checkpoint {d['from']} -> {d['to']} of job {args.job_name}")
+    for source, parts in d["offsets"].items():
+        advanced = ", ".join(f"partition {p} +{n:,}" for p, n in sorted(parts.items(), key=lambda x: int(x[0])))
+        print(f"  {source}: {advanced}")
+    for step, s in d["steps"].items():
+        print(f"  {step}: state {s['bytes_from']:,} -> {s['bytes_to']:,} bytes ({s['bytes_delta']:+,}), "
+              f"{s['rows_from']:,} -> {s['rows_to']:,} stored rows ({s['rows_delta']:+,})")
+    return 0
+
+
+def format_record(r: dict) -> str:
+    """One line of ``sluiceway history``."""
+    kind = r["kind"]
+    if kind == "run_started":
+        where = f"from checkpoint {r['restored_checkpoint']}" if r["restored_checkpoint"] else "from the start"
+        replay = f", replaying epochs {r['replay_epochs']}" if r["replay_epochs"] else ""
+        text = (f"run {r['run_id']} (fencing {r['fencing']}, process {r['pid']} on {r['host']}) {where}{replay}; "
+                f"parallelism {r['parallelism']}")
+    elif kind == "checkpoint":
+        if r["status"] == "complete":
+            text = (f"{r['id']} complete: {r['duration_s']:.3f} s, alignment {r['alignment_s']:.3f} s, "
+                    f"{r['size_bytes']:,} bytes of state, {r['written_bytes']:,} written")
+        else:
+            text = f"{r['id']} {r['status']}: {r['reason']}"
+    elif kind == "recovery":
+        text = (f"{r['failure']}; detected in {r['detect_s']:.2f} s, restored checkpoint "
+                f"{r['restored_checkpoint'] or '(none: from the start)'} in {r['restore_s']:.2f} s, replaying "
+                f"epochs {r['replay_epochs']}, restarted {r['restarted_tasks'] or 'no tasks'}")
+    elif kind == "rescale":
+        text = f"parallelism {r['from']} -> {r['to']}, from checkpoint {r['restored_checkpoint']}"
+    elif kind == "run_ended":
+        why = f"failed: {r['error']}" if r["error"] else r["reason"]
+        text = (f"run {r['run_id']} ended ({why}): last epoch {r['last_epoch']}, last checkpoint "
+                f"{r['last_checkpoint']}, {r['restarts']} restart(s)")
+    else:
+        text = json.dumps(r)
+    return f"{when(r['at'])}  {kind:<12} {text}"
+
+
+def cmd_history(args) -> int:
+    from sluiceway.checkpoint.timeline import read_history
+
+    records = read_history(JobStorage(args.checkpoint_dir, args.job_name)).records
+    if args.json:
+        print(json.dumps(records, indent=1))
+        return 0
+    if not records:
+        print(f"job {args.job_name!r} has no history under {args.checkpoint_dir}")
+        return 0
+    for r in records:
+        print(format_record(r))
+    return 0

@@ -1,0 +1,121 @@
+"""``sluiceway run``: a job on an embedded local Ray cluster, its progress
+printed as it goes."""
+
+from __future__ import annotations
+
+from sluiceway.jobs.cli.common import (
+    UsageError,
+    checkpoint_dir_arg,
+    env_arg,
+    env_switch,
+    nonnegative_int,
+    positive_int,
+    seconds,
+)
+
+
+def register(sub) -> None:
+    r = sub.add_parser("run", help="run a job on an embedded local Ray cluster")
+    r.set_defaults(func=cmd_run)
+    r.add_argument("job", help="path/to/job.py (attribute 'flow') or path/to/job.py:attribute")
+    checkpoint_dir_arg(r)
+    env_arg(r, "--trigger", "SLUICEWAY_TRIGGER", "1.0", seconds, "seconds between epochs on live input")
+    env_arg(r, "--checkpoint-every", "SLUICEWAY_CHECKPOINT_EVERY", "5", positive_int, "checkpoint every N epochs")
+    env_arg(r, "--parallelism", "SLUICEWAY_PARALLELISM", None, positive_int,
+            "parallelism of steps that set none (default: one task per CPU)")
+    env_arg(r, "--max-failures", "SLUICEWAY_MAX_FAILURES", "5", nonnegative_int,
+            "restart budget: failures allowed within --failure-window without a completed checkpoint between them")
+    env_arg(r, "--failure-window", "SLUICEWAY_FAILURE_WINDOW", "600", seconds,
+            "seconds after which a failure no longer counts against the budget")
+    env_arg(r, "--restart-delay", "SLUICEWAY_RESTART_DELAY", "1", seconds,
+            "delay before the second restart in a row; it doubles with each further one (the first is immediate)")
+    env_arg(r, "--max-restart-delay", "SLUICEWAY_MAX_RESTART_DELAY", "60", seconds, "the longest delay between restarts")
+    env_arg(r, "--storage-deadline", "SLUICEWAY_STORAGE_DEADLINE", "120", seconds,
+            "seconds to keep retrying checkpoint storage that fails (the job pauses) before the job fails")
+    env_arg(r, "--epoch-timeout", "SLUICEWAY_EPOCH_TIMEOUT", None, seconds,
+            "seconds after which an epoch counts as stuck and its tasks are restarted "
+            "(default: 10x the slowest recent epoch, at least 60; 600 before the first epoch completes)")
+    env_switch(r, "--force", "SLUICEWAY_FORCE",
+               "take the job over even if another run holds its lease; that run then stops writing")
+    stop = r.add_mutually_exclusive_group()
+    env_arg(r, "--epochs", "SLUICEWAY_EPOCHS", None, positive_int, "stop after N new epochs and a final checkpoint",
+            group=stop)
+    env_switch(r, "--until-idle", "SLUICEWAY_UNTIL_IDLE",
+               "stop when bounded sources are exhausted, after a final checkpoint; without --epochs or "
+               "--until-idle, run until Ctrl-C", group=stop)
+
+
+def format_event(event: dict) -> str | None:
+    kind = event["type"]
+    if kind == "started":
+        resume = event["resume_checkpoint"]
+        where = f"resuming from checkpoint {resume}" if resume else "from the start"
+        replay = f", replaying epochs {event['replay_epochs']}" if event["replay_epochs"] else ""
+        return f"started {len(event['tasks'])} tasks on {event['nodes']} node(s), {where}{replay}"
+    if kind == "epoch":
+        ckpt = f"checkpoint {event['checkpoint']} complete" if event["checkpoint"] else f"last checkpoint {event['last_checkpoint']}"
+        rate = f"{event['rows_per_s']:>12,.0f} rows/s" if event["rows_per_s"] else f"{'-':>12} rows/s"
+        return (f"epoch {event['epoch']:>5}  in {event['rows_in']:>9,}  out {event['rows_out']:>9,}  {rate}  "
+                f"{event['duration_s']:6.3f} s  {ckpt}")
+    if kind == "failure":
+        if event.get("delay_s") is None:
+            return f"FAILURE: {event['error']}"
+        delay = f" in {event['delay_s']:g} s" if event["delay_s"] else ""
+        return f"FAILURE: {event['error']} (restart {event['restarts']}{delay})"
+    if kind == "recovered":
+        return (f"recovered in {event['duration_s']:.2f} s: restarted {event['restarted_tasks'] or 'no'} task(s), "
+                f"restored checkpoint {event['checkpoint']}, replaying epochs {event['replay_epochs']}")
+    if kind == "storage_waiting":
+        return f"WAITING FOR STORAGE ({event['who']}): {event['error']}; retrying for up to {event['deadline_s']:g} s"
+    if kind == "storage_resumed":
+        return f"storage is back ({event['who']}): {event['message']}"
+    if kind == "adopted_plan":
+        return f"epoch {event['epoch']} was planned by another run; running that plan"
+    if kind == "corrupt_checkpoint":
+        return f"checkpoint {event['checkpoint']} is corrupt ({event['problem']}); using the one before"
+    return None
+
+
+def print_event(event: dict) -> None:
+    line = format_event(event)
+    if line:
+        print(line, flush=True)
+
+
+def cmd_run(args) -> int:
+    from sluiceway.jobs.jobfile import load_flow
+    from sluiceway.jobs.runner import run
+
+    from sluiceway.cluster.restart import RestartPolicy
+
+    try:
+        policy = RestartPolicy(
+            max_failures=args.max_failures,
+            failure_window_s=args.failure_window,
+            initial_delay_s=min(args.restart_delay, args.max_restart_delay),
+            max_delay_s=args.max_restart_delay,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    flow = load_flow(args.job)
+    summary = run(
+        flow,
+        args.checkpoint_dir,
+        until_idle=args.until_idle,
+        epochs=args.epochs,
+        trigger_s=args.trigger,
+        checkpoint_every=args.checkpoint_every,
+        parallelism=args.parallelism,
+        restart_policy=policy,
+        force=args.force,
+        storage_deadline_s=args.storage_deadline,
+        epoch_timeout_s=args.epoch_timeout,
+        on_event=print_event,
+        on_started=lambda _: print(f"job {flow.name!r}: checkpoints in {args.checkpoint_dir}", flush=True),
+    )
+    print(
+        f"done ({summary['stopped']}): {summary['epochs']} epochs, {summary['rows_in']:,} rows in, "
+        f"{summary['rows_out']:,} rows out, {summary['checkpoints']} checkpoints, {summary['restarts']} restarts, "
+        f"last checkpoint {summary['last_checkpoint']}, {summary['duration_s']:.1f} s"
+    )
+    return 0
