@@ -111,7 +111,8 @@ class TaskRuntime:
             context = OperatorContext(step_id, self.task.subtask, stage.parallelism, self.plan.max_key_groups)
             if step.sink is not None:
                 self.sink_writers[step_id] = step.sink.open(
-                    SinkContext(step_id, self.task.subtask, stage.parallelism, self.plan.job, attempt)
+                    SinkContext(step_id, self.task.subtask, stage.parallelism, self.plan.job, attempt,
+                                self.storage.on_wait)
                 )
                 continue
             operator = step.operator or Identity()

@@ -25,6 +25,7 @@ import json
 import posixpath
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,6 +54,7 @@ class SinkContext:
     parallelism: int
     job: str
     attempt: str = "f0g0"
+    on_wait: Callable[[str, str], None] | None = None  # hears when the sink's storage fails and is back
 
 
 class SinkWriter:
@@ -76,9 +78,16 @@ class Sink:
 
 
 class _ParquetLayout:
-    def __init__(self, url: str):
+    """Paths of a ParquetSink, and its reads, retried like every storage call."""
+
+    def __init__(self, url: str, retry: StorageRetry = StorageRetry(), on_wait=None):
         self.url = url
         self.fs, self.base = open_filesystem(url)
+        self.retry = retry
+        self.on_wait = on_wait
+
+    def call(self, what: str, path: str, fn):
+        return call_with_retry(what, self.fs.unstrip_protocol(path), fn, self.retry, self.on_wait)
 
     def data_path(self, epoch: int, subtask: int, attempt: str) -> str:
         name = f"part-{subtask:05d}-{attempt}.parquet"
@@ -90,7 +99,7 @@ class _ParquetLayout:
     def committed_epochs(self) -> list[int]:
         folder = posixpath.join(self.base, "_committed")
         try:
-            names = self.fs.ls(folder, detail=False)
+            names = self.call("list", folder, lambda: self.fs.ls(folder, detail=False))
         except FileNotFoundError:
             return []
         stems = (posixpath.basename(n)[: -len(".json")] for n in names if n.endswith(".json"))
@@ -99,7 +108,7 @@ class _ParquetLayout:
     def read_marker(self, epoch: int) -> dict | None:
         path = self.marker_path(epoch)
         try:
-            doc = json.loads(self.fs.cat_file(path))
+            doc = json.loads(self.call("read", path, lambda: self.fs.cat_file(path)))
         except FileNotFoundError:
             return None
         except ValueError as exc:
@@ -110,10 +119,9 @@ class _ParquetLayout:
 
 
 class _ParquetWriter(SinkWriter):
-    def __init__(self, layout: _ParquetLayout, context: SinkContext, retry: StorageRetry):
+    def __init__(self, layout: _ParquetLayout, context: SinkContext):
         self.layout = layout
         self.context = context
-        self.retry = retry
 
     def write_epoch(self, epoch: int, table: pa.Table | None) -> dict:
         subtask = self.context.subtask
@@ -126,8 +134,7 @@ class _ParquetWriter(SinkWriter):
         pq.write_table(table, buf)
         path = self.layout.data_path(epoch, subtask, self.context.attempt)
         data = buf.getvalue()
-        call_with_retry("write", self.layout.fs.unstrip_protocol(path), lambda: atomic_write(self.layout.fs, path, data),
-                        self.retry)
+        self.layout.call("write", path, lambda: atomic_write(self.layout.fs, path, data))
         return {"subtask": subtask, "rows": table.num_rows, "path": posixpath.relpath(path, self.layout.base)}
 
 
@@ -143,10 +150,10 @@ class ParquetSink(Sink):
         _ParquetLayout(url)  # fail at build time on an unknown protocol
 
     def open(self, context: SinkContext) -> SinkWriter:
-        return _ParquetWriter(_ParquetLayout(self.url), context, self.retry)
+        return _ParquetWriter(_ParquetLayout(self.url, self.retry, context.on_wait), context)
 
     def commit(self, epoch: int, handles: list[dict]) -> None:
-        layout = _ParquetLayout(self.url)
+        layout = _ParquetLayout(self.url, self.retry)
         if layout.read_marker(epoch) is not None:
             return
         files = sorted(
@@ -156,8 +163,7 @@ class ParquetSink(Sink):
         marker = {"epoch": epoch, "files": files, "rows": sum(f["rows"] for f in files), "committed_at": time.time()}
         data, path = json.dumps(marker, indent=1).encode(), layout.marker_path(epoch)
         try:  # created only if absent: a marker never names another run's files
-            call_with_retry("commit", layout.fs.unstrip_protocol(path), lambda: create_exclusive(layout.fs, path, data),
-                            self.retry)
+            layout.call("commit", path, lambda: create_exclusive(layout.fs, path, data))
         except FileExistsError:
             marker = layout.read_marker(epoch)
         self._remove_unnamed(layout, epoch, marker)
@@ -167,15 +173,14 @@ class ParquetSink(Sink):
         not name (a failed attempt's, a stale run's) are never read: delete them."""
         folder = posixpath.dirname(layout.data_path(epoch, 0, "-"))
         named = {posixpath.join(layout.base, f["path"]) for f in marker["files"]}
-        url = layout.fs.unstrip_protocol(folder)
         try:
-            present = call_with_retry("list", url, lambda: layout.fs.ls(folder, detail=False), self.retry)
+            present = layout.call("list", folder, lambda: layout.fs.ls(folder, detail=False))
         except FileNotFoundError:
             return
         for name in present:
             if name not in named:
                 try:
-                    call_with_retry("delete", url, lambda n=name: layout.fs.rm_file(n), self.retry)
+                    layout.call("delete", name, lambda n=name: layout.fs.rm_file(n))
                 except FileNotFoundError:
                     pass
 

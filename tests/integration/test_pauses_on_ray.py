@@ -45,6 +45,28 @@ def test_storage_outage_pauses_and_resumes_with_exactly_once_output(tmp_path):
     assert ok, line
 
 
+def test_sink_storage_outage_pauses_the_job_too(tmp_path):
+    rows = 4000
+    ckpt, out = str(tmp_path / "ckpt"), tmp_path / "out"
+    out.mkdir()
+    flow = example.build(output=f"sluiceway-flaky://{out}", rows_per_partition=rows, rows_per_second=2000)
+    events, declared = [], {}
+
+    def on_event(event):
+        events.append(event)
+        if event["type"] == "epoch" and event["epoch"] == 2 and not declared:
+            declared["done"] = True
+            FlakyFileSystem.declare_outage(str(out), seconds=2.0)
+
+    summary = run(flow, ckpt, trigger_s=0.2, storage_deadline_s=30, on_event=on_event)
+    waiting = [e for e in events if e["type"] == "storage_waiting"]
+    assert waiting, [e["type"] for e in events]
+    assert "/out/" in waiting[0]["error"] and "No space left on device (simulated outage)" in waiting[0]["error"]
+    assert summary["restarts"] == 0 and summary["stopped"] == "idle"
+    ok, line = exactly_once(str(out), rows)
+    assert ok, line
+
+
 def test_storage_outage_past_the_deadline_fails_with_the_cause_first(tmp_path):
     ckpt = f"sluiceway-flaky://{tmp_path}/ckpt"
     flow = example.build(output=str(tmp_path / "out"), rows_per_partition=6000, rows_per_second=1500)
