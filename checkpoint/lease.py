@@ -31,7 +31,6 @@ sluiceway.checkpoint.errors.LeaseLostError: run run-a lost job 'clicks' to run r
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 
 from sluiceway.checkpoint.errors import LeaseHeldError, LeaseLostError
@@ -110,10 +109,8 @@ def acquire(storage: JobStorage, holder: LeaseHolder, *, ttl_s: float, now: floa
         try:
             storage.create_lease(lease.fencing, lease.to_json())
         except FileExistsError:
-            if force:
-                continue  # another run took top + 1 first: force takes the next number
-            force = False
-            continue  # someone else started at the same moment: look again, and be refused
+            # Another run took top + 1 first: look again (and be refused, unless forcing).
+            continue
         for old in numbers[: max(0, len(numbers) - KEEP_RECORDS)]:
             storage.delete_file(storage.lease_path(old))  # a stale run still sees a higher number
         return lease
@@ -153,6 +150,3 @@ def release(storage: JobStorage, lease: Lease, *, now: float) -> None:
         return
     storage.write_lease(lease.fencing, Lease(lease.job, lease.fencing, lease.holder, now, now).to_json())
 
-
-def describe(lease: Lease | None) -> str:
-    return json.dumps(lease.to_json() if lease else None)

@@ -75,11 +75,3 @@ def apply_retention(storage: JobStorage, keep: int) -> list[int]:
     if complete:
         storage.prune_logs(below_epoch=complete[0])
     return doomed
-
-
-def referenced_checkpoints(manifest: dict) -> list[int]:
-    """The checkpoints whose folders hold files ``manifest`` refers to."""
-    return sorted({f["checkpoint"] for f in (manifest.get("files") or {}).values()})
-
-
-

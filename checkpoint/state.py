@@ -21,7 +21,6 @@ import pyarrow as pa
 from sluiceway.checkpoint.errors import CorruptCheckpointError
 from sluiceway.checkpoint.storage import JobStorage
 
-StateMap = dict[str, dict[str, list]]  # step -> str(key group) -> [[file path, batch index], ...]
 MAX_CHAIN = 8  # deltas after a full copy, at most, before the key group is written whole again
 
 

@@ -96,7 +96,6 @@ class Coordinator:
         self.plan = plan
         self.lease = lease
         self._lease_lost: LeaseLostError | None = None
-        self._lease_lock = threading.Lock()
         self.storage = storage
         self.options = options
         self.job_doc = job_doc
@@ -222,8 +221,7 @@ class Coordinator:
         interval = self.options.lease_ttl_s / 4
         while not self._stop_renewing.wait(interval):
             try:
-                with self._lease_lock:
-                    self.lease = leases.renew(self.storage, self.lease, ttl_s=self.options.lease_ttl_s, now=time.time())
+                self.lease = leases.renew(self.storage, self.lease, ttl_s=self.options.lease_ttl_s, now=time.time())
             except LeaseLostError as exc:
                 self._lease_lost = exc
                 return
