@@ -13,6 +13,7 @@ removed is listed as ``removed``; one that can still be restored, as
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 from sluiceway.checkpoint.errors import CheckpointError
@@ -46,44 +47,52 @@ class CheckpointHistory:
     def __init__(self, storage: JobStorage):
         self.storage = storage
 
+    @functools.cached_property
+    def records(self) -> dict[int, dict]:
+        """Each checkpoint's latest history record, read once per instance."""
+        return read_history(self.storage).checkpoints()
+
     def list(self) -> list[CheckpointInfo]:
         """Every checkpoint ever attempted, oldest first: from the history
         records, with the state of its folder now."""
-        records = read_history(self.storage).checkpoints()
         folders = {i: check_manifest(self.storage, i) for i in self.storage.checkpoint_ids()}
-        rows = []
-        for checkpoint_id in sorted(set(records) | set(folders)):
-            record, check = records.get(checkpoint_id), folders.get(checkpoint_id)
-            m = (check.manifest if check else None) or {}
-            if record is None:  # no record (written before histories existed, or in progress)
-                status = check.status.value
-            elif record["status"] != "complete":
-                status = record["status"]
-            elif check is None:
-                status = "removed"  # by retention: the record outlives the files
-            else:
-                status = check.status.value
-            rows.append(
-                CheckpointInfo(
-                    id=checkpoint_id,
-                    epoch=(record or m).get("epoch", checkpoint_id),
-                    status=status,
-                    started_at=(record or {}).get("trigger_time", m.get("started_at")),
-                    duration_s=(record or m).get("duration_s"),
-                    size_bytes=(record or m).get("size_bytes"),
-                    offsets=(record or m).get("offsets", {}),
-                    written_bytes=(record or m).get("written_bytes"),
-                    problem=check.problem if check else None,
-                    reason=(record or {}).get("reason"),
-                    restored=len((record or {}).get("restored_by", [])),
-                    attempts=(record or {}).get("attempts", 1),
-                )
-            )
-        return rows
+        return [self._row(i, self.records.get(i), folders.get(i)) for i in sorted(set(self.records) | set(folders))]
+
+    def row(self, checkpoint_id: int) -> CheckpointInfo | None:
+        """The row :meth:`list` would show for one checkpoint (``None``: unknown)."""
+        check = check_manifest(self.storage, checkpoint_id) if checkpoint_id in self.storage.checkpoint_ids() else None
+        record = self.records.get(checkpoint_id)
+        return None if record is None and check is None else self._row(checkpoint_id, record, check)
+
+    @staticmethod
+    def _row(checkpoint_id: int, record: dict | None, check) -> CheckpointInfo:
+        m = (check.manifest if check else None) or {}
+        if record is None:  # no record (written before histories existed, or in progress)
+            status = check.status.value
+        elif record["status"] != "complete":
+            status = record["status"]
+        elif check is None:
+            status = "removed"  # by retention: the record outlives the files
+        else:
+            status = check.status.value
+        return CheckpointInfo(
+            id=checkpoint_id,
+            epoch=(record or m).get("epoch", checkpoint_id),
+            status=status,
+            started_at=(record or {}).get("trigger_time", m.get("started_at")),
+            duration_s=(record or m).get("duration_s"),
+            size_bytes=(record or m).get("size_bytes"),
+            offsets=(record or m).get("offsets", {}),
+            written_bytes=(record or m).get("written_bytes"),
+            problem=check.problem if check else None,
+            reason=(record or {}).get("reason"),
+            restored=len((record or {}).get("restored_by", [])),
+            attempts=(record or {}).get("attempts", 1),
+        )
 
     def record(self, checkpoint_id: int) -> dict:
         """The history record of one checkpoint (kept after retention)."""
-        records = read_history(self.storage).checkpoints()
+        records = self.records
         if checkpoint_id not in records:
             known = ", ".join(str(i) for i in records) or "none"
             raise CheckpointError(

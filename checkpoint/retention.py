@@ -61,15 +61,17 @@ def apply_retention(storage: JobStorage, keep: int) -> list[int]:
     }
     for checkpoint_id in doomed:
         folder = storage.checkpoint_path(checkpoint_id)
-        still_used = [p for p in storage.files_under(folder) if storage.relative(p) in referenced]
+        present = storage.files_under(folder)
+        still_used = [p for p in present if storage.relative(p) in referenced]
         if still_used:
             storage.write_json(storage.retired_path(checkpoint_id), {"checkpoint": checkpoint_id, "kept": len(still_used)})
         storage.delete_file(storage.manifest_path(checkpoint_id))
         if not still_used:
             storage.delete_tree(folder)
             continue
-        for path in storage.files_under(folder):
-            if storage.relative(path) not in referenced and path != storage.retired_path(checkpoint_id):
+        for path in present:
+            unused = storage.relative(path) not in referenced
+            if unused and path not in (storage.retired_path(checkpoint_id), storage.manifest_path(checkpoint_id)):
                 storage.delete_file(path)
     complete = sorted(i for i, c in checks.items() if c.status is CheckpointStatus.COMPLETE and i not in doomed)
     if complete:

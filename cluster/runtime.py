@@ -213,7 +213,7 @@ class TaskRuntime:
                     for kg_text, batch in entry["key_groups"].items():
                         ref = [entry["path"], batch]
                         index[kg_text] = [ref] if int(kg_text) in whole else index[kg_text] + [ref]
-                result.state[step_id] = {kg: list(chain) for kg, chain in index.items()}
+                result.state[step_id] = dict(index)  # chains are replaced, never changed in place
             result.snapshot_s = time.time() - t0
         return result
 

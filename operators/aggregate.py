@@ -3,8 +3,8 @@
 Each epoch, the rows of the epoch are aggregated per key with Arrow's
 group-by (partial aggregates); from each key group they touch, the state
 rows of the epoch's keys are merged with them (a second group-by over the
-epoch's keys only), and the updated rows are emitted, in the order their
-keys first appear in the epoch: key first, then one column per ``(column, function)`` pair named as
+epoch's keys only), and the updated rows are emitted, one per key the
+epoch touched (in no promised order): key first, then one column per ``(column, function)`` pair named as
 ``pyarrow.TableGroupBy`` names them (``value_sum``). No per-row Python
 anywhere; state is kept per key group in a
 :class:`~sluiceway.operators.state.KeyGroupStore`.
@@ -163,7 +163,8 @@ class AggregateLogic(OperatorLogic):
             previous.append(old.filter(hit).select(partial.column_names))
             rest[kg] = old.filter(pc.invert(hit))
         # 2. Merge them with the epoch's partial aggregates in one group-by
-        #    over the epoch's keys only (the epoch's first-seen key order).
+        #    over the epoch's keys only. Its output order is not the input's
+        #    (not with chunked input), so the merged keys are grouped anew.
         if previous:
             combined = pa.concat_tables([partial] + previous, promote_options="permissive")
             names = [a.name for a in op.accumulators]

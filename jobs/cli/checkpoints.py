@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-from sluiceway.checkpoint.errors import CheckpointError
 from sluiceway.checkpoint.history import CheckpointHistory
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.jobs.cli.common import checkpoint_dir_arg, json_arg, when
@@ -70,13 +69,12 @@ def cmd_checkpoints_list(args) -> int:
 def cmd_checkpoints_show(args) -> int:
     """A checkpoint's history record, and its manifest while its files are retained."""
     checkpoints = CheckpointHistory(JobStorage(args.checkpoint_dir, args.job_name))
-    ids = {r.id: r for r in checkpoints.list()}
-    if args.id in ids and ids[args.id].status not in ("complete", "corrupt", "incomplete"):
+    row = checkpoints.row(args.id)
+    if row is not None and row.status not in ("complete", "corrupt", "incomplete"):
         record = checkpoints.record(args.id)
         if args.json:
             print(json.dumps({"record": record, "manifest": None}, indent=1))
             return 0
-        row = ids[args.id]
         print(f"checkpoint {args.id} of job {args.job_name}: epoch {record['epoch']}, {row.status}"
               + (f" ({record['reason']})" if record.get("reason") else ""))
         print(f"  triggered {when(record['trigger_time'])}, took {record['duration_s']:.3f} s"
@@ -88,16 +86,12 @@ def cmd_checkpoints_show(args) -> int:
             print("  its state files were removed by retention: it can no longer be restored")
         return 0
     manifest = checkpoints.show(args.id)
-    if args.json:
-        try:
-            record = checkpoints.record(args.id)
-        except CheckpointError:
-            record = None  # taken before the job kept a history
-        print(json.dumps({"record": record, "manifest": manifest}, indent=1))
+    if args.json:  # no record: taken before the job kept a history
+        print(json.dumps({"record": checkpoints.records.get(args.id), "manifest": manifest}, indent=1))
         return 0
     print(f"checkpoint {manifest['id']} of job {manifest['job']}: epoch {manifest['epoch']}, {manifest['status']}")
-    if args.id in ids and ids[args.id].restored:
-        print(f"  restored {ids[args.id].restored} time(s) by a recovery or a restart")
+    if row is not None and row.restored:
+        print(f"  restored {row.restored} time(s) by a recovery or a restart")
     print(f"  started {when(manifest['started_at'])}, took {manifest['duration_s']:.3f} s, "
           f"{manifest['size_bytes']:,} bytes of state, {manifest['written_bytes']:,} written by this checkpoint")
     print(f"  offsets: {json.dumps(manifest['offsets'])}")
