@@ -467,18 +467,17 @@ class Coordinator:
         failure = primary(failures)
         self.failures.append(failure.text())
         decision = self.tracker.on_failure(failure, t0)
-        if isinstance(decision, GiveUp):
-            self._event("failure", error=failure.message, failure_kind=failure.kind.value, restarts=self.restarts,
-                        delay_s=None)
+        giving_up = isinstance(decision, GiveUp)
+        self.restarts += not giving_up
+        self._event("failure", error=failure.message, failure_kind=failure.kind.value, restarts=self.restarts,
+                    delay_s=None if giving_up else decision.delay_s)
+        if giving_up:
             self._record_checkpoints_lost("aborted", f"the job stopped: {failure.message}", t0)
             raise JobFailedError(
                 failure.message,
                 f"job {self.plan.job!r} stopped: {decision.reason}; committed output stays as of epoch "
                 f"{self.last_completed}" + (f"\n{failure.detail}" if failure.detail else ""),
             )
-        self.restarts += 1
-        self._event("failure", error=failure.message, failure_kind=failure.kind.value, restarts=self.restarts,
-                    delay_s=decision.delay_s)
         if decision.delay_s:
             self._stop_requested.wait(decision.delay_s)
         # 1. Halt: a new generation makes every message in flight stale.

@@ -7,36 +7,19 @@ import json
 
 from sluiceway.checkpoint.history import CheckpointHistory
 from sluiceway.checkpoint.storage import JobStorage
-from sluiceway.jobs.cli.common import checkpoint_dir_arg, json_arg, when
+from sluiceway.jobs.cli.common import job_command, when
 
 
 def register(sub) -> None:
     c = sub.add_parser("checkpoints", help="read a job's checkpoints")
     csub = c.add_subparsers(dest="checkpoints_command", required=True)
-    ls = csub.add_parser("list", help="one row per checkpoint ever taken")
-    ls.set_defaults(func=cmd_checkpoints_list)
-    ls.add_argument("job_name")
-    checkpoint_dir_arg(ls)
-    json_arg(ls, "a list")
-    show = csub.add_parser("show", help="one checkpoint: its history record, and its manifest while retained")
-    show.set_defaults(func=cmd_checkpoints_show)
-    show.add_argument("job_name")
-    show.add_argument("id", type=int)
-    checkpoint_dir_arg(show)
-    json_arg(show, "the record and the manifest")
-    diff = csub.add_parser("diff", help="how checkpoint B differs from A: offsets advanced, state per step")
-    diff.set_defaults(func=cmd_checkpoints_diff)
-    diff.add_argument("job_name")
-    diff.add_argument("a", type=int)
-    diff.add_argument("b", type=int)
-    checkpoint_dir_arg(diff)
-    json_arg(diff, "the difference")
-
-    h = sub.add_parser("history", help="a job's whole timeline: runs, checkpoints, failures, recoveries, rescales")
-    h.set_defaults(func=cmd_history)
-    h.add_argument("job_name")
-    checkpoint_dir_arg(h)
-    json_arg(h, "the records")
+    job_command(csub, "list", "one row per checkpoint ever taken", cmd_checkpoints_list, "a list")
+    job_command(csub, "show", "one checkpoint: its history record, and its manifest while retained",
+                cmd_checkpoints_show, "the record and the manifest", ("id", int))
+    job_command(csub, "diff", "how checkpoint B differs from A: offsets advanced, state per step",
+                cmd_checkpoints_diff, "the difference", ("a", int), ("b", int))
+    job_command(sub, "history", "a job's whole timeline: runs, checkpoints, failures, recoveries, rescales",
+                cmd_history, "the records")
 
 
 def offsets_summary(offsets: dict) -> str:

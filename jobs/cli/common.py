@@ -76,6 +76,19 @@ def json_arg(p: argparse.ArgumentParser, what: str) -> None:
     env_switch(p, "--json", "SLUICEWAY_JSON", f"print {what} as JSON")
 
 
+def job_command(sub, name: str, help: str, func, json_what: str, *positional: tuple[str, type]):
+    """A command about one job in checkpoint storage: ``JOB_NAME``, then
+    ``positional`` arguments, ``--checkpoint-dir`` and ``--json``."""
+    p = sub.add_parser(name, help=help)
+    p.set_defaults(func=func)
+    p.add_argument("job_name")
+    for arg, kind in positional:
+        p.add_argument(arg, type=kind)
+    checkpoint_dir_arg(p)
+    json_arg(p, json_what)
+    return p
+
+
 def when(ts: float | None) -> str:
     if ts is None:
         return "-"
