@@ -54,6 +54,7 @@ def build_manifest(
     max_key_groups: int,
     sink_handles: dict,
     fencing: int = 0,
+    savepoint: bool = False,
 ) -> dict:
     return {
         "format": MANIFEST_FORMAT,
@@ -61,6 +62,7 @@ def build_manifest(
         "id": checkpoint_id,
         "epoch": epoch,
         "status": CheckpointStatus.COMPLETE.value,
+        "savepoint": savepoint,
         "started_at": started_at,
         "completed_at": completed_at,
         "duration_s": round(completed_at - started_at, 6),

@@ -9,6 +9,8 @@ files in an older checkpoint's folder. Retention therefore works on files:
    newest complete one (abandoned by a failure). Corrupt ones are kept for a
    human to look at; the latest complete checkpoint is never deleted.
    Retired ones (below) are looked at again, as later retention frees them.
+   Savepoints are never deleted; the epoch logs are kept from the oldest
+   retained checkpoint or savepoint on, so that any of them can be restored.
 2. Collect every file that a retained manifest refers to.
 3. For each checkpoint that goes: if retained manifests still refer to some
    of its files, mark it ``RETIRED.json``; delete its manifest (it is no
@@ -52,7 +54,8 @@ def apply_retention(storage: JobStorage, keep: int) -> list[int]:
     file a retained manifest refers to; prune the epoch logs below the
     oldest kept checkpoint. Returns the checkpoint ids no longer restorable."""
     checks = {i: check_manifest(storage, i) for i in storage.checkpoint_ids()}
-    doomed = plan_retention({i: c.status for i, c in checks.items()}, keep)
+    savepoints = {i for i, c in checks.items() if c.manifest is not None and c.manifest.get("savepoint")}
+    doomed = [i for i in plan_retention({i: c.status for i, c in checks.items()}, keep) if i not in savepoints]
     referenced = {
         path
         for i, c in checks.items()

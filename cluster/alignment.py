@@ -13,7 +13,7 @@ after its barrier belongs to *e+1* and is held back.
 >>> a.handle(Data("up0", "rows-b"))  # epoch 2 arrives early on up0: held back
 []
 >>> a.handle(BarrierEvent("up1", Barrier(1, checkpoint=True, watermark=3.0)))
-[Aligned(barrier=Barrier(epoch=1, checkpoint=True, watermark=3.0), tables=['rows-a'])]
+[Aligned(barrier=Barrier(epoch=1, checkpoint=True, watermark=3.0, savepoint=False), tables=['rows-a'])]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class Barrier:
     epoch: int
     checkpoint: bool
     watermark: float | None = None
+    savepoint: bool = False  # write state whole: the checkpoint stands alone
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class BarrierAligner:
                         self.next_epoch,
                         checkpoint=any(b.checkpoint for b in barriers),
                         watermark=min_watermark([b.watermark for b in barriers]),
+                        savepoint=any(b.savepoint for b in barriers),
                     ),
                     [t for _, tables in heads for t in tables],
                 )

@@ -32,7 +32,13 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from sluiceway.checkpoint import lease as leases
 from sluiceway.checkpoint.errors import CheckpointError, CorruptCheckpointError, IncompatibleJobError, LeaseLostError
 from sluiceway.checkpoint.lease import DEFAULT_TTL_S, Lease
-from sluiceway.checkpoint.manifest import assemble_state, build_manifest, latest_complete
+from sluiceway.checkpoint.manifest import (
+    CheckpointStatus,
+    assemble_state,
+    build_manifest,
+    check_manifest,
+    latest_complete,
+)
 from sluiceway.checkpoint.retention import apply_retention
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.checkpoint.timeline import HistoryWriter, RecordKind
@@ -66,6 +72,7 @@ class RunOptions:
     lease_ttl_s: float = DEFAULT_TTL_S
     epoch_timeout_s: float | None = None  # None: 10x the slowest recent epoch, at least 60 s (600 s before one)
     epochs: int | None = None  # stop after this many new epochs in this run
+    restore_checkpoint: int | None = None  # start from this retained checkpoint, not the latest
 
     def __post_init__(self):
         problems = []
@@ -83,6 +90,8 @@ class RunOptions:
             problems.append(f"epoch_timeout_s must be > 0 seconds or None, got {self.epoch_timeout_s}")
         if self.lease_ttl_s <= 0:
             problems.append(f"lease_ttl_s must be > 0 seconds, got {self.lease_ttl_s}")
+        if self.restore_checkpoint is not None and self.restore_checkpoint < 1:
+            problems.append(f"restore_checkpoint must be a checkpoint id (>= 1), got {self.restore_checkpoint}")
         if self.epochs is not None and self.epochs < 1:
             problems.append(f"epochs must be >= 1, got {self.epochs}")
         if problems:
@@ -105,6 +114,9 @@ class Coordinator:
         self._events: list[dict] = []
         self._events_lock = threading.Lock()
         self._stop_requested = threading.Event()
+        self.savepoint_requested = False
+        self.savepoint: int | None = None  # the savepoint this run took when asked to stop with one
+        self._plan_s: dict[int, float] = {}  # epoch -> seconds spent planning it (offsets log write)
         self._stop_renewing = threading.Event()
         self.actors: dict[TaskId, object] = {}
         self.generation = 0
@@ -148,7 +160,11 @@ class Coordinator:
             self.storage_waits.pop(who, None)
             self._event("storage_resumed", who=who, message=message)
 
-    def request_stop(self) -> None:
+    def request_stop(self, savepoint: bool = False) -> None:
+        """Stop after the epochs in flight and a final checkpoint; with
+        ``savepoint``, that checkpoint is a savepoint (written whole, never
+        removed by retention)."""
+        self.savepoint_requested = self.savepoint_requested or savepoint
         self._stop_requested.set()
 
     def drain_events(self) -> list[dict]:
@@ -195,6 +211,7 @@ class Coordinator:
             "last_epoch": self.last_completed,
             "last_checkpoint": self.last_checkpoint,
             "stopped": self.stop_reason,
+            "savepoint": self.savepoint,
             "duration_s": round(time.time() - started, 3),
             "failures": self.failures,
         }
@@ -242,6 +259,7 @@ class Coordinator:
             and not self.replay
             and self.book.in_flight == 0
             and self.last_completed == self.last_checkpoint
+            and (self.savepoint is not None or not self.savepoint_requested)
         )
 
     # -------------------------------------------------------------- start
@@ -295,7 +313,11 @@ class Coordinator:
 
     def _restore_point(self) -> None:
         """Latest complete checkpoint, and the planned epochs after it to replay."""
-        check, corrupt = latest_complete(self.storage, skip=self.bad_checkpoints)
+        chosen = self.options.restore_checkpoint
+        if chosen is not None and not hasattr(self, "book"):  # only the run's first start restores the chosen one
+            check, corrupt = self._chosen_checkpoint(chosen), []
+        else:
+            check, corrupt = latest_complete(self.storage, skip=self.bad_checkpoints)
         for c in corrupt:
             self._event("corrupt_checkpoint", checkpoint=c.checkpoint_id, problem=c.problem)
         manifest = check.manifest if check else None
@@ -330,6 +352,18 @@ class Coordinator:
         self.trigger = Trigger(self.options.trigger_s)
         self.waiting = 0
         self.book = EpochBook(self.plan.tasks(), self.generation)
+
+    def _chosen_checkpoint(self, checkpoint_id: int):
+        check = check_manifest(self.storage, checkpoint_id)
+        if check.status is not CheckpointStatus.COMPLETE:
+            complete = [i for i in self.storage.checkpoint_ids()
+                        if check_manifest(self.storage, i).status is CheckpointStatus.COMPLETE]
+            state = "does not exist" if checkpoint_id not in self.storage.checkpoint_ids() else f"is {check.status.value}"
+            raise CheckpointError(
+                f"checkpoint {checkpoint_id} of job {self.plan.job!r} {state}; it cannot be restored. "
+                f"Restorable: {', '.join(map(str, complete)) or 'none'} (`sluiceway checkpoints list {self.plan.job}`)"
+            )
+        return check
 
     def _read_plan(self, epoch: int) -> EpochPlan:
         """One entry of the offsets log, or an error naming the file."""
@@ -532,6 +566,7 @@ class Coordinator:
         self._check_lease()
         now = time.time()
         ordered = [acks[t] for t in sorted(acks)]
+        checkpoint_started = now
         # 1. A checkpoint epoch: the manifest is the commit point.
         if plan.checkpoint:
             tasks = [
@@ -566,6 +601,7 @@ class Coordinator:
                 parallelism=self.plan.parallelism(),
                 max_key_groups=self.plan.max_key_groups,
                 sink_handles={str(a.task): a.sink_handles for a in ordered},
+                savepoint=plan.savepoint,
             )
             self.storage.write_manifest(plan.epoch, manifest)
             self.history.write(RecordKind.CHECKPOINT, records.checkpoint_completed(
@@ -573,8 +609,11 @@ class Coordinator:
             self.last_checkpoint_size = manifest["size_bytes"]
             self.previous_files = files
             self.last_checkpoint = plan.epoch
+            if plan.savepoint:
+                self.savepoint = plan.epoch
             self.stats["checkpoints"] += 1
             self.tracker.on_checkpoint_completed(now)
+        commit_started = time.time()
         # 2. Sinks make the epoch's output visible (idempotent).
         for step, sink in self.sinks.items():
             sink.commit(plan.epoch, [a.sink_handles[step] for a in ordered if step in a.sink_handles])
@@ -597,6 +636,7 @@ class Coordinator:
             "fencing": self.lease.fencing,
         }
         self.storage.write_commit(plan.epoch, record)
+        done = time.time()
         self.last_completed = plan.epoch
         if plan.epoch > self.high_water:
             self.high_water = plan.epoch
@@ -618,6 +658,19 @@ class Coordinator:
             last_checkpoint=self.last_checkpoint,
             deleted_checkpoints=deleted,
             generation=self.generation,
+            savepoint=plan.epoch if plan.savepoint else None,
+            replay=plan.epoch <= self.high_water and plan.epoch not in self._plan_s,
+            phases={
+                "plan": round(self._plan_s.pop(plan.epoch, 0.0), 6),
+                "process": round(max((a.duration_s - a.snapshot_s for a in ordered), default=0.0), 6),
+                "align": round(max((a.alignment_s for a in ordered), default=0.0), 6),
+                "checkpoint": round(commit_started - checkpoint_started + max((a.snapshot_s for a in ordered),
+                                                                             default=0.0), 6) if plan.checkpoint else 0.0,
+                "commit": round(done - commit_started, 6),
+            },
+            sources={s: {str(p): list(span) for p, span in parts.items()} for s, parts in plan.ranges.items()},
+            waiting=plan.waiting,
+            state_bytes=self.last_checkpoint_size,
         )
 
     # --------------------------------------------------------------- plan
@@ -629,7 +682,9 @@ class Coordinator:
             return
         now = time.time()
         if self.stop_reason is not None:
-            if self.book.in_flight == 0 and self.last_completed != self.last_checkpoint:
+            if self.book.in_flight == 0 and self.savepoint_requested and self.savepoint is None:
+                self._write_and_dispatch(self._empty_ranges(), checkpoint=True, now=now, savepoint=True)
+            elif self.book.in_flight == 0 and self.last_completed != self.last_checkpoint:
                 self._write_and_dispatch(self._empty_ranges(), checkpoint=True, now=now)
             return
         if not self.trigger.due(now, self.waiting):
@@ -663,8 +718,9 @@ class Coordinator:
             for s, src in self.sources.items()
         }
 
-    def _write_and_dispatch(self, ranges, *, checkpoint: bool, now: float, waiting: int = 0) -> None:
-        plan = EpochPlan(self.next_epoch, ranges, checkpoint, now, waiting)
+    def _write_and_dispatch(self, ranges, *, checkpoint: bool, now: float, waiting: int = 0,
+                            savepoint: bool = False) -> None:
+        plan = EpochPlan(self.next_epoch, ranges, checkpoint, now, waiting, savepoint)
         self._check_lease()
         try:
             self.storage.write_offsets(plan.epoch, {**plan.to_json(), "fencing": self.lease.fencing})  # first
@@ -676,6 +732,7 @@ class Coordinator:
             self._event("adopted_plan", epoch=plan.epoch)
         self.next_epoch += 1
         self.next_offsets = plan.next_offsets()
+        self._plan_s[plan.epoch] = time.time() - now
         self._dispatch(plan)
 
     def _dispatch(self, plan: EpochPlan) -> None:
@@ -721,8 +778,8 @@ class CoordinatorActor:
     def task_failed(self, task: TaskId, generation: int, error: str) -> None:
         self.coordinator.task_failed(task, generation, error)
 
-    def stop(self) -> None:
-        self.coordinator.request_stop()
+    def stop(self, savepoint: bool = False) -> None:
+        self.coordinator.request_stop(savepoint)
 
     def storage_event(self, who: str, kind: str, message: str) -> None:
         self.coordinator.storage_event(who, kind, message)

@@ -25,6 +25,7 @@ class EpochPlan:
     checkpoint: bool
     planned_at: float
     waiting: int = 0  # records readable but left for later epochs when this one was planned
+    savepoint: bool = False  # a checkpoint written whole, kept until a user deletes it
 
     @property
     def rows(self) -> int:
@@ -39,6 +40,7 @@ class EpochPlan:
             "checkpoint": self.checkpoint,
             "planned_at": self.planned_at,
             "waiting": self.waiting,
+            "savepoint": self.savepoint,
             "ranges": {s: {str(p): [a, b] for p, (a, b) in parts.items()} for s, parts in self.ranges.items()},
         }
 
@@ -68,7 +70,10 @@ class EpochPlan:
                 if not (p.isdigit() and ok and 0 <= span[0] <= span[1]):
                     raise ValueError(f"its range of {step!r} partition {p!r} is {span!r}, not [start, stop]")
                 ranges[step][int(p)] = (span[0], span[1])
-        return cls(doc["epoch"], ranges, doc["checkpoint"], doc["planned_at"], int(doc.get("waiting", 0)))
+        savepoint = doc.get("savepoint", False)
+        if not isinstance(savepoint, bool) or (savepoint and not doc["checkpoint"]):
+            raise ValueError(f"its 'savepoint' is {savepoint!r} (a savepoint must be a checkpoint)")
+        return cls(doc["epoch"], ranges, doc["checkpoint"], doc["planned_at"], int(doc.get("waiting", 0)), savepoint)
 
 
 @dataclass

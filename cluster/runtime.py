@@ -205,8 +205,12 @@ class TaskRuntime:
                 index = self.state_index.setdefault(step_id, {})
                 for kg in changes.removed:
                     index.pop(str(kg), None)
-                whole = {kg for kg in changes.full if _write_whole(index.get(str(kg)), changes, kg)}
-                tables = {kg: changes.full[kg] if kg in whole else changes.delta[kg] for kg in changes.full}
+                if barrier.savepoint:  # whole, so that it never depends on files retention may delete
+                    index.clear()
+                    tables = whole = logic.snapshot()
+                else:
+                    whole = {kg for kg in changes.full if _write_whole(index.get(str(kg)), changes, kg)}
+                    tables = {kg: changes.full[kg] if kg in whole else changes.delta[kg] for kg in changes.full}
                 if tables:  # incremental: only what changed since the last checkpoint
                     entry = write_key_groups(self.storage, epoch, step_id, self.task.subtask, self.attempt, tables)
                     result.state_files.append(entry)

@@ -18,6 +18,7 @@ from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.checkpoint.types import TaskId
 from sluiceway.cluster.alignment import Barrier, BarrierAligner, BarrierEvent, Data
 from sluiceway.cluster.epochs import EpochPlan, TaskAck
+from sluiceway.cluster.events import read_new
 from sluiceway.cluster.graph import PhysicalPlan
 from sluiceway.cluster.runtime import TaskRuntime
 from sluiceway.cluster.restart import failure_from_exception
@@ -45,6 +46,10 @@ class TaskActor:
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def log_lines(self, offsets: dict[str, int]) -> tuple[list[str], dict[str, int]]:
+        """What this task printed since ``offsets`` (for ``sluiceway logs``)."""
+        return read_new(offsets)
 
     def reset(
         self, generation: int, manifest: dict | None, downstream: dict[str, list], first_epoch: int, fencing: int
@@ -80,7 +85,7 @@ class TaskActor:
         self.current_epoch = plan.epoch
         ranges = plan.ranges.get(self.runtime.stage.source, {})
         tables, rows = self.runtime.read_source(ranges)
-        self._run_epoch(Barrier(plan.epoch, plan.checkpoint, None), tables, rows)
+        self._run_epoch(Barrier(plan.epoch, plan.checkpoint, None, plan.savepoint), tables, rows)
 
     def deliver(self, generation: int, channel: TaskId, table, barrier: Barrier) -> None:
         if generation != self.generation or self.failed:

@@ -25,7 +25,9 @@ def ship_by_value(module) -> None:
             pickler.register_pickle_by_value(module)
 
 
-def load_flow(spec: str) -> Dataflow:
+def load_flow(spec: str, job_name: str | None = None) -> Dataflow:
+    """The Dataflow a job file defines; ``job_name`` renames it (the job's name
+    in checkpoint storage and on the cluster)."""
     path, _, attr = spec.partition(":")
     attr = attr or "flow"
     if not path.endswith(".py"):
@@ -49,4 +51,8 @@ def load_flow(spec: str) -> Dataflow:
         hint = f"; it defines {', '.join(found)}: use {path}:{found[0]}" if found else ""
         what = "is missing" if flow is None else f"is a {type(flow).__name__}, not a Dataflow"
         raise JobFileError(f"job file {path!r} defines no Dataflow named {attr!r} ({attr!r} {what}){hint}")
+    if job_name is not None and job_name != flow.name:
+        if not job_name or not all(c.isalnum() or c in "-_" for c in job_name):
+            raise JobFileError(f"job name {job_name!r} must be letters, digits, '-' or '_' (it names a folder)")
+        flow.name = flow.graph.name = job_name
     return flow

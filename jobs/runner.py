@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import os
 import site
-import socket
-import uuid
 import sys
 import sysconfig
-import time
 from typing import Callable
 
 import ray
 from ray.exceptions import RayTaskError
 
-from sluiceway.checkpoint import lease as leases
-from sluiceway.checkpoint.errors import IncompatibleJobError, StorageError
-from sluiceway.checkpoint.lease import DEFAULT_TTL_S, LeaseHolder
-from sluiceway.checkpoint.storage import NO_RETRY, JobStorage, StorageRetry
+from sluiceway.checkpoint.lease import DEFAULT_TTL_S
+from sluiceway.checkpoint.storage import StorageRetry
 from sluiceway.cluster.coordinator import CoordinatorActor, RunOptions
+from sluiceway.cluster.launch import open_job, release_job
 from sluiceway.cluster.restart import RestartPolicy
 from sluiceway.cluster.graph import PhysicalPlan
 from sluiceway.cluster.graph import plan as physical_plan
@@ -28,7 +24,6 @@ from sluiceway.jobs.jobfile import ship_by_value
 from sluiceway.operators.errors import FlowDefinitionError
 
 DEFAULT_CHECKPOINT_DIR = ".sluiceway"
-JOB_FORMAT = 1
 
 
 def default_parallelism() -> int:
@@ -42,47 +37,6 @@ def default_parallelism() -> int:
 
 def default_checkpoint_dir() -> str:
     return os.environ.get("SLUICEWAY_CHECKPOINT_DIR", DEFAULT_CHECKPOINT_DIR)
-
-
-def _job_document(storage: JobStorage, plan: PhysicalPlan) -> dict:
-    """Create job.json on first run; on later runs check the flow still fits it."""
-    existing = storage.read_job()
-    if existing is not None:
-        if not isinstance(existing, dict) or not isinstance(existing.get("max_key_groups"), int):
-            raise IncompatibleJobError(
-                f"{storage.url(storage.job_path)} is malformed (it has no whole-number 'max_key_groups'); it is "
-                "written by sluiceway alone: restore it from a backup, or use a new checkpoint dir"
-            )
-        if existing.get("max_key_groups") != plan.max_key_groups:
-            raise IncompatibleJobError(
-                f"job {plan.job!r} in {storage.root_url} was created with max_key_groups "
-                f"{existing.get('max_key_groups')}, this flow has {plan.max_key_groups}; "
-                "key groups are fixed for a job's life: keep the old value or use a new checkpoint dir"
-            )
-        existing["parallelism"] = plan.parallelism()
-        existing["graph"] = plan.describe()
-        storage.write_job(existing)
-        return existing
-    doc = {
-        "format": JOB_FORMAT,
-        "job": plan.job,
-        "created_at": time.time(),
-        "max_key_groups": plan.max_key_groups,
-        "parallelism": plan.parallelism(),
-        "graph": plan.describe(),
-        "versions": {"ray": ray.__version__, "sluiceway": _version()},
-    }
-    storage.write_job(doc)
-    return doc
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("sluiceway")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _ship_user_modules(plan: PhysicalPlan) -> None:
@@ -174,15 +128,9 @@ def run(
                 f"sink {step!r} ({type(sink).__name__}) only works with run_local; on Ray use ParquetSink"
             )
     _ship_user_modules(plan)
-    storage = JobStorage(checkpoint_dir or default_checkpoint_dir(), plan.job, StorageRetry(deadline_s=storage_deadline_s))
+    storage, job_doc, lease = open_job(plan, checkpoint_dir or default_checkpoint_dir(),
+                                       storage_deadline_s=storage_deadline_s, force=force, lease_ttl_s=lease_ttl_s)
     try:
-        storage.check_access()
-    except StorageError as exc:
-        raise StorageError(f"checkpoint dir {storage.root_url!r} is not usable: {exc}") from exc
-    holder = LeaseHolder(socket.gethostname(), os.getpid(), uuid.uuid4().hex[:8], time.time())
-    lease = leases.acquire(storage, holder, ttl_s=lease_ttl_s, now=time.time(), force=force)
-    try:
-        job_doc = _job_document(storage, plan)
         embedded = not ray.is_initialized()
         if embedded:
             init_embedded()
@@ -197,17 +145,7 @@ def run(
             if embedded:
                 ray.shutdown()
     finally:
-        _release(storage, lease)
-
-
-def _release(storage: JobStorage, lease) -> None:
-    """Let the next run start at once. Best effort, without retries: a lease
-    that cannot be released expires by itself within its time to live, and
-    a failure here must not hide why the job ended."""
-    try:
-        leases.release(JobStorage(storage.root_url, storage.job, NO_RETRY), lease, now=time.time())
-    except StorageError:
-        pass
+        release_job(storage, lease)
 
 
 def _wait(coordinator, on_event) -> dict:

@@ -9,21 +9,28 @@ import argparse
 import sys
 
 from sluiceway.checkpoint.errors import CheckpointError
-from sluiceway.cluster.errors import JobFailedError
-from sluiceway.jobs.cli import checkpoints, run
+from sluiceway.cluster.errors import ClusterError
+from sluiceway.jobs.cli import checkpoints, cluster, jobs, run
 from sluiceway.jobs.cli.checkpoints import cmd_checkpoints_list, format_record
 from sluiceway.jobs.cli.common import UsageError
-from sluiceway.jobs.cli.run import format_event
+from sluiceway.cluster.events import format_event
 from sluiceway.jobs.errors import JobFileError
 from sluiceway.operators.errors import FlowDefinitionError, OperatorError
 
 __all__ = ["build_parser", "cmd_checkpoints_list", "format_event", "format_record", "main", "UsageError"]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with the cause first: the error line, then the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n{self.format_usage()}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sluiceway", description="Run streaming jobs on Ray and read their history.")
+    parser = Parser(prog="sluiceway", description="Run streaming jobs on Ray and read their history.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (run, checkpoints):
+    for group in (run, checkpoints, cluster, jobs):
         group.register(sub)
     return parser
 
@@ -35,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, JobFileError, FlowDefinitionError) as exc:
         print(f"sluiceway: error: {exc}", file=sys.stderr)
         return 2
-    except (CheckpointError, OperatorError, JobFailedError, ValueError) as exc:
+    except (CheckpointError, OperatorError, ClusterError, ValueError) as exc:
         print(f"sluiceway: error: {exc}", file=sys.stderr)
         return 1
 

@@ -3,6 +3,7 @@ printed as it goes."""
 
 from __future__ import annotations
 
+from sluiceway.cluster.events import format_event
 from sluiceway.jobs.cli.common import (
     UsageError,
     checkpoint_dir_arg,
@@ -17,6 +18,11 @@ from sluiceway.jobs.cli.common import (
 def register(sub) -> None:
     r = sub.add_parser("run", help="run a job on an embedded local Ray cluster")
     r.set_defaults(func=cmd_run)
+    job_options(r)
+
+
+def job_options(r) -> None:
+    """The flags of ``run`` and ``submit``: how a job runs."""
     r.add_argument("job", help="path/to/job.py (attribute 'flow') or path/to/job.py:attribute")
     checkpoint_dir_arg(r)
     env_arg(r, "--trigger", "SLUICEWAY_TRIGGER", "1.0", seconds, "seconds between epochs on live input")
@@ -45,51 +51,17 @@ def register(sub) -> None:
                "--until-idle, run until Ctrl-C", group=stop)
 
 
-def format_event(event: dict) -> str | None:
-    kind = event["type"]
-    if kind == "started":
-        resume = event["resume_checkpoint"]
-        where = f"resuming from checkpoint {resume}" if resume else "from the start"
-        replay = f", replaying epochs {event['replay_epochs']}" if event["replay_epochs"] else ""
-        return f"started {len(event['tasks'])} tasks on {event['nodes']} node(s), {where}{replay}"
-    if kind == "epoch":
-        ckpt = f"checkpoint {event['checkpoint']} complete" if event["checkpoint"] else f"last checkpoint {event['last_checkpoint']}"
-        rate = f"{event['rows_per_s']:>12,.0f} rows/s" if event["rows_per_s"] else f"{'-':>12} rows/s"
-        return (f"epoch {event['epoch']:>5}  in {event['rows_in']:>9,}  out {event['rows_out']:>9,}  {rate}  "
-                f"{event['duration_s']:6.3f} s  {ckpt}")
-    if kind == "failure":
-        if event.get("delay_s") is None:
-            return f"FAILURE: {event['error']}"
-        delay = f" in {event['delay_s']:g} s" if event["delay_s"] else ""
-        return f"FAILURE: {event['error']} (restart {event['restarts']}{delay})"
-    if kind == "recovered":
-        return (f"recovered in {event['duration_s']:.2f} s: restarted {event['restarted_tasks'] or 'no'} task(s), "
-                f"restored checkpoint {event['checkpoint']}, replaying epochs {event['replay_epochs']}")
-    if kind == "storage_waiting":
-        return f"WAITING FOR STORAGE ({event['who']}): {event['error']}; retrying for up to {event['deadline_s']:g} s"
-    if kind == "storage_resumed":
-        return f"storage is back ({event['who']}): {event['message']}"
-    if kind == "adopted_plan":
-        return f"epoch {event['epoch']} was planned by another run; running that plan"
-    if kind == "corrupt_checkpoint":
-        return f"checkpoint {event['checkpoint']} is corrupt ({event['problem']}); using the one before"
-    return None
-
-
 def print_event(event: dict) -> None:
     line = format_event(event)
     if line:
         print(line, flush=True)
 
 
-def cmd_run(args) -> int:
-    from sluiceway.jobs.jobfile import load_flow
-    from sluiceway.jobs.runner import run
-
+def restart_policy(args):
     from sluiceway.cluster.restart import RestartPolicy
 
     try:
-        policy = RestartPolicy(
+        return RestartPolicy(
             max_failures=args.max_failures,
             failure_window_s=args.failure_window,
             initial_delay_s=min(args.restart_delay, args.max_restart_delay),
@@ -97,6 +69,25 @@ def cmd_run(args) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def run_options(args):
+    """The flags as :class:`RunOptions` (for ``submit``)."""
+    from sluiceway.cluster.coordinator import RunOptions
+
+    try:
+        return RunOptions(trigger_s=args.trigger, checkpoint_every=args.checkpoint_every,
+                          restart=restart_policy(args), epoch_timeout_s=args.epoch_timeout,
+                          until_idle=args.until_idle, epochs=args.epochs)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_run(args) -> int:
+    from sluiceway.jobs.jobfile import load_flow
+    from sluiceway.jobs.runner import run
+
+    policy = restart_policy(args)
     flow = load_flow(args.job)
     summary = run(
         flow,

@@ -50,7 +50,7 @@ def build(output: str = OUTPUT, rows_per_partition: int = ROWS_PER_PARTITION, ro
     events = flow.source(GeneratorSource(clicks, PARTITIONS, rows_per_second, rows_per_partition), name="events")
     kept = events.filter(pc.field("cents") >= 5, name="worth_it").map_batches(with_dollars, name="dollars")
     kept.sink(ParquetSink(f"{output}/clicks"), name="clicks_out")
-    totals = kept.key_by("user_id", parallelism=2, name="by_user").aggregate(
+    totals = kept.key_by("user_id", name="by_user").aggregate(
         [("event_id", "count"), ("cents", "sum")], name="totals"
     )
     totals.sink(ParquetSink(f"{output}/totals"), name="totals_out")

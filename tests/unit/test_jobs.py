@@ -87,10 +87,10 @@ def test_verdict_counts_duplicates_and_missing():
 def test_malformed_job_document_names_the_file(tmp_path):
     from sluiceway.checkpoint import IncompatibleJobError, JobStorage
     from sluiceway.cluster.graph import plan
-    from sluiceway.jobs.runner import _job_document
+    from sluiceway.cluster.launch import job_document
 
     flow = example.build(output=str(tmp_path / "out"))
     storage = JobStorage(str(tmp_path / "ckpt"), "clicks")
     storage.write_json(storage.job_path, ["not", "a", "job"])
     with pytest.raises(IncompatibleJobError, match=r"^file://.*clicks/job.json is malformed"):
-        _job_document(storage, plan(flow.graph))
+        job_document(storage, plan(flow.graph))

@@ -1,0 +1,76 @@
+"""The coordinator's progress events as the lines ``run`` prints and
+``logs`` shows, and the log files a Ray actor writes (its stdout and
+stderr), which ``sluiceway logs`` reads back through the actor itself."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+
+def format_event(event: dict) -> str | None:
+    kind = event["type"]
+    if kind == "started":
+        resume = event["resume_checkpoint"]
+        where = f"resuming from checkpoint {resume}" if resume else "from the start"
+        replay = f", replaying epochs {event['replay_epochs']}" if event["replay_epochs"] else ""
+        return f"started {len(event['tasks'])} tasks on {event['nodes']} node(s), {where}{replay}"
+    if kind == "epoch":
+        ckpt = f"checkpoint {event['checkpoint']} complete" if event["checkpoint"] else f"last checkpoint {event['last_checkpoint']}"
+        rate = f"{event['rows_per_s']:>12,.0f} rows/s" if event["rows_per_s"] else f"{'-':>12} rows/s"
+        return (f"epoch {event['epoch']:>5}  in {event['rows_in']:>9,}  out {event['rows_out']:>9,}  {rate}  "
+                f"{event['duration_s']:6.3f} s  {ckpt}")
+    if kind == "failure":
+        if event.get("delay_s") is None:
+            return f"FAILURE: {event['error']}"
+        delay = f" in {event['delay_s']:g} s" if event["delay_s"] else ""
+        return f"FAILURE: {event['error']} (restart {event['restarts']}{delay})"
+    if kind == "recovered":
+        return (f"recovered in {event['duration_s']:.2f} s: restarted {event['restarted_tasks'] or 'no'} task(s), "
+                f"restored checkpoint {event['checkpoint']}, replaying epochs {event['replay_epochs']}")
+    if kind == "storage_waiting":
+        return f"WAITING FOR STORAGE ({event['who']}): {event['error']}; retrying for up to {event['deadline_s']:g} s"
+    if kind == "storage_resumed":
+        return f"storage is back ({event['who']}): {event['message']}"
+    if kind == "adopted_plan":
+        return f"epoch {event['epoch']} was planned by another run; running that plan"
+    if kind == "corrupt_checkpoint":
+        return f"checkpoint {event['checkpoint']} is corrupt ({event['problem']}); using the one before"
+    return None
+
+
+RAY_MARKERS = (":job_id:", ":actor_name:", ":task_name:")  # Ray's own bookkeeping lines in worker logs
+
+
+def own_log_files() -> list[str]:
+    """This Ray worker process's stdout and stderr files (empty outside Ray)."""
+    import ray._private.worker as worker
+
+    node = getattr(worker, "_global_node", None)
+    if node is None:
+        return []
+    folder = node.get_logs_dir_path()
+    pid = os.getpid()
+    return sorted(glob.glob(os.path.join(folder, f"worker-*-{pid}.out")) +
+                  glob.glob(os.path.join(folder, f"worker-*-{pid}.err")))
+
+
+def read_new(offsets: dict[str, int], limit: int = 256 * 1024) -> tuple[list[str], dict[str, int]]:
+    """Lines appended to this process's log files since ``offsets`` (file ->
+    bytes read); at most the last ``limit`` bytes of each on a first read."""
+    lines, after = [], dict(offsets)
+    for path in own_log_files():
+        try:
+            size = os.path.getsize(path)
+            start = offsets.get(path)
+            start = max(0, size - limit) if start is None else min(start, size)
+            with open(path, "rb") as f:
+                f.seek(start)
+                data = f.read(size - start)
+        except OSError:
+            continue
+        end = data.rfind(b"\n") + 1  # whole lines only; the rest next time
+        after[path] = start + end
+        lines += [line for line in data[:end].decode(errors="replace").splitlines()
+                  if line.strip() and not line.startswith(RAY_MARKERS)]
+    return lines, after
