@@ -38,6 +38,7 @@ class CheckpointInfo:
     reason: str | None = None  # why a checkpoint failed or was aborted
     restored: int = 0  # how often a recovery or a restart restored it
     attempts: int = 1
+    savepoint: bool = False  # kept until a user deletes it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,6 +89,7 @@ class CheckpointHistory:
             reason=(record or {}).get("reason"),
             restored=len((record or {}).get("restored_by", [])),
             attempts=(record or {}).get("attempts", 1),
+            savepoint=bool((record or m).get("savepoint")),
         )
 
     def record(self, checkpoint_id: int) -> dict:

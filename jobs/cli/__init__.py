@@ -6,6 +6,7 @@ first line on stderr."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sluiceway.checkpoint.errors import CheckpointError
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, OperatorError, ClusterError, ValueError) as exc:
         print(f"sluiceway: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `sluiceway logs JOB | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def cmd_checkpoints_list(args) -> int:
         dur = f"{r.duration_s:.3f}s" if r.duration_s is not None else "-"
         size = f"{r.size_bytes:,}" if r.size_bytes is not None else "-"
         written = f"{r.written_bytes:,}" if r.written_bytes is not None else "-"
-        notes = [f"restored {r.restored}x"] if r.restored else []
+        notes = ["savepoint"] if r.savepoint else []
+        notes += [f"restored {r.restored}x"] if r.restored else []
         notes += [f"after {r.attempts - 1} failed attempt(s)"] if r.attempts > 1 and r.status != "failed" else []
         notes += [r.reason] if r.reason else []
         notes += [r.problem] if r.problem else []
@@ -120,7 +121,8 @@ def format_record(r: dict) -> str:
                 f"parallelism {r['parallelism']}")
     elif kind == "checkpoint":
         if r["status"] == "complete":
-            text = (f"{r['id']} complete: {r['duration_s']:.3f} s, alignment {r['alignment_s']:.3f} s, "
+            what = "savepoint" if r.get("savepoint") else "complete"
+            text = (f"{r['id']} {what}: {r['duration_s']:.3f} s, alignment {r['alignment_s']:.3f} s, "
                     f"{r['size_bytes']:,} bytes of state, {r['written_bytes']:,} written")
         else:
             text = f"{r['id']} {r['status']}: {r['reason']}"

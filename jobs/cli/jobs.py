@@ -106,7 +106,7 @@ def cmd_jobs(args) -> int:
 
 def format_status(s: dict) -> str:
     lines = [f"job {s['name']!r}: {s['state']}, epoch {s['epoch']}, last checkpoint {s['last_checkpoint'] or '-'}, "
-             f"{s['parallelism']} task(s) per step, {s['restarts']} restart(s), input {_rate(s['input_rows_per_s'])} "
+             f"parallelism {s['parallelism']}, {s['restarts']} restart(s), input {_rate(s['input_rows_per_s'])} "
              f"rows/s"]
     if s.get("error"):
         lines.append(f"error: {s['error']}")
@@ -201,9 +201,15 @@ def cmd_scale(args) -> int:
     t0 = time.time()
     s = client.scale(args.job_name, args.parallelism)
     nodes = sorted(set(s["placement"].values()))
-    print(f"scaled job {args.job_name!r} from {s['from']} to {s['parallelism']} task(s) per step through savepoint "
-          f"{s['savepoints'][-1] if s['savepoints'] else '-'} in {time.time() - t0:.1f} s; tasks on "
-          f"{len(nodes)} node(s): {', '.join(n[:12] for n in nodes)}")
+    stages: dict[str, int] = {}
+    for task in s["placement"]:
+        stage = task.rsplit("[", 1)[0]
+        stages[stage] = stages.get(stage, 0) + 1
+    per_stage = ", ".join(f"{stage} {n}" for stage, n in sorted(stages.items()))
+    print(f"scaled job {args.job_name!r} from parallelism {s['from']} to {s['parallelism']} through savepoint "
+          f"{s['savepoints'][-1] if s['savepoints'] else '-'} in {time.time() - t0:.1f} s: tasks {per_stage} "
+          f"(a source has at most one task per partition), on {len(nodes)} node(s): "
+          f"{', '.join(n[:12] for n in nodes)}")
     return 0
 
 
@@ -212,6 +218,6 @@ def cmd_restore(args) -> int:
 
     _connect(args)
     s = client.restore(args.job_name, args.checkpoint, parallelism=args.parallelism)
-    print(f"job {args.job_name!r} restored checkpoint {args.checkpoint}: {s['state']} with {s['parallelism']} "
-          "task(s) per step")
+    print(f"job {args.job_name!r} restored checkpoint {args.checkpoint}: {s['state']} with parallelism "
+          f"{s['parallelism']}")
     return 0

@@ -161,7 +161,7 @@ def test_scale_2_4_1_onto_added_nodes_exactly_once(cli, tmp_path):
     added = {n["node_id"] for n in cli.json("nodes") if n["alive"]} - before
     time.sleep(2)
     up = cli("scale", "elastic", "--parallelism", "4")
-    assert "to 4 task(s) per step" in up.stdout, up.stdout
+    assert "to 4 through savepoint" in up.stdout and "by_user 4" in up.stdout, up.stdout
     status = cli.json("status", "elastic")
     assert status["parallelism"] == 4
     by_user = {t: n for t, n in status["placement"].items() if t.startswith("by_user")}
@@ -180,12 +180,17 @@ def test_scale_2_4_1_onto_added_nodes_exactly_once(cli, tmp_path):
     assert len(rescales) == 2
     # Savepoints outlive retention and can be restored.
     ckpts = os.listdir(tmp_path / "elastic" / "ckpt" / "elastic" / "checkpoints")
+    listed = cli("checkpoints", "list", "elastic", "--checkpoint-dir", str(tmp_path / "elastic" / "ckpt")).stdout
+    assert listed.count("savepoint") == 2, listed
     assert all(f"{s:010d}" in ckpts for s in status["savepoints"]), (status["savepoints"], ckpts)
     restored = cli("restore", "elastic", "--checkpoint", str(status["savepoints"][0]), "--parallelism", "2")
     assert f"restored checkpoint {status['savepoints'][0]}" in restored.stdout
     _wait_state(cli, "elastic")
     _exactly_once(env)
     cli("stop", "elastic")
+    idle = next(n for n in cli.json("nodes") if n["alive"] and not n["head"] and not n["tasks"])
+    assert f"stopped {idle['name']}" in cli("workers", "remove", idle["name"]).stdout
+    assert not next(n for n in cli.json("nodes") if n["node_id"] == idle["node_id"])["alive"]
 
 
 def test_chaos_reports_every_kill_and_output_stays_exactly_once(cli, tmp_path):

@@ -1,0 +1,135 @@
+"""Operations without Ray: savepoints (written whole, kept by retention,
+in the offsets log), the local cluster's state file and process sessions,
+and the CLI's one-line errors when there is no cluster."""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+
+import pyarrow as pa
+import pytest
+
+from sluiceway.checkpoint import JobStorage
+from sluiceway.checkpoint.manifest import assemble_state, build_manifest
+from sluiceway.checkpoint.retention import apply_retention
+from sluiceway.cluster import devcluster
+from sluiceway.cluster.alignment import Barrier
+from sluiceway.cluster.connect import resolve
+from sluiceway.cluster.epochs import EpochPlan
+from sluiceway.cluster.errors import ClusterError
+from sluiceway.jobs.cli import main
+from test_state_chains import checkpoint, keyed_runtime
+
+
+def test_a_savepoint_writes_every_key_group_whole_and_stands_alone(tmp_path):
+    storage = JobStorage(str(tmp_path), "chain")
+    runtime, physical = keyed_runtime(storage)
+    everyone = pa.table({"k": pa.array(range(5_000), pa.int64()), "v": pa.repeat(1, 5_000)})
+    manifest, _ = checkpoint(runtime, physical, storage, 1, everyone, None)
+    one = pa.table({"k": pa.array([7], pa.int64()), "v": pa.array([5], pa.int64())})
+    manifest, delta = checkpoint(runtime, physical, storage, 2, one, manifest)
+    assert sum(f["rows"] for f in delta.state_files) == 1  # an ordinary checkpoint: the change only
+    barrier = Barrier(3, checkpoint=True, savepoint=True)
+    runtime.process_epoch(3, barrier, [one.slice(0, 0)], 0)
+    result = runtime.finish_epoch(3, barrier)
+    assert sum(f["rows"] for f in result.state_files) == 5_000  # the savepoint: everything
+    state, files = assemble_state([result.state], result.state_files, manifest["files"])
+    assert {f["checkpoint"] for f in files.values()} == {3}  # refers to no older checkpoint's files
+    assert all(len(chain) == 1 for chain in state["sums"].values())
+
+
+def _manifest(storage, cid, savepoint=False):
+    doc = build_manifest(job=storage.job, checkpoint_id=cid, epoch=cid, offsets={}, watermarks={}, tasks=[],
+                         state={}, files={}, started_at=0.0, completed_at=1.0, parallelism={}, max_key_groups=128,
+                         sink_handles={}, savepoint=savepoint)
+    storage.write_manifest(cid, doc)
+
+
+def test_retention_keeps_savepoints_and_the_epoch_logs_after_the_oldest(tmp_path):
+    storage = JobStorage(str(tmp_path), "job")
+    for epoch in range(1, 13):
+        storage.write_offsets(epoch, {"epoch": epoch})
+        storage.write_commit(epoch, {"epoch": epoch})
+    for cid in (2, 4, 6, 8, 10, 12):
+        _manifest(storage, cid, savepoint=cid == 4)
+    assert apply_retention(storage, keep=2) == [2, 6, 8]
+    assert storage.checkpoint_ids() == [4, 10, 12]
+    assert storage.offset_epochs() == list(range(4, 13))  # the savepoint can replay what followed it
+
+
+def test_an_offsets_entry_keeps_its_savepoint_flag_and_rejects_a_savepoint_that_is_no_checkpoint():
+    plan = EpochPlan(5, {"src": {0: (10, 10)}}, True, 1.0, 0, savepoint=True)
+    assert EpochPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+    with pytest.raises(ValueError, match="a savepoint must be a checkpoint"):
+        EpochPlan.from_json({**plan.to_json(), "checkpoint": False})
+
+
+def _state(tmp_path, nodes=()):
+    return devcluster.ClusterState(address="127.0.0.1:1", host="127.0.0.1", token_file=str(tmp_path / "t"),
+                                   ray_tmpdir=str(tmp_path / "ray"), started_at=0.0, memory=1, object_store_memory=1,
+                                   nodes=list(nodes))
+
+
+def test_cluster_state_file_is_private_and_round_trips(tmp_path):
+    node = devcluster.NodeRecord("worker-1", 123, "ab" * 28, 2, "log")
+    devcluster.save_state(_state(tmp_path, [node]), str(tmp_path))
+    path = devcluster.state_path(str(tmp_path))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert devcluster.load_state(str(tmp_path)).nodes == [node]
+    with open(path, "w") as f:
+        f.write("{not json")
+    with pytest.raises(ClusterError, match=r"cluster state file .* is malformed"):
+        devcluster.load_state(str(tmp_path))
+
+
+def test_nodes_are_found_by_name_or_id_prefix_and_the_head_is_never_killed(tmp_path):
+    head = devcluster.NodeRecord("head", 1, "aa" * 28, 0, "log", head=True)
+    worker = devcluster.NodeRecord("worker-1", 2, "bb" * 28, 1, "log")
+    state = _state(tmp_path, [head, worker])
+    assert state.worker("worker-1") is worker and state.worker("bbbbbb") is worker
+    with pytest.raises(ClusterError, match="'worker-9' is not a node of this cluster; nodes: head"):
+        state.worker("worker-9")
+    with pytest.raises(ClusterError, match="head is the head node"):
+        devcluster.kill_node(state, "head", state_dir=str(tmp_path))
+
+
+def test_kill_session_kills_every_process_of_a_session_and_nothing_else(tmp_path):
+    leader = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"], start_new_session=True)
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        deadline = time.time() + 5
+        while len(devcluster.session_members(leader.pid)) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        assert len(devcluster.session_members(leader.pid)) == 3
+        assert devcluster.kill_session(leader.pid) == 3
+        leader.wait(timeout=5)
+        deadline = time.time() + 5
+        while devcluster.session_members(leader.pid) and time.time() < deadline:
+            time.sleep(0.05)
+        assert devcluster.session_members(leader.pid) == []
+        assert bystander.poll() is None
+    finally:
+        bystander.send_signal(signal.SIGKILL)
+        bystander.wait()
+
+
+def test_without_a_cluster_every_command_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SLUICEWAY_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ClusterError, match="no cluster to use: none was started with `sluiceway up`"):
+        resolve(None)
+    for args in (["jobs"], ["status", "x"], ["down"], ["kill-node", "--random"], ["workers", "add", "1"]):
+        assert main(args) == 1
+        first = capsys.readouterr().err.splitlines()[0]
+        assert first.startswith("sluiceway: error: no cluster"), first
+
+
+def test_an_address_nobody_answers_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SLUICEWAY_HOME", str(tmp_path / "home"))
+    t0 = time.time()
+    assert main(["jobs", "--address", "127.0.0.1:9"]) == 1
+    assert "no Ray cluster answers at 127.0.0.1:9" in capsys.readouterr().err.splitlines()[0]
+    assert time.time() - t0 < 10
