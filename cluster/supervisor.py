@@ -115,23 +115,34 @@ def progress_entry(job: str, run_id: str, event: dict, previous_at: float | None
     }
 
 
+def timestamp_seconds(timestamp: str) -> float:
+    return dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+
+
 def input_rate(progress: list[dict], window_s: float = 10.0) -> float | None:
-    """Rows per second over the newest epochs spanning about ``window_s``."""
-    fresh = [p for p in progress if not p["replay"]]
+    """Rows per second read over the newest fresh (not replayed) epochs
+    spanning about ``window_s``: each epoch's rows arrived since the one before.
+
+    >>> p = [{"timestamp": iso(t), "numInputRows": n, "replay": False} for t, n in [(0, 9), (1, 100), (2, 300)]]
+    >>> input_rate(p)
+    200.0
+    """
+    fresh = [(timestamp_seconds(p["timestamp"]), p["numInputRows"]) for p in progress if not p["replay"]]
     if len(fresh) < 2:
         return None
-    end = dt.datetime.fromisoformat(fresh[-1]["timestamp"].replace("Z", "+00:00")).timestamp()
-    rows, start = 0, end
-    for p in reversed(fresh[:-1]):
-        at = dt.datetime.fromisoformat(p["timestamp"].replace("Z", "+00:00")).timestamp()
-        if end - at > window_s:
+    end = start = fresh[-1][0]
+    rows = 0
+    for i in range(len(fresh) - 1, 0, -1):
+        if end - fresh[i - 1][0] > window_s:
             break
-        start = at
-        rows += fresh[fresh.index(p) + 1]["numInputRows"]
+        rows += fresh[i][1]
+        start = fresh[i - 1][0]
     return round(rows / (end - start), 1) if end > start else None
 
 
 class _Command:
+    """A CLI command for the supervisor's thread: stop, scale or restore."""
+
     def __init__(self, kind: str, **args):
         self.kind, self.args = kind, args
 
@@ -148,8 +159,8 @@ class JobSupervisor:
         self.coordinator: Coordinator | None = None
         self.progress: deque[dict] = deque(maxlen=KEEP_PROGRESS)
         self.failures_open: list[dict] = []
-        self.placement: dict[str, str] = {}
-        self.actor_names: dict[str, str] = {}
+        self.placement: dict[str, str] = {}  # task -> node id
+        self.storage: JobStorage | None = None  # the current run's checkpoint storage
         self.lines: deque[tuple[int, str]] = deque(maxlen=KEEP_LOG_LINES)
         self.seq = 0
         self.restarts = 0
@@ -195,7 +206,7 @@ class JobSupervisor:
                 "failing": list(self.failures_open)}
 
     def _recoveries(self, keep: int = 50) -> list[dict]:
-        storage = getattr(self, "storage", None)
+        storage = self.storage
         if storage is None:
             return []
         try:
@@ -381,7 +392,7 @@ class JobSupervisor:
         self.state = state
         self.error = error
         self._log(f"job {self.spec.name!r} {state}" + (f": {error}" if error else ""))
-        storage = getattr(self, "storage", None)
+        storage = self.storage
         if storage is not None:  # remembered, so that a restarted supervisor leaves an ended job alone
             try:
                 doc = storage.read_job() or {}
@@ -405,14 +416,12 @@ class JobSupervisor:
             self._log(line)
         if kind == "epoch":
             previous = self.progress[-1] if self.progress else None
-            previous_at = (dt.datetime.fromisoformat(previous["timestamp"].replace("Z", "+00:00")).timestamp()
-                           if previous else None)
+            previous_at = timestamp_seconds(previous["timestamp"]) if previous else None
             self.progress.append(progress_entry(self.spec.name, self.run_id, event, previous_at))
             self.last_epoch = max(self.last_epoch, event["epoch"])
             self.last_checkpoint = event["last_checkpoint"]
         elif kind in ("started", "recovered"):
             self.placement = dict(event["tasks"])
-            self.actor_names = dict(event["actor_names"])
             self.state = RUNNING
             if kind == "recovered":
                 self.failures_open = []

@@ -11,12 +11,12 @@ to records by time.
 
 from __future__ import annotations
 
-import datetime as dt
 import random
 import time
 from dataclasses import asdict, dataclass
 
 from sluiceway.cluster.errors import ClusterError
+from sluiceway.cluster.supervisor import timestamp_seconds
 
 
 @dataclass
@@ -41,10 +41,6 @@ class KillFigures:
         return (f"{self.node:<10} detect {s(self.detect_s):>8}  restore {s(self.restore_s):>8}  "
                 f"caught up {s(self.caught_up_s):>8}  replayed {len(self.replayed_epochs or [])} epoch(s)  "
                 f"restored checkpoint {self.restored_checkpoint}  tasks {', '.join(self.tasks_lost or []) or '-'}")
-
-
-def _ts(text: str) -> float:
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def report(kills: list[tuple[str, float, list[str]]], recoveries: list[dict], progress: list[dict]) -> list[KillFigures]:
@@ -78,7 +74,7 @@ def report(kills: list[tuple[str, float, list[str]]], recoveries: list[dict], pr
                 f.tasks_lost = r.get("restarted_tasks") or hosted
                 done = r["at"] + (r.get("restore_s") or 0)
                 for p in progress:
-                    when = _ts(p["timestamp"])
+                    when = timestamp_seconds(p["timestamp"])
                     if when > done and not p["replay"] and p["sourceLag"] == 0:
                         f.caught_up_s = round(when - at, 3)
                         break
@@ -113,16 +109,15 @@ def run_chaos(job: str, *, kill_every_s: float, duration_s: float, replace: bool
         if replace:
             for added in devcluster.add_workers(state, 1, node.cpus):
                 log(f"added {added.name} ({added.node_id[:12]})")
-    status = client.status(job, 300)
-    expected = sum(1 for _, _, hosted in kills if hosted)
     deadline = time.time() + settle_s
-    while time.time() < deadline and status["state"] not in ("finished", "failed", "stopped"):
-        if len(status["recoveries"]) >= expected and status["state"] == "running" and not status["failing"]:
+    while True:  # until every kill that cost tasks has its recovery and the job caught up after it
+        status = client.status(job, 300)
+        records = history(status["checkpoint_dir"], job).of_kind(RecordKind.RECOVERY)
+        figures = report(kills, [r for r in records if r["at"] >= start], status["recentProgress"])
+        settled = all(f.caught_up_s is not None for f in figures if f.tasks_lost)
+        if settled or status["state"] in ("finished", "failed", "stopped") or time.time() > deadline:
             break
         time.sleep(0.5)
-        status = client.status(job, 300)
-    records = history(status["checkpoint_dir"], job).of_kind(RecordKind.RECOVERY)
-    figures = report(kills, [r for r in records if r["at"] >= start], status["recentProgress"])
     return {"job": job, "kills": [asdict(f) for f in figures], "state": status["state"],
             "still_running": status["state"] in ("running", "recovering"), "error": status.get("error"),
             "lines": [f.line() for f in figures]}
