@@ -76,7 +76,7 @@ class _ChecksumWriter(SinkWriter):
         self.context = context
         self.column = column
 
-    def write_epoch(self, epoch: int, table: pa.Table | None) -> dict:
+    def precommit(self, epoch: int, table: pa.Table | None) -> dict:
         rows = 0 if table is None else table.num_rows
         total = 0.0 if not rows else pc.sum(table[self.column]).as_py()
         return {"subtask": self.context.subtask, "rows": rows, "sum": total}

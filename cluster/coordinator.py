@@ -9,7 +9,10 @@ Its loop (:meth:`Coordinator.run`) repeats four phases:
    task reset to the latest complete checkpoint, and the epochs planned after
    it replayed with exactly the ranges of the offsets log.
 3. **Complete** epochs whose tasks have all acknowledged, in order: manifest
-   (the commit point of a checkpoint), sink commits, commit log, retention.
+   (the commit point of a checkpoint), commit log (with the sinks' handles:
+   the decision), sink commits, retention. After a failure, the sinks commit
+   again every epoch of the commit log after the restored checkpoint, and
+   abort the pre-commits of epochs after the last one (two-phase commit).
 4. **Plan** the next epoch when the trigger is due and fewer than
    ``max_epochs_in_flight`` run: offsets log first, then the source tasks.
 
@@ -23,6 +26,7 @@ import os
 import queue
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -50,6 +54,7 @@ from sluiceway.cluster import records
 from sluiceway.cluster.placement import pinned, spread, worker_nodes
 from sluiceway.cluster.restart import Failure, FailureKind, GiveUp, RestartPolicy, RestartTracker, primary
 from sluiceway.cluster.task import TaskActor
+from sluiceway.operators.sinks import SinkContext
 
 PING_INTERVAL_S = 0.5
 STUCK_FLOOR_S = 60.0
@@ -188,11 +193,10 @@ class Coordinator:
             while not self._finished():
                 if self._lease_lost is not None:
                     raise self._lease_lost
-                failures = self._collect()
+                failures = self._collect() or self._complete_epochs()
                 if failures:
                     self._recover(failures)
                     continue
-                self._complete_epochs()
                 self._plan_next()
             ended["reason"] = self.stop_reason
         except BaseException as exc:
@@ -272,6 +276,7 @@ class Coordinator:
         tasks = self.plan.tasks()
         self.placement = dict(zip(tasks, spread(len(tasks), nodes)))
         self.actors = {t: self._create_actor(t, n) for t, n in self.placement.items()}
+        self._settle_sinks()
         self._reset_all()
         if "sources_started_at" not in self.job_doc:  # the generators' clock starts when tasks are ready
             self.job_doc["sources_started_at"] = time.time()
@@ -392,7 +397,8 @@ class Coordinator:
             downstream = {s.id: [self.actors[t] for t in s.tasks()] for s in self.plan.stages.values()}
             first = self.last_checkpoint + 1
             refs = [
-                a.reset.remote(self.generation, self.restore_manifest, downstream, first, self.lease.fencing)
+                a.reset.remote(self.generation, self.restore_manifest, downstream, first, self.lease.fencing,
+                               self.high_water)
                 for a in self.actors.values()
             ]
             try:
@@ -534,8 +540,9 @@ class Coordinator:
         self._dead = set()
         self._pings = {}
         self.storage_waits.clear()
-        # 4. Restore the latest complete checkpoint and replay the epochs after it.
+        # 4. Restore the latest complete checkpoint, settle the sinks, replay the epochs after it.
         self._restore_point()
+        self._settle_sinks()
         self._reset_all()
         lost_at = self._alive_at.get(failure.task or "", t0) if failure.kind is FailureKind.TASK_LOST else t0
         self.history.write(RecordKind.RECOVERY, records.recovery(
@@ -558,11 +565,14 @@ class Coordinator:
                                records.checkpoint_not_completed(plan, acked, status, reason, now), now)
 
     # ----------------------------------------------------------- complete
-    def _complete_epochs(self) -> None:
+    def _complete_epochs(self) -> list[Failure]:
         for plan, acks in self.book.pop_complete():
-            self._complete(plan, acks)
+            failure = self._complete(plan, acks)
+            if failure is not None:
+                return [failure]
+        return []
 
-    def _complete(self, plan: EpochPlan, acks: dict[TaskId, TaskAck]) -> None:
+    def _complete(self, plan: EpochPlan, acks: dict[TaskId, TaskAck]) -> Failure | None:
         self._check_lease()
         now = time.time()
         ordered = [acks[t] for t in sorted(acks)]
@@ -614,10 +624,8 @@ class Coordinator:
             self.stats["checkpoints"] += 1
             self.tracker.on_checkpoint_completed(now)
         commit_started = time.time()
-        # 2. Sinks make the epoch's output visible (idempotent).
-        for step, sink in self.sinks.items():
-            sink.commit(plan.epoch, [a.sink_handles[step] for a in ordered if step in a.sink_handles])
-        # 3. The commit log records the epoch and its metrics.
+        committed_before = plan.epoch <= self.high_water  # a replay: the commit log has it, its sinks committed it
+        handles = {step: [a.sink_handles[step] for a in ordered if step in a.sink_handles] for step in self.sinks}
         rows_in = sum(a.rows_in for a in ordered)
         rows_out = sum(a.rows_out for a in ordered)
         duration = self.book.latency(plan.epoch, now)  # from dispatch: a replay's plan is older than its run
@@ -634,8 +642,15 @@ class Coordinator:
             "checkpoint": plan.checkpoint,
             "generation": self.generation,
             "fencing": self.lease.fencing,
+            "sinks": handles,
         }
-        self.storage.write_commit(plan.epoch, record)
+        if not committed_before:
+            # 2. The commit log records the epoch and its sinks' handles: from here on it is committed ...
+            self.storage.write_commit(plan.epoch, record)
+            # 3. ... and the sinks make it visible (idempotent; after a failure, done again from the log).
+            failure = self._commit_sinks(plan.epoch, handles)
+            if failure is not None:
+                return failure
         done = time.time()
         self.last_completed = plan.epoch
         if plan.epoch > self.high_water:
@@ -672,6 +687,38 @@ class Coordinator:
             waiting=plan.waiting,
             state_bytes=self.last_checkpoint_size,
         )
+        return None
+
+    def _commit_sinks(self, epoch: int, handles: dict[str, list[dict]]) -> Failure | None:
+        """Commit one epoch in every sink; a sink that fails is a failure of
+        the epoch, and the recovery commits it again from the commit log."""
+        for step, sink in self.sinks.items():
+            try:
+                sink.commit(epoch, handles.get(step, []))
+            except Exception as exc:  # noqa: BLE001 - the sink's (or its system's) error, recovered from
+                self._check_lease()
+                return Failure(FailureKind.USER_CODE,
+                               f"sink {step!r} ({type(sink).__name__}) could not commit epoch {epoch}: "
+                               f"{type(exc).__name__}: {exc}".splitlines()[0],
+                               detail=traceback.format_exc(), task=None, epoch=epoch,
+                               signature=("sink-commit", step, type(exc).__name__))
+        return None
+
+    def _settle_sinks(self) -> None:
+        """Two-phase commit after a failure or restart: commit again the epochs
+        the commit log holds after the restored checkpoint (their commits may
+        not have finished), then abort the pre-commits of every later epoch."""
+        base = self.last_checkpoint
+        for epoch in self.storage.commit_epochs():
+            if epoch <= base:
+                continue
+            record = self.storage.read_commit(epoch) or {}
+            for step, sink in self.sinks.items():
+                if step in (record.get("sinks") or {}):
+                    sink.commit(epoch, record["sinks"][step])
+        for step, sink in self.sinks.items():
+            sink.abort(self.high_water, SinkContext(step, -1, 0, self.plan.job, f"f{self.lease.fencing}",
+                                                    self.storage.on_wait))
 
     # --------------------------------------------------------------- plan
     def _plan_next(self) -> None:

@@ -97,12 +97,16 @@ class TaskRuntime:
         self.state_index: dict[str, dict[str, list]] = {}  # step -> key group -> chain of [file, batch]
         self.sink_writers: dict[str, SinkWriter] = {}
         self._buffers: dict[str, list[pa.Table]] = {}
+        self.committed_through = 0
 
     # -------------------------------------------------------------- restore
-    def restore(self, manifest: dict | None, attempt: str = "f0g0") -> None:
+    def restore(self, manifest: dict | None, attempt: str = "f0g0", committed_through: int = 0) -> None:
         """Build every step's logic from ``manifest`` (None: empty state).
-        ``attempt`` names the files this incarnation writes."""
+        ``attempt`` names the files this incarnation writes; epochs up to
+        ``committed_through`` are in the commit log, so a replay of them
+        rebuilds state and leaves the sinks alone."""
         self.attempt = attempt
+        self.committed_through = committed_through
         graph, stage = self.plan.graph, self.stage
         owned = key_group_range(self.task.subtask, stage.parallelism, self.plan.max_key_groups)
         self.logic, self.sink_writers, self.state_index = {}, {}, {}
@@ -194,7 +198,9 @@ class TaskRuntime:
         for step_id, writer in self.sink_writers.items():
             table = _concat(self._buffers[step_id])
             self._buffers[step_id] = []
-            result.sink_handles[step_id] = self._user_call(step_id, "sink", writer.write_epoch, epoch, table)
+            if epoch <= self.committed_through:  # committed before: the coordinator committed it again
+                continue
+            result.sink_handles[step_id] = self._user_call(step_id, "sink", writer.precommit, epoch, table)
             result.rows_out += 0 if table is None else table.num_rows
         if barrier.checkpoint:
             t0 = time.time()

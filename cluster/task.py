@@ -52,9 +52,11 @@ class TaskActor:
         return read_new(offsets)
 
     def reset(
-        self, generation: int, manifest: dict | None, downstream: dict[str, list], first_epoch: int, fencing: int
+        self, generation: int, manifest: dict | None, downstream: dict[str, list], first_epoch: int, fencing: int,
+        committed_through: int = 0,
     ) -> None:
-        """Drop everything in flight and restore state from ``manifest``.
+        """Drop everything in flight and restore state from ``manifest``;
+        replays of epochs up to ``committed_through`` skip the sinks.
 
         Raises :class:`CorruptCheckpointError` when a state file fails its checksum.
         """
@@ -67,7 +69,7 @@ class TaskActor:
         channels = self.plan.input_channels(self.task.stage)
         self.aligner = BarrierAligner(channels, first_epoch) if channels else None
         try:
-            self.runtime.restore(manifest, attempt=f"f{fencing}g{generation}")
+            self.runtime.restore(manifest, attempt=f"f{fencing}g{generation}", committed_through=committed_through)
         except CorruptCheckpointError:
             self.failed = True
             raise

@@ -46,7 +46,7 @@ def _ship_user_modules(plan: PhysicalPlan) -> None:
     installed = {os.path.realpath(p) for p in site.getsitepackages() + [sysconfig.get_paths()["stdlib"]]}
     for step in plan.graph.steps.values():
         part = step.operator or step.source or step.sink
-        for value in vars(part).values() if part is not None else ():
+        for value in [part, *vars(part).values()] if part is not None else ():  # its class, its functions
             module = sys.modules.get(getattr(value, "__module__", None) or "")
             path = os.path.realpath(getattr(module, "__file__", None) or "")
             if module is None or not path or module.__name__ == "__main__":

@@ -35,7 +35,7 @@ class _CollectWriter(SinkWriter):
     def __init__(self, sink: "CollectSink", context: SinkContext):
         self.sink, self.context = sink, context
 
-    def write_epoch(self, epoch: int, table: pa.Table | None) -> dict:
+    def precommit(self, epoch: int, table: pa.Table | None) -> dict:
         key = f"{epoch}/{self.context.subtask}"
         if table is not None and table.num_rows:
             self.sink._pending[key] = table

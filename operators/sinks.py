@@ -1,10 +1,24 @@
-"""Sinks: where a job's output becomes durable, exactly once.
+"""Sinks: where a job's output becomes durable, exactly once, by two-phase commit.
 
-A :class:`Sink` is the picklable config. On each task, ``open()`` makes a
-:class:`SinkWriter` that *pre-commits* each epoch's output at the barrier and
-returns a JSON handle; on the coordinator, after the epoch is complete,
-``commit(epoch, handles)`` makes it visible. Both steps are idempotent, so a
-replayed epoch neither duplicates nor loses output.
+The protocol, for sink authors:
+
+1. **Pre-commit** (on each task, at the epoch's barrier):
+   ``Sink.open(context)`` makes a :class:`SinkWriter`; its
+   ``precommit(epoch, table)`` makes the subtask's output of the epoch
+   durable but invisible and returns a **handle**: a JSON-ready dict (never a
+   pickle) naming what it wrote.
+2. **Commit** (on the coordinator, once every task acknowledged the epoch and
+   the epoch is in the commit log): ``Sink.commit(epoch, handles)`` makes
+   the epoch's output visible, all subtasks at once. It must be idempotent:
+   after a failure the coordinator commits again every epoch the commit log
+   holds, whether or not the first commit finished.
+3. **Abort** (on the coordinator, when a job starts or recovers):
+   ``Sink.abort(after_epoch, context)`` discards every pre-commit of an epoch
+   after ``after_epoch`` (those never completed; they will be replayed).
+
+Epochs the commit log already holds are never pre-committed again: a replay
+runs them for their state and skips the sink. The coordinator records each
+epoch's handles in its commit log entry before it commits them.
 
 :class:`ParquetSink` layout under its URL::
 
@@ -58,12 +72,17 @@ class SinkContext:
 
 
 class SinkWriter:
-    def write_epoch(self, epoch: int, table: pa.Table | None) -> dict:
-        """Make ``epoch``'s output of this subtask durable (not yet visible); return a handle."""
+    """One subtask's side of a sink."""
+
+    def precommit(self, epoch: int, table: pa.Table | None) -> dict:
+        """Make ``epoch``'s output of this subtask durable, not yet visible;
+        return a JSON-ready handle for :meth:`Sink.commit`."""
         raise NotImplementedError
 
 
 class Sink:
+    """The picklable configuration of a sink, and its coordinator side."""
+
     kind = "sink"
 
     def open(self, context: SinkContext) -> SinkWriter:
@@ -72,6 +91,12 @@ class Sink:
     def commit(self, epoch: int, handles: list[dict]) -> None:
         """Make the pre-committed output of ``epoch`` visible. Idempotent."""
         raise NotImplementedError
+
+    def abort(self, after_epoch: int, context: SinkContext) -> None:
+        """Discard pre-commits of epochs after ``after_epoch`` (they never
+        completed). ``context`` names the job and step (subtask -1). The
+        default does nothing: right for sinks whose pre-commits are
+        invisible files that a later commit never names."""
 
     def describe(self) -> dict:
         return {"kind": self.kind}
@@ -123,10 +148,10 @@ class _ParquetWriter(SinkWriter):
         self.layout = layout
         self.context = context
 
-    def write_epoch(self, epoch: int, table: pa.Table | None) -> dict:
+    def precommit(self, epoch: int, table: pa.Table | None) -> dict:
         subtask = self.context.subtask
         marker = self.layout.read_marker(epoch)
-        if marker is not None:  # a replay of an epoch already visible: keep what readers saw
+        if marker is not None:  # committed by a run whose commit log entry was lost: keep what readers saw
             return {"subtask": subtask, "already_committed": True, "rows": 0, "path": None}
         if table is None or table.num_rows == 0:
             return {"subtask": subtask, "rows": 0, "path": None}
@@ -167,6 +192,23 @@ class ParquetSink(Sink):
         except FileExistsError:
             marker = layout.read_marker(epoch)
         self._remove_unnamed(layout, epoch, marker)
+
+    def abort(self, after_epoch: int, context: SinkContext) -> None:
+        """Delete the files of epochs after ``after_epoch`` that no marker names."""
+        layout = _ParquetLayout(self.url, self.retry, context.on_wait)
+        folder = posixpath.join(layout.base, "data")
+        try:
+            names = layout.call("list", folder, lambda: layout.fs.ls(folder, detail=False))
+        except FileNotFoundError:
+            return
+        for name in names:
+            stem = posixpath.basename(name.rstrip("/"))
+            epoch = int(stem[len("epoch="):]) if stem.startswith("epoch=") and stem[6:].isdigit() else None
+            if epoch is not None and epoch > after_epoch and layout.read_marker(epoch) is None:
+                try:
+                    layout.call("delete", name, lambda n=name: layout.fs.rm(n, recursive=True))
+                except FileNotFoundError:
+                    pass
 
     def _remove_unnamed(self, layout: _ParquetLayout, epoch: int, marker: dict) -> None:
         """Once an epoch is committed, files in its folder that the marker does

@@ -189,8 +189,8 @@ def test_parquet_commit_keeps_only_the_files_its_marker_names(tmp_path):
     from sluiceway.operators.sinks import ParquetSink, SinkContext, read_committed
 
     sink = ParquetSink(str(tmp_path / "out"))
-    stale = sink.open(SinkContext("out", 0, 1, "job", attempt="f1g0")).write_epoch(7, pa.table({"x": [1, 2]}))
-    owner = sink.open(SinkContext("out", 0, 1, "job", attempt="f2g0")).write_epoch(7, pa.table({"x": [1, 2]}))
+    stale = sink.open(SinkContext("out", 0, 1, "job", attempt="f1g0")).precommit(7, pa.table({"x": [1, 2]}))
+    owner = sink.open(SinkContext("out", 0, 1, "job", attempt="f2g0")).precommit(7, pa.table({"x": [1, 2]}))
     folder = tmp_path / "out" / "data" / "epoch=0000000007"
     assert len(list(folder.iterdir())) == 2
     sink.commit(7, [owner])

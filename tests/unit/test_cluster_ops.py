@@ -133,3 +133,37 @@ def test_an_address_nobody_answers_is_one_line(tmp_path, monkeypatch, capsys):
     assert main(["jobs", "--address", "127.0.0.1:9"]) == 1
     assert "no Ray cluster answers at 127.0.0.1:9" in capsys.readouterr().err.splitlines()[0]
     assert time.time() - t0 < 10
+
+
+def test_a_replay_of_a_committed_epoch_rebuilds_state_and_leaves_the_sinks_alone(tmp_path):
+    from sluiceway.cluster.graph import plan
+    from sluiceway.cluster.runtime import TaskRuntime
+    from sluiceway.jobs import Dataflow
+    from sluiceway.operators.sinks import ParquetSink
+    from sluiceway.operators.sources import ListSource
+
+    flow = Dataflow("replay")
+    flow.source(ListSource([{"k": 1}])).key_by("k", name="by_k").aggregate([("k", "count")], name="n") \
+        .sink(ParquetSink(str(tmp_path / "out")), name="out")
+    physical = plan(flow.graph, 1)
+    task = [t for t in physical.tasks() if t.stage == "by_k"][0]
+    runtime = TaskRuntime(physical, task, JobStorage(str(tmp_path / "ckpt"), "replay"))
+    runtime.restore(None, committed_through=5)
+    batch = pa.table({"k": pa.array([1, 1], pa.int64())})
+    for epoch, expect_handle in ((5, False), (6, True)):
+        barrier = Barrier(epoch, checkpoint=False)
+        runtime.process_epoch(epoch, barrier, [batch], 2)
+        assert ("out" in runtime.finish_epoch(epoch, barrier).sink_handles) is expect_handle
+    assert runtime.logic["n"].snapshot()  # the replayed epoch still counted in the state
+
+
+def test_parquet_abort_deletes_only_uncommitted_epochs_after_the_given_one(tmp_path):
+    from sluiceway.operators.sinks import ParquetSink, SinkContext, read_committed
+
+    sink = ParquetSink(str(tmp_path / "out"))
+    handles = {e: sink.open(SinkContext("out", 0, 1, "job", attempt="f1g0")).precommit(e, pa.table({"x": [e]}))
+               for e in (3, 4, 5)}
+    sink.commit(3, [handles[3]])
+    sink.abort(3, SinkContext("out", -1, 0, "job"))
+    assert sorted(os.listdir(tmp_path / "out" / "data")) == ["epoch=0000000003"]
+    assert read_committed(str(tmp_path / "out")).column("x").to_pylist() == [3]
