@@ -245,3 +245,12 @@ def read_committed(url: str, include_epoch: bool = False) -> pa.Table:
     if not tables:
         return pa.table({})
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def __getattr__(name: str):
+    """Connectors' sinks, re-exported here (imported on first use)."""
+    if name == "DeltaSink":
+        from sluiceway.operators.connectors.delta import DeltaSink
+
+        return DeltaSink
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -167,3 +167,23 @@ def test_parquet_abort_deletes_only_uncommitted_epochs_after_the_given_one(tmp_p
     sink.abort(3, SinkContext("out", -1, 0, "job"))
     assert sorted(os.listdir(tmp_path / "out" / "data")) == ["epoch=0000000003"]
     assert read_committed(str(tmp_path / "out")).column("x").to_pylist() == [3]
+
+
+def test_delta_sink_commits_an_epoch_once_and_aborts_what_never_completed(tmp_path):
+    import deltalake
+
+    from sluiceway.operators.sinks import DeltaSink, SinkContext
+
+    sink = DeltaSink(str(tmp_path / "table"))
+    writers = [sink.open(SinkContext("out", s, 2, "job", attempt="f1g0")) for s in (0, 1)]
+    first = [writers[0].precommit(1, pa.table({"x": [1, 2]})), writers[1].precommit(1, pa.table({"x": [3]}))]
+    assert deltalake.DeltaTable.is_deltatable(str(tmp_path / "table")) is False  # pre-committed: invisible
+    sink.commit(1, first)
+    sink.commit(1, first)  # a replayed commit is recognised by its application transaction
+    sink.commit(2, [writers[0].precommit(2, pa.table({"x": [4]}))])
+    writers[1].precommit(3, pa.table({"x": [5]}))  # an epoch that never completed
+    sink.abort(2, SinkContext("out", -1, 0, "job"))
+    table = deltalake.DeltaTable(str(tmp_path / "table"))
+    assert sorted(table.to_pyarrow_table().column("x").to_pylist()) == [1, 2, 3, 4]
+    assert table.transaction_version("sluiceway/job/out") == 2
+    assert not [f for f in os.listdir(tmp_path / "table") if f.startswith("part-e0000000003")]
