@@ -253,4 +253,8 @@ def __getattr__(name: str):
         from sluiceway.operators.connectors.delta import DeltaSink
 
         return DeltaSink
+    if name == "PostgresSink":
+        from sluiceway.operators.connectors.postgres import PostgresSink
+
+        return PostgresSink
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

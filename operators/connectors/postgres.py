@@ -1,0 +1,198 @@
+"""``PostgresSink``: rows into a PostgreSQL table, exactly once, by
+PostgreSQL's own two-phase commit (``psycopg``).
+
+- **Pre-commit** (each task): one transaction per (epoch, subtask) loads the
+  epoch's rows with ``COPY ... FROM STDIN (FORMAT csv)`` (pyarrow writes the
+  CSV: no Python per row), inserts them (``append``) or upserts them by key
+  (``upsert``: ``INSERT ... ON CONFLICT (key) DO UPDATE``, the last row of a
+  key in the epoch winning), and ends with ``PREPARE TRANSACTION`` under the
+  name ``sluiceway:<job>:<step>:<epoch>:<subtask>:<attempt>``. The rows are
+  durable and invisible.
+- **Commit** (the coordinator): ``COMMIT PREPARED`` for each of the epoch's
+  names. A name PostgreSQL no longer knows was committed before (only abort
+  rolls back, and never an epoch of the commit log): committing twice is
+  harmless.
+- **Abort** (start and recovery, after the commit log's epochs were committed
+  again): ``ROLLBACK PREPARED`` for every prepared transaction of the job and
+  step still in ``pg_prepared_xacts``: none of them belongs to a committed
+  epoch.
+
+The server must allow prepared transactions (``max_prepared_transactions`` >
+0, at least the number of sink subtasks times two epochs in flight).
+"""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from sluiceway.operators.errors import SinkError
+from sluiceway.operators.sinks import Sink, SinkContext, SinkWriter
+
+MODES = ("append", "upsert")
+_PG_TYPES = [
+    (pa.types.is_boolean, "boolean"),
+    (pa.types.is_integer, "bigint"),
+    (pa.types.is_floating, "double precision"),
+    (pa.types.is_decimal, "numeric"),
+    (pa.types.is_timestamp, "timestamptz"),
+    (pa.types.is_date, "date"),
+    (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "text"),
+    (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "bytea"),
+]
+
+
+def _psycopg():
+    try:
+        import psycopg
+    except ImportError:
+        raise SinkError("PostgresSink needs psycopg: pip install 'sluiceway[postgres]'") from None
+    return psycopg
+
+
+def gid_prefix(job: str, step: str) -> str:
+    return f"sluiceway:{job}:{step}:"
+
+
+def gid_epoch(gid: str, prefix: str) -> int | None:
+    """The epoch in a prepared transaction's name, or None if it is not ours.
+
+    >>> gid_epoch("sluiceway:clicks:out:12:0:f1g0", "sluiceway:clicks:out:")
+    12
+    """
+    if not gid.startswith(prefix):
+        return None
+    head = gid[len(prefix):].split(":", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def column_type(t: pa.DataType) -> str:
+    """The PostgreSQL type a new table gets for an Arrow type.
+
+    >>> column_type(pa.int32()), column_type(pa.string()), column_type(pa.float64())
+    ('bigint', 'text', 'double precision')
+    """
+    for test, name in _PG_TYPES:
+        if test(t):
+            return name
+    raise SinkError(f"PostgresSink cannot create a column for Arrow type {t}; create the table yourself")
+
+
+def _gid_statement(verb: str, gid: str):
+    """``PREPARE TRANSACTION 'gid'`` and friends take no bind parameters: quote the name."""
+    from psycopg import sql
+
+    return sql.SQL(verb + " {}").format(sql.Literal(gid))
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _table_ident(table: str) -> str:
+    return ".".join(_ident(part) for part in table.split("."))
+
+
+class _PostgresWriter(SinkWriter):
+    def __init__(self, sink: "PostgresSink", context: SinkContext):
+        self.sink, self.context = sink, context
+        self.created = False
+
+    def precommit(self, epoch: int, table: pa.Table | None) -> dict:
+        handle = {"subtask": self.context.subtask, "gid": None, "rows": 0}
+        if table is None or table.num_rows == 0:
+            return handle
+        psycopg = _psycopg()
+        sink = self.sink
+        if sink.key:
+            missing = [k for k in sink.key if k not in table.column_names]
+            if missing:
+                raise SinkError(f"PostgresSink upsert key {missing} is not in the stream's columns {table.column_names}")
+        if sink.create_table and not self.created:
+            sink.ensure_table(table.schema)
+            self.created = True
+        gid = (f"{gid_prefix(self.context.job, self.context.step)}{epoch}:{self.context.subtask}:"
+               f"{self.context.attempt}")
+        columns = ", ".join(_ident(c) for c in table.column_names)
+        target = _table_ident(sink.table)
+        data = io.BytesIO()
+        pacsv.write_csv(table, data, pacsv.WriteOptions(include_header=False))
+        with psycopg.connect(sink.dsn) as conn:
+            if sink.mode == "append":
+                with conn.cursor().copy(f"COPY {target} ({columns}) FROM STDIN (FORMAT csv)") as copy:
+                    copy.write(data.getvalue())
+            else:
+                stage = _ident(f"_sluiceway_stage_{epoch}_{self.context.subtask}_{self.context.attempt}")
+                keys = ", ".join(_ident(k) for k in sink.key)
+                updates = ", ".join(f"{_ident(c)} = EXCLUDED.{_ident(c)}" for c in table.column_names
+                                    if c not in sink.key)
+                conn.execute(f"CREATE UNLOGGED TABLE {stage} AS SELECT {columns} FROM {target} WITH NO DATA")
+                with conn.cursor().copy(f"COPY {stage} ({columns}) FROM STDIN (FORMAT csv)") as copy:
+                    copy.write(data.getvalue())
+                conflict = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
+                conn.execute(f"INSERT INTO {target} ({columns}) SELECT DISTINCT ON ({keys}) {columns} FROM {stage} "
+                             f"ORDER BY {keys}, ctid DESC ON CONFLICT ({keys}) {conflict}")
+                conn.execute(f"DROP TABLE {stage}")
+            try:
+                conn.execute(_gid_statement("PREPARE TRANSACTION", gid))
+            except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+                raise SinkError(
+                    f"PostgreSQL refused PREPARE TRANSACTION ({exc.diag.message_primary}): PostgresSink needs "
+                    "prepared transactions; set max_prepared_transactions (at least twice the number of sink "
+                    "tasks) in postgresql.conf and restart the server"
+                ) from None
+        return {**handle, "gid": gid, "rows": table.num_rows}
+
+
+class PostgresSink(Sink):
+    """Rows of each epoch into PostgreSQL table ``table`` (``schema.table``
+    allowed), visible per epoch, exactly once. ``mode="upsert"`` needs
+    ``key`` (the table's primary key or a unique constraint on it);
+    ``create_table=True`` creates a missing table from the stream's schema."""
+
+    kind = "postgres"
+
+    def __init__(self, dsn: str, table: str, mode: str = "append", key: list[str] | None = None,
+                 create_table: bool = False):
+        if mode not in MODES:
+            raise SinkError(f"PostgresSink mode {mode!r} is not one of {MODES}")
+        if mode == "upsert" and not key:
+            raise SinkError("PostgresSink mode 'upsert' needs key=[columns] (a primary key or unique constraint)")
+        self.dsn, self.table, self.mode = dsn, table, mode
+        self.key = list(key or [])
+        self.create_table = create_table
+
+    def open(self, context: SinkContext) -> SinkWriter:
+        return _PostgresWriter(self, context)
+
+    def ensure_table(self, schema: pa.Schema) -> None:
+        columns = [f"{_ident(f.name)} {column_type(f.type)}" for f in schema]
+        if self.key:
+            columns.append(f"PRIMARY KEY ({', '.join(_ident(k) for k in self.key)})")
+        with _psycopg().connect(self.dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {_table_ident(self.table)} ({', '.join(columns)})")
+
+    def commit(self, epoch: int, handles: list[dict]) -> None:
+        gids = [h["gid"] for h in sorted(handles, key=lambda h: h["subtask"]) if h.get("gid")]
+        if not gids:
+            return
+        with _psycopg().connect(self.dsn, autocommit=True) as conn:
+            prepared = {row[0] for row in conn.execute("SELECT gid FROM pg_prepared_xacts WHERE gid = ANY(%s)",
+                                                       [gids])}
+            for gid in gids:
+                if gid in prepared:  # otherwise committed before
+                    conn.execute(_gid_statement("COMMIT PREPARED", gid))
+
+    def abort(self, after_epoch: int, context: SinkContext) -> None:
+        prefix = gid_prefix(context.job, context.step)
+        with _psycopg().connect(self.dsn, autocommit=True) as conn:
+            rows = conn.execute("SELECT gid FROM pg_prepared_xacts WHERE database = current_database() "
+                                "AND starts_with(gid, %s)", [prefix]).fetchall()
+            for (gid,) in rows:
+                if gid_epoch(gid, prefix) is not None:
+                    conn.execute(_gid_statement("ROLLBACK PREPARED", gid))
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "table": self.table, "mode": self.mode, "key": self.key}

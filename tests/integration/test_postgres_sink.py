@@ -1,0 +1,93 @@
+"""PostgresSink against a real PostgreSQL server: prepared transactions
+invisible until committed, commits that may repeat, aborts of what never
+completed; and a job on Ray through a task kill, exactly-once."""
+
+import threading
+
+import pyarrow as pa
+import pytest
+
+from sluiceway.operators.errors import SinkError
+from sluiceway.operators.sinks import SinkContext
+
+psycopg = pytest.importorskip("psycopg", reason="the test extras install psycopg")
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _rows(dsn, sql):
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def _prepared(dsn):
+    return sorted(r[0] for r in _rows(dsn, "SELECT gid FROM pg_prepared_xacts"))
+
+
+def test_prepared_rows_appear_once_committed_and_aborts_roll_back(postgres_dsn):
+    from sluiceway.operators.connectors.postgres import PostgresSink
+
+    sink = PostgresSink(postgres_dsn, "t_upsert", mode="upsert", key=["k"], create_table=True)
+    w0 = sink.open(SinkContext("out", 0, 2, "unit", attempt="f1g0"))
+    w1 = sink.open(SinkContext("out", 1, 2, "unit", attempt="f1g0"))
+    first = [w0.precommit(1, pa.table({"k": [1, 2, 1], "v": ["a", "b", "c"]})),
+             w1.precommit(1, pa.table({"k": [3], "v": ["d"]}))]
+    assert _rows(postgres_dsn, "SELECT count(*) FROM t_upsert") == [(0,)]  # prepared: invisible
+    sink.commit(1, first)
+    sink.commit(1, first)  # again, as after a failure: harmless
+    assert _rows(postgres_dsn, "SELECT k, v FROM t_upsert ORDER BY k") == [(1, "c"), (2, "b"), (3, "d")]
+    w0.precommit(2, pa.table({"k": [1], "v": ["never"]}))  # an epoch that never completed
+    assert len(_prepared(postgres_dsn)) == 1
+    sink.abort(1, SinkContext("out", -1, 0, "unit"))
+    assert _prepared(postgres_dsn) == []
+    assert _rows(postgres_dsn, "SELECT v FROM t_upsert WHERE k = 1") == [("c",)]
+    with pytest.raises(SinkError, match="needs key"):
+        PostgresSink(postgres_dsn, "x", mode="upsert")
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_job_into_postgres_through_a_task_kill_is_exactly_once(postgres_dsn, tmp_path):
+    import ray
+
+    from sluiceway.jobs import run
+    from sluiceway.jobs.examples import clicks as example
+    from sluiceway.jobs.testing import compare_exactly_once
+    from sluiceway.operators.connectors.postgres import PostgresSink
+
+    rows = 6000
+    flow = example.build(output=str(tmp_path / "out"), rows_per_partition=rows, rows_per_second=2000)
+    flow.graph.steps["clicks_out"].sink = PostgresSink(postgres_dsn, "clicks", create_table=True)
+    flow.graph.steps["totals_out"].sink = PostgresSink(postgres_dsn, "totals", mode="upsert", key=["user_id"],
+                                                       create_table=True)
+    names, kill = {}, threading.Event()
+
+    def on_event(event):
+        if event["type"] == "started":
+            names.update(event["actor_names"])
+        if event["type"] == "epoch" and event["epoch"] >= 3 and not kill.is_set():
+            kill.set()
+            ray.kill(ray.get_actor(names["by_user[1]"]), no_restart=True)
+
+    summary = run(flow, str(tmp_path / "ckpt"), trigger_s=0.5, checkpoint_every=2, on_event=on_event)
+    assert kill.is_set() and summary["restarts"] == 1
+    with psycopg.connect(postgres_dsn) as conn:
+        clicks = conn.execute("SELECT event_id, user_id, cents, dollars FROM clicks").fetchall()
+        totals = conn.execute("SELECT user_id, event_id_count, cents_sum FROM totals").fetchall()
+    got = pa.table({c: [r[i] for r in clicks] for i, c in enumerate(["event_id", "user_id", "cents", "dollars"])})
+    verdict = compare_exactly_once(got, example.expected_clicks(rows))
+    assert verdict.exactly_once, verdict.line()
+    got = pa.table({c: [r[i] for r in totals] for i, c in enumerate(["user_id", "event_id_count", "cents_sum"])})
+    verdict = compare_exactly_once(got, example.expected_totals(rows))
+    assert verdict.exactly_once, verdict.line()
+    assert _prepared(postgres_dsn) == []
+
+
+def test_a_server_without_prepared_transactions_is_named_in_one_line(start_postgres):
+    from sluiceway.operators.connectors.postgres import PostgresSink
+
+    with start_postgres(max_prepared_transactions=0) as dsn:
+        sink = PostgresSink(dsn, "t", create_table=True)
+        with pytest.raises(SinkError, match="set max_prepared_transactions") as err:
+            sink.open(SinkContext("out", 0, 1, "unit", attempt="f1g0")).precommit(1, pa.table({"x": [1]}))
+        assert str(err.value).startswith("PostgreSQL refused PREPARE TRANSACTION (prepared transactions are disabled)")
+        assert _rows(dsn, "SELECT count(*) FROM t") == [(0,)]
