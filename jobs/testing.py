@@ -15,6 +15,7 @@ import errno
 import json
 import math
 import os
+import threading
 import time
 import uuid
 from collections import Counter
@@ -228,3 +229,25 @@ def _guarded(name):
 for _name in ("_open", "cat_file", "pipe_file", "ls", "info", "mv", "rm", "rm_file", "find", "makedirs",
               "exists", "size", "cp_file", "touch"):
     setattr(FlakyFileSystem, _name, _guarded(_name))
+
+
+class TaskKiller:
+    """An ``on_event`` for :func:`~sluiceway.jobs.runner.run` that kills the
+    actor of ``task`` (``"by_user[1]"``) once epoch ``after_epoch`` completed;
+    ``killed`` says whether it happened."""
+
+    def __init__(self, task: str, after_epoch: int):
+        self.task, self.after_epoch = task, after_epoch
+        self.names: dict[str, str] = {}
+        self.killed = threading.Event()
+        self.killed_after: int | None = None
+
+    def __call__(self, event: dict) -> None:
+        import ray
+
+        if event["type"] in ("started", "recovered"):
+            self.names.update(event["actor_names"])
+        if event["type"] == "epoch" and event["epoch"] >= self.after_epoch and not self.killed.is_set():
+            self.killed.set()
+            self.killed_after = event["epoch"]
+            ray.kill(ray.get_actor(self.names[self.task]), no_restart=True)

@@ -2,15 +2,14 @@
 every checkpoint, the recovery and what it restored."""
 
 import json
-import threading
 
 import pytest
-import ray
 
 from sluiceway.checkpoint.timeline import history
 from sluiceway.jobs import run
 from sluiceway.jobs.cli import main as cli
 from sluiceway.jobs.examples import clicks as example
+from sluiceway.jobs.testing import TaskKiller
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.timeout(180)]
 
@@ -24,16 +23,8 @@ def test_history_survives_retention_and_restarts_and_shows_the_recovery(tmp_path
     rows = 6000
     out, ckpt = str(tmp_path / "out"), str(tmp_path / "ckpt")
     flow = example.build(output=out, rows_per_partition=rows, rows_per_second=1000)
-    names, kill = {}, threading.Event()
-
-    def on_event(event):
-        if event["type"] == "started":
-            names.update(event["actor_names"])
-        if event["type"] == "epoch" and event["epoch"] >= 3 and not kill.is_set():
-            kill.set()
-            ray.kill(ray.get_actor(names["by_user[1]"]), no_restart=True)
-
-    first = run(flow, ckpt, trigger_s=0.5, checkpoint_every=2, keep_checkpoints=1, on_event=on_event)
+    killer = TaskKiller("by_user[1]", after_epoch=3)
+    first = run(flow, ckpt, trigger_s=0.5, checkpoint_every=2, keep_checkpoints=1, on_event=killer)
     run(flow, ckpt, trigger_s=0.5, checkpoint_every=2, keep_checkpoints=1)  # a restart: nothing left to read
 
     kinds = [r["kind"] for r in history(ckpt, "clicks").records]

@@ -2,15 +2,13 @@
 invisible until committed, commits that may repeat, aborts of what never
 completed; and a job on Ray through a task kill, exactly-once."""
 
-import threading
-
+import psycopg
 import pyarrow as pa
 import pytest
 
 from sluiceway.operators.errors import SinkError
 from sluiceway.operators.sinks import SinkContext
 
-psycopg = pytest.importorskip("psycopg", reason="the test extras install psycopg")
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -47,11 +45,9 @@ def test_prepared_rows_appear_once_committed_and_aborts_roll_back(postgres_dsn):
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_job_into_postgres_through_a_task_kill_is_exactly_once(postgres_dsn, tmp_path):
-    import ray
-
     from sluiceway.jobs import run
     from sluiceway.jobs.examples import clicks as example
-    from sluiceway.jobs.testing import compare_exactly_once
+    from sluiceway.jobs.testing import TaskKiller, compare_exactly_once
     from sluiceway.operators.connectors.postgres import PostgresSink
 
     rows = 6000
@@ -59,17 +55,9 @@ def test_a_job_into_postgres_through_a_task_kill_is_exactly_once(postgres_dsn, t
     flow.graph.steps["clicks_out"].sink = PostgresSink(postgres_dsn, "clicks", create_table=True)
     flow.graph.steps["totals_out"].sink = PostgresSink(postgres_dsn, "totals", mode="upsert", key=["user_id"],
                                                        create_table=True)
-    names, kill = {}, threading.Event()
-
-    def on_event(event):
-        if event["type"] == "started":
-            names.update(event["actor_names"])
-        if event["type"] == "epoch" and event["epoch"] >= 3 and not kill.is_set():
-            kill.set()
-            ray.kill(ray.get_actor(names["by_user[1]"]), no_restart=True)
-
-    summary = run(flow, str(tmp_path / "ckpt"), trigger_s=0.5, checkpoint_every=2, on_event=on_event)
-    assert kill.is_set() and summary["restarts"] == 1
+    killer = TaskKiller("by_user[1]", after_epoch=3)
+    summary = run(flow, str(tmp_path / "ckpt"), trigger_s=0.5, checkpoint_every=2, on_event=killer)
+    assert killer.killed.is_set() and summary["restarts"] == 1
     with psycopg.connect(postgres_dsn) as conn:
         clicks = conn.execute("SELECT event_id, user_id, cents, dollars FROM clicks").fetchall()
         totals = conn.execute("SELECT user_id, event_id_count, cents_sum FROM totals").fetchall()

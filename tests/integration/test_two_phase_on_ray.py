@@ -11,7 +11,7 @@ from sluiceway.checkpoint import JobStorage
 from sluiceway.checkpoint.timeline import RecordKind, history
 from sluiceway.jobs import run
 from sluiceway.jobs.examples import clicks as example
-from sluiceway.jobs.testing import compare_exactly_once
+from sluiceway.jobs.testing import TaskKiller, compare_exactly_once
 from sluiceway.operators.sinks import ParquetSink, read_committed
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.timeout(180)]
@@ -52,28 +52,16 @@ def test_a_failed_sink_commit_is_committed_again_from_the_log_exactly_once(tmp_p
 
 
 def test_delta_sink_through_a_task_kill_is_exactly_once(tmp_path):
-    import threading
-
     import deltalake
-    import ray
-
     from sluiceway.operators.sinks import DeltaSink
 
     rows = 6000
     out, ckpt = tmp_path / "out", str(tmp_path / "ckpt")
     flow = example.build(output=str(out), rows_per_partition=rows, rows_per_second=2000)
     flow.graph.steps["clicks_out"].sink = DeltaSink(str(out / "clicks_delta"))
-    names, kill = {}, threading.Event()
-
-    def on_event(event):
-        if event["type"] == "started":
-            names.update(event["actor_names"])
-        if event["type"] == "epoch" and event["epoch"] >= 3 and not kill.is_set():
-            kill.set()
-            ray.kill(ray.get_actor(names["events[0]"]), no_restart=True)
-
-    summary = run(flow, ckpt, trigger_s=0.5, checkpoint_every=2, on_event=on_event)
-    assert kill.is_set() and summary["restarts"] == 1
+    killer = TaskKiller("events[0]", after_epoch=3)
+    summary = run(flow, ckpt, trigger_s=0.5, checkpoint_every=2, on_event=killer)
+    assert killer.killed.is_set() and summary["restarts"] == 1
     table = deltalake.DeltaTable(str(out / "clicks_delta"))
     clicks = compare_exactly_once(table.to_pyarrow_table(), example.expected_clicks(rows))
     assert clicks.exactly_once, clicks.line()
