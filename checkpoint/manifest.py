@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from sluiceway.checkpoint.errors import CorruptCheckpointError, StorageError
+from sluiceway.checkpoint.errors import CheckpointError, CorruptCheckpointError, StorageError
 from sluiceway.checkpoint.storage import JobStorage
 
 MANIFEST_FORMAT = 3
@@ -143,6 +143,19 @@ def _manifest_problem(storage: JobStorage, checkpoint_id: int, manifest: dict) -
         if size != entry.get("size_bytes"):
             return f"state file {path} has {size} bytes, manifest says {entry.get('size_bytes')}"
     return None
+
+
+def restorable(storage: JobStorage, checkpoint_id: int) -> ManifestCheck:
+    """Checkpoint ``checkpoint_id``, if it can be restored; otherwise a
+    :class:`CheckpointError` naming the ones that can."""
+    check = check_manifest(storage, checkpoint_id)
+    if check.status is CheckpointStatus.COMPLETE:
+        return check
+    ids = storage.checkpoint_ids()
+    complete = [i for i in ids if check_manifest(storage, i).status is CheckpointStatus.COMPLETE]
+    state = "does not exist" if checkpoint_id not in ids else f"is {check.status.value}, not restorable"
+    raise CheckpointError(f"checkpoint {checkpoint_id} of job {storage.job!r} {state}; restorable: "
+                          f"{', '.join(map(str, complete)) or 'none'} (`sluiceway checkpoints list {storage.job}`)")
 
 
 def latest_complete(storage: JobStorage, skip: set[int] = frozenset()) -> tuple[ManifestCheck | None, list[ManifestCheck]]:

@@ -73,10 +73,20 @@ class JobHistory:
         return dict(sorted(out.items()))
 
 
-def read_history(storage: JobStorage) -> JobHistory:
-    """The job's history records, oldest first."""
+def record_names(storage: JobStorage, kinds=None) -> list[str]:
+    """Names of the job's history records, oldest first; with ``kinds``,
+    of those kinds only (the kind ends each name: nothing is read)."""
+    names = storage.history_names()
+    if kinds is None:
+        return names
+    endings = tuple(f"-{RecordKind(k).value}.json" for k in kinds)
+    return [n for n in names if n.endswith(endings)]
+
+
+def read_history(storage: JobStorage, kinds=None) -> JobHistory:
+    """The job's history records, oldest first (``kinds``: only those)."""
     records = []
-    for name in storage.history_names():
+    for name in record_names(storage, kinds):
         doc = storage.read_json(storage.history_path(name))
         if not isinstance(doc, dict) or "kind" not in doc or "at" not in doc:
             raise CorruptCheckpointError(
@@ -87,9 +97,10 @@ def read_history(storage: JobStorage) -> JobHistory:
     return JobHistory(records)
 
 
-def history(url: str, job: str) -> JobHistory:
-    """The history of job ``job`` in checkpoint storage ``url``, from Python."""
-    return read_history(JobStorage(url, job))
+def history(url: str, job: str, kinds=None) -> JobHistory:
+    """The history of job ``job`` in checkpoint storage ``url``, from Python
+    (``kinds``: records of those kinds only)."""
+    return read_history(JobStorage(url, job), kinds)
 
 
 def step_sizes(manifest: dict) -> dict[str, dict]:

@@ -36,16 +36,10 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from sluiceway.checkpoint import lease as leases
 from sluiceway.checkpoint.errors import CheckpointError, CorruptCheckpointError, IncompatibleJobError, LeaseLostError
 from sluiceway.checkpoint.lease import DEFAULT_TTL_S, Lease
-from sluiceway.checkpoint.manifest import (
-    CheckpointStatus,
-    assemble_state,
-    build_manifest,
-    check_manifest,
-    latest_complete,
-)
+from sluiceway.checkpoint.manifest import assemble_state, build_manifest, latest_complete, restorable
 from sluiceway.checkpoint.retention import apply_retention
 from sluiceway.checkpoint.storage import JobStorage
-from sluiceway.checkpoint.timeline import HistoryWriter, RecordKind
+from sluiceway.checkpoint.timeline import HistoryWriter, RecordKind, record_names
 from sluiceway.checkpoint.types import TaskId
 from sluiceway.cluster.epochs import EpochBook, EpochPlan, EpochSizer, TaskAck, Trigger, plan_epoch, sources_exhausted
 from sluiceway.cluster.errors import JobFailedError
@@ -120,6 +114,7 @@ class Coordinator:
         self._events_lock = threading.Lock()
         self._stop_requested = threading.Event()
         self.savepoint_requested = False
+        self._restore_chosen = options.restore_checkpoint  # the first start restores it; recoveries the latest
         self.savepoint: int | None = None  # the savepoint this run took when asked to stop with one
         self._plan_s: dict[int, float] = {}  # epoch -> seconds spent planning it (offsets log write)
         self._stop_renewing = threading.Event()
@@ -296,7 +291,7 @@ class Coordinator:
         since the previous run."""
         now = time.time()
         parallelism = self.plan.parallelism()
-        previous = [n for n in self.storage.history_names() if n.endswith(f"-{RecordKind.RUN_STARTED.value}.json")]
+        previous = record_names(self.storage, [RecordKind.RUN_STARTED])
         before = self.storage.read_json(self.storage.history_path(previous[-1])) if previous else None
         restored = self.restore_manifest["id"] if self.restore_manifest else None
         if before and before.get("parallelism") != parallelism:
@@ -318,9 +313,9 @@ class Coordinator:
 
     def _restore_point(self) -> None:
         """Latest complete checkpoint, and the planned epochs after it to replay."""
-        chosen = self.options.restore_checkpoint
-        if chosen is not None and not hasattr(self, "book"):  # only the run's first start restores the chosen one
-            check, corrupt = self._chosen_checkpoint(chosen), []
+        chosen, self._restore_chosen = self._restore_chosen, None
+        if chosen is not None:
+            check, corrupt = restorable(self.storage, chosen), []
         else:
             check, corrupt = latest_complete(self.storage, skip=self.bad_checkpoints)
         for c in corrupt:
@@ -357,18 +352,6 @@ class Coordinator:
         self.trigger = Trigger(self.options.trigger_s)
         self.waiting = 0
         self.book = EpochBook(self.plan.tasks(), self.generation)
-
-    def _chosen_checkpoint(self, checkpoint_id: int):
-        check = check_manifest(self.storage, checkpoint_id)
-        if check.status is not CheckpointStatus.COMPLETE:
-            complete = [i for i in self.storage.checkpoint_ids()
-                        if check_manifest(self.storage, i).status is CheckpointStatus.COMPLETE]
-            state = "does not exist" if checkpoint_id not in self.storage.checkpoint_ids() else f"is {check.status.value}"
-            raise CheckpointError(
-                f"checkpoint {checkpoint_id} of job {self.plan.job!r} {state}; it cannot be restored. "
-                f"Restorable: {', '.join(map(str, complete)) or 'none'} (`sluiceway checkpoints list {self.plan.job}`)"
-            )
-        return check
 
     def _read_plan(self, epoch: int) -> EpochPlan:
         """One entry of the offsets log, or an error naming the file."""
@@ -576,7 +559,6 @@ class Coordinator:
         self._check_lease()
         now = time.time()
         ordered = [acks[t] for t in sorted(acks)]
-        checkpoint_started = now
         # 1. A checkpoint epoch: the manifest is the commit point.
         if plan.checkpoint:
             tasks = [
@@ -652,6 +634,7 @@ class Coordinator:
             if failure is not None:
                 return failure
         done = time.time()
+        plan_s = self._plan_s.pop(plan.epoch, None)  # None: a replay, planned by an earlier run or generation
         self.last_completed = plan.epoch
         if plan.epoch > self.high_water:
             self.high_water = plan.epoch
@@ -674,13 +657,13 @@ class Coordinator:
             deleted_checkpoints=deleted,
             generation=self.generation,
             savepoint=plan.epoch if plan.savepoint else None,
-            replay=plan.epoch <= self.high_water and plan.epoch not in self._plan_s,
+            replay=plan_s is None,
             phases={
-                "plan": round(self._plan_s.pop(plan.epoch, 0.0), 6),
+                "plan": round(plan_s or 0.0, 6),
                 "process": round(max((a.duration_s - a.snapshot_s for a in ordered), default=0.0), 6),
                 "align": round(max((a.alignment_s for a in ordered), default=0.0), 6),
-                "checkpoint": round(commit_started - checkpoint_started + max((a.snapshot_s for a in ordered),
-                                                                             default=0.0), 6) if plan.checkpoint else 0.0,
+                "checkpoint": round(commit_started - now + max((a.snapshot_s for a in ordered), default=0.0), 6)
+                if plan.checkpoint else 0.0,
                 "commit": round(done - commit_started, 6),
             },
             sources={s: {str(p): list(span) for p, span in parts.items()} for s, parts in plan.ranges.items()},
@@ -693,8 +676,10 @@ class Coordinator:
         """Commit one epoch in every sink; a sink that fails is a failure of
         the epoch, and the recovery commits it again from the commit log."""
         for step, sink in self.sinks.items():
+            if step not in handles:
+                continue
             try:
-                sink.commit(epoch, handles.get(step, []))
+                sink.commit(epoch, handles[step])
             except Exception as exc:  # noqa: BLE001 - the sink's (or its system's) error, recovered from
                 self._check_lease()
                 return Failure(FailureKind.USER_CODE,
@@ -712,10 +697,10 @@ class Coordinator:
         for epoch in self.storage.commit_epochs():
             if epoch <= base:
                 continue
-            record = self.storage.read_commit(epoch) or {}
-            for step, sink in self.sinks.items():
-                if step in (record.get("sinks") or {}):
-                    sink.commit(epoch, record["sinks"][step])
+            logged = (self.storage.read_commit(epoch) or {}).get("sinks")
+            failure = self._commit_sinks(epoch, logged) if logged else None  # entries before 2PC have none
+            if failure is not None:
+                raise JobFailedError(failure.message, failure.detail)
         for step, sink in self.sinks.items():
             sink.abort(self.high_water, SinkContext(step, -1, 0, self.plan.job, f"f{self.lease.fencing}",
                                                     self.storage.on_wait))

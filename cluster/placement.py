@@ -4,8 +4,19 @@ on the driver's node."""
 
 from __future__ import annotations
 
+import os
+
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+
+def default_parallelism() -> int:
+    """Parallelism of steps that set none: the CPUs of the cluster this
+    process is connected to, or of this machine for an embedded cluster
+    (a source never gets more tasks than it has partitions)."""
+    if ray.is_initialized():
+        return max(1, int(ray.cluster_resources().get("CPU", 0)))
+    return os.cpu_count() or 2
 
 
 def worker_nodes() -> list[str]:

@@ -36,6 +36,7 @@ from sluiceway.cluster.errors import JobFailedError
 from sluiceway.cluster.events import format_event
 from sluiceway.cluster.graph import plan as physical_plan
 from sluiceway.cluster.launch import open_job, release_job
+from sluiceway.cluster.placement import default_parallelism
 
 ACTOR_PREFIX = "job:"
 RUNNING, RECOVERING, STARTING = "running", "recovering", "starting"
@@ -210,7 +211,7 @@ class JobSupervisor:
         if storage is None:
             return []
         try:
-            records = read_history(storage).of_kind(RecordKind.RECOVERY)[-keep:]
+            records = read_history(storage, [RecordKind.RECOVERY]).records[-keep:]
         except CheckpointError:
             return []
         return [{"at": iso(r["at"]), "failure": r["failure"], "detect_s": r.get("detect_s"),
@@ -254,7 +255,7 @@ class JobSupervisor:
             self._pending = command
             coordinator = self.coordinator
             if coordinator is not None and self.state not in ENDED:
-                coordinator.request_stop(savepoint=command.kind in ("scale",) or command.args.get("savepoint", False))
+                coordinator.request_stop(savepoint=command.kind == "scale" or command.args.get("savepoint", False))
             self._wake.notify_all()
         self._log(f"command: {command.kind} {command.args}")
         return "accepted"
@@ -339,8 +340,7 @@ class JobSupervisor:
         self.state, self.error = STARTING, None
         storage = lease = None
         try:
-            cpus = int(ray.cluster_resources().get("CPU", 0)) or 1
-            plan = physical_plan(flow.graph, self.parallelism or flow.graph.parallelism or cpus)
+            plan = physical_plan(flow.graph, self.parallelism or flow.graph.parallelism or default_parallelism())
             storage, job_doc, lease = open_job(plan, self.spec.checkpoint_dir,
                                                storage_deadline_s=self.spec.storage_deadline_s, force=force,
                                                lease_ttl_s=self.spec.options.lease_ttl_s)
@@ -376,9 +376,7 @@ class JobSupervisor:
                       f"last checkpoint {summary['last_checkpoint']}"
                       + (f", savepoint {summary['savepoint']}" if summary.get("savepoint") else ""))
             return summary
-        except JobFailedError as exc:
-            self._end(FAILED, str(exc))
-        except CheckpointError as exc:
+        except (JobFailedError, CheckpointError) as exc:  # their first line names the cause
             self._end(FAILED, str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug of ours: shown whole
             self._end(FAILED, f"the supervisor of job {flow.name!r} failed: {type(exc).__name__}: {exc}\n"

@@ -112,7 +112,7 @@ def run_chaos(job: str, *, kill_every_s: float, duration_s: float, replace: bool
     deadline = time.time() + settle_s
     while True:  # until every kill that cost tasks has its recovery and the job caught up after it
         status = client.status(job, 300)
-        records = history(status["checkpoint_dir"], job).of_kind(RecordKind.RECOVERY)
+        records = history(status["checkpoint_dir"], job, [RecordKind.RECOVERY]).records
         figures = report(kills, [r for r in records if r["at"] >= start], status["recentProgress"])
         settled = all(f.caught_up_s is not None for f in figures if f.tasks_lost)
         if settled or status["state"] in ("finished", "failed", "stopped") or time.time() > deadline:

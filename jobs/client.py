@@ -17,7 +17,7 @@ import time
 
 import ray
 
-from sluiceway.checkpoint.manifest import CheckpointStatus, check_manifest
+from sluiceway.checkpoint.manifest import restorable
 from sluiceway.checkpoint.storage import JobStorage, absolute_url
 from sluiceway.cluster.connect import NAMESPACE
 from sluiceway.cluster.coordinator import RunOptions
@@ -62,10 +62,11 @@ def job_runtime_env(job: str) -> dict:
 
 def submit(job: str, checkpoint_dir: str, *, name: str | None = None, parallelism: int | None = None,
            options: RunOptions | None = None, storage_deadline_s: float = 120.0, force: bool = False,
-           wait_s: float = 120.0) -> dict:
+           wait_s: float = 120.0, flow=None) -> dict:
     """Start ``job`` (``path/to/job.py[:attr]``) as a detached job and return
-    its summary once it runs. Connect with :func:`job_runtime_env` first."""
-    flow = load_flow(job, name)  # errors in the job file show here, not on the cluster
+    its summary once it runs. Connect with :func:`job_runtime_env` first.
+    ``flow``: the job file's flow, if the caller loaded it already."""
+    flow = flow or load_flow(job, name)  # errors in the job file show here, not on the cluster
     path, sep, attr = job.partition(":")
     uploaded = ray.get_runtime_context().runtime_env  # the working dir as Ray stored it (gcs://...)
     if not uploaded.get("working_dir"):
@@ -178,9 +179,8 @@ def logs(name: str, after: int = 0, task_offsets: dict | None = None) -> dict:
     return _ask(supervisor(name), "logs", name, after, task_offsets or {}, timeout_s=30.0)
 
 
-def _wait(name: str, done, timeout_s: float, what: str) -> dict:
+def _wait(actor, name: str, done, timeout_s: float, what: str) -> dict:
     deadline = time.time() + timeout_s
-    actor = supervisor(name)
     while True:
         try:
             summary = _ask(actor, "summary", name)
@@ -194,30 +194,23 @@ def _wait(name: str, done, timeout_s: float, what: str) -> dict:
         time.sleep(0.2)
 
 
-def _send(name: str, method: str, *args) -> dict:
-    actor = supervisor(name)
-    before = _ask(actor, "summary", name)
+def _send(actor, name: str, method: str, *args) -> None:
     answer = _ask(actor, method, name, *args)
     if answer.startswith("busy"):
         raise ClusterError(f"job {name!r} is {answer}; wait for it to finish")
-    return before
 
 
-def stop(name: str, *, savepoint: bool = False, timeout_s: float = 300.0, remove: bool = False) -> dict:
+def stop(name: str, *, savepoint: bool = False, timeout_s: float = 300.0) -> dict:
     """Stop the job after its epochs in flight and a final checkpoint (a
     savepoint with ``savepoint``). A job that already ended is removed from
-    the cluster instead (``remove``: in any case, once stopped); its
-    checkpoints stay."""
+    the cluster instead; its checkpoints stay."""
     actor = supervisor(name)
     summary = _ask(actor, "summary", name)
     if summary["state"] in ENDED:
         _remove(actor, name)
         return {**summary, "removed": True}
-    _send(name, "stop", savepoint)
-    summary = _wait(name, lambda s: s["state"] in ENDED, timeout_s, "stopping")
-    if remove:
-        _remove(actor, name)
-    return {**summary, "removed": remove}
+    _send(actor, name, "stop", savepoint)
+    return {**_wait(actor, name, lambda s: s["state"] in ENDED, timeout_s, "stopping"), "removed": False}
 
 
 def scale(name: str, parallelism: int, *, timeout_s: float = 300.0) -> dict:
@@ -225,8 +218,10 @@ def scale(name: str, parallelism: int, *, timeout_s: float = 300.0) -> dict:
     ``parallelism`` tasks per step (key groups reassigned)."""
     if parallelism < 1:
         raise ClusterError(f"cannot scale job {name!r} to {parallelism} tasks: parallelism must be 1 or more")
-    before = _send(name, "scale", parallelism)
-    after = _wait(name, lambda s: s["runs"] > before["runs"] and s["state"] != STARTING, timeout_s, "scaling")
+    actor = supervisor(name)
+    before = _ask(actor, "summary", name)
+    _send(actor, name, "scale", parallelism)
+    after = _wait(actor, name, lambda s: s["runs"] > before["runs"] and s["state"] != STARTING, timeout_s, "scaling")
     if after["state"] == "failed":
         raise JobFailedError(f"job {name!r} failed after scaling: {after['error']}")
     return {**after, "from": before["parallelism"]}
@@ -235,19 +230,12 @@ def scale(name: str, parallelism: int, *, timeout_s: float = 300.0) -> dict:
 def restore(name: str, checkpoint: int, *, parallelism: int | None = None, timeout_s: float = 300.0) -> dict:
     """Run the job again from retained checkpoint or savepoint ``checkpoint``."""
     actor = supervisor(name)
-    summary = _ask(actor, "summary", name)
-    storage = JobStorage(summary["checkpoint_dir"], name)
-    check = check_manifest(storage, checkpoint)
-    if check.status is not CheckpointStatus.COMPLETE:
-        ids = storage.checkpoint_ids()
-        complete = [i for i in ids if check_manifest(storage, i).status is CheckpointStatus.COMPLETE]
-        state = "does not exist" if checkpoint not in ids else f"is {check.status.value}, not restorable"
-        raise ClusterError(f"checkpoint {checkpoint} of job {name!r} {state}; restorable: "
-                           f"{', '.join(map(str, complete)) or 'none'} (`sluiceway checkpoints list {name}`)")
+    before = _ask(actor, "summary", name)
+    restorable(JobStorage(before["checkpoint_dir"], name), checkpoint)
     if parallelism is not None and parallelism < 1:
         raise ClusterError(f"cannot restore job {name!r} with {parallelism} tasks: parallelism must be 1 or more")
-    before = _send(name, "restore", checkpoint, parallelism)
-    after = _wait(name, lambda s: s["runs"] > before["runs"] and s["state"] != STARTING, timeout_s, "restoring")
+    _send(actor, name, "restore", checkpoint, parallelism)
+    after = _wait(actor, name, lambda s: s["runs"] > before["runs"] and s["state"] != STARTING, timeout_s, "restoring")
     if after["state"] == "failed":
         raise JobFailedError(f"job {name!r} failed to restore checkpoint {checkpoint}: {after['error']}")
     return after

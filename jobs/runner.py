@@ -19,20 +19,11 @@ from sluiceway.cluster.restart import RestartPolicy
 from sluiceway.cluster.graph import PhysicalPlan
 from sluiceway.cluster.graph import plan as physical_plan
 from sluiceway.cluster.local import init_embedded
-from sluiceway.cluster.placement import pinned
+from sluiceway.cluster.placement import default_parallelism, pinned
 from sluiceway.jobs.jobfile import ship_by_value
 from sluiceway.operators.errors import FlowDefinitionError
 
 DEFAULT_CHECKPOINT_DIR = ".sluiceway"
-
-
-def default_parallelism() -> int:
-    """Parallelism of steps that set none: the CPUs of the cluster this
-    process is connected to, or of this machine for an embedded cluster
-    (a source never gets more tasks than it has partitions)."""
-    if ray.is_initialized():
-        return max(1, int(ray.cluster_resources().get("CPU", 0)))
-    return os.cpu_count() or 2
 
 
 def default_checkpoint_dir() -> str:

@@ -150,9 +150,6 @@ class _ParquetWriter(SinkWriter):
 
     def precommit(self, epoch: int, table: pa.Table | None) -> dict:
         subtask = self.context.subtask
-        marker = self.layout.read_marker(epoch)
-        if marker is not None:  # committed by a run whose commit log entry was lost: keep what readers saw
-            return {"subtask": subtask, "already_committed": True, "rows": 0, "path": None}
         if table is None or table.num_rows == 0:
             return {"subtask": subtask, "rows": 0, "path": None}
         buf = io.BytesIO()
@@ -179,7 +176,9 @@ class ParquetSink(Sink):
 
     def commit(self, epoch: int, handles: list[dict]) -> None:
         layout = _ParquetLayout(self.url, self.retry)
-        if layout.read_marker(epoch) is not None:
+        marker = layout.read_marker(epoch)
+        if marker is not None:  # committed before (a commit again from the log, or a replay): keep what readers saw
+            self._remove_unnamed(layout, epoch, marker)
             return
         files = sorted(
             ({"subtask": h["subtask"], "path": h["path"], "rows": h["rows"]} for h in handles if h.get("path")),

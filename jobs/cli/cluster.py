@@ -65,16 +65,18 @@ def _state():
     return state
 
 
+def _started(node) -> None:
+    """A node ``up`` or ``workers add`` started, printed as soon as it runs."""
+    what = "head (no CPUs for tasks)" if node.head else f"{node.cpus} CPU(s)"
+    print(f"started {node.name:<10} {node.node_id[:12]}  {what}", flush=True)
+
+
 def cmd_up(args) -> int:
     from sluiceway.cluster import devcluster
 
-    def started(node) -> None:
-        what = "head (no CPUs for tasks)" if node.head else f"{node.cpus} CPU(s)"
-        print(f"started {node.name:<10} {node.node_id[:12]}  {what}", flush=True)
-
     state = devcluster.up(args.workers, args.cpus_per_worker, host=args.host, port=args.port,
                           memory=args.memory_per_node_mb * 1024**2, object_store_memory=args.object_store_mb * 1024**2,
-                          on_node=started)
+                          on_node=_started)
     print(f"cluster up at {state.address} (token authentication on; token in {state.token_file}, mode 0600)")
     print(f"state: {devcluster.state_path()}; `sluiceway down` stops it")
     return 0
@@ -92,9 +94,7 @@ def cmd_down(args) -> int:
 def cmd_workers_add(args) -> int:
     from sluiceway.cluster import devcluster
 
-    state = _state()
-    for node in devcluster.add_workers(state, args.count, args.cpus_per_worker):
-        print(f"started {node.name:<10} {node.node_id[:12]}  {node.cpus} CPU(s)", flush=True)
+    devcluster.add_workers(_state(), args.count, args.cpus_per_worker, on_node=_started)
     return 0
 
 

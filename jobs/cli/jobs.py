@@ -70,9 +70,9 @@ def cmd_submit(args) -> int:
     from sluiceway.jobs import client
     from sluiceway.jobs.jobfile import load_flow
 
-    load_flow(args.job, args.name)  # a broken job file is reported before anything is uploaded
+    flow = load_flow(args.job, args.name)  # a broken job file is reported before anything is uploaded
     connect(args.address, runtime_env=client.job_runtime_env(args.job))
-    summary = client.submit(args.job, args.checkpoint_dir, name=args.name, parallelism=args.parallelism,
+    summary = client.submit(args.job, args.checkpoint_dir, flow=flow, name=args.name, parallelism=args.parallelism,
                             options=run_options(args), storage_deadline_s=args.storage_deadline, force=args.force)
     tasks = summary["placement"]
     print(f"submitted job {summary['name']!r}: {len(tasks)} task(s) running on "

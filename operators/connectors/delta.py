@@ -27,17 +27,14 @@ import pyarrow.parquet as pq
 
 from sluiceway.checkpoint.storage import absolute_url, atomic_write, open_filesystem
 from sluiceway.operators.errors import SinkError
+from sluiceway.operators.connectors import requires
 from sluiceway.operators.sinks import Sink, SinkContext, SinkWriter
 
 PREFIX = "part-e"
 
 
 def _deltalake():
-    try:
-        import deltalake
-    except ImportError:
-        raise SinkError("DeltaSink needs the deltalake package: pip install 'sluiceway[delta]'") from None
-    return deltalake
+    return requires("deltalake", "DeltaSink", "delta")
 
 
 def app_id(job: str, step: str) -> str:
@@ -103,7 +100,8 @@ class DeltaSink(Sink):
             if done is not None and done >= epoch:
                 return  # committed before: a replayed commit changes nothing
         fs, base = open_filesystem(self.url)
-        schema = pq.read_schema(fs.open(posixpath.join(base, files[0]["path"]), "rb"))
+        with fs.open(posixpath.join(base, files[0]["path"]), "rb") as f:
+            schema = pq.read_schema(f)
         now = int(time.time() * 1000)
         actions = [AddAction(f["path"], f["size"], {}, now, True, json.dumps({"numRecords": f["rows"]}))
                    for f in files]

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from sluiceway.operators.errors import SinkError
+from sluiceway.operators.connectors import requires
 from sluiceway.operators.sinks import Sink, SinkContext, SinkWriter
 
 MODES = ("append", "upsert")
@@ -45,11 +46,7 @@ _PG_TYPES = [
 
 
 def _psycopg():
-    try:
-        import psycopg
-    except ImportError:
-        raise SinkError("PostgresSink needs psycopg: pip install 'sluiceway[postgres]'") from None
-    return psycopg
+    return requires("psycopg", "PostgresSink", "postgres")
 
 
 def gid_prefix(job: str, step: str) -> str:
