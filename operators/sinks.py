@@ -150,6 +150,9 @@ class _ParquetWriter(SinkWriter):
 
     def precommit(self, epoch: int, table: pa.Table | None) -> dict:
         subtask = self.context.subtask
+        marker = self.layout.read_marker(epoch)
+        if marker is not None:  # committed by a run whose commit log entry was lost: keep what readers saw
+            return {"subtask": subtask, "already_committed": True, "rows": 0, "path": None}
         if table is None or table.num_rows == 0:
             return {"subtask": subtask, "rows": 0, "path": None}
         buf = io.BytesIO()
