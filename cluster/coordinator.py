@@ -124,7 +124,7 @@ class Coordinator:
         self.tracker = RestartTracker(options.restart)
         self.failures: list[str] = []
         self.bad_checkpoints: set[int] = set()
-        self.stats = {"epochs": 0, "rows_in": 0, "rows_out": 0, "checkpoints": 0}
+        self.stats = {"epochs": 0, "rows_in": 0, "rows_out": 0, "dead_letters": 0, "checkpoints": 0}
         self.last_completed = 0
         self.last_checkpoint = 0
         self.stop_reason: str | None = None
@@ -605,11 +605,13 @@ class Coordinator:
                 self.savepoint = plan.epoch
             self.stats["checkpoints"] += 1
             self.tracker.on_checkpoint_completed(now)
+            self._tell_sources(plan)
         commit_started = time.time()
         committed_before = plan.epoch <= self.high_water  # a replay: the commit log has it, its sinks committed it
         handles = {step: [a.sink_handles[step] for a in ordered if step in a.sink_handles] for step in self.sinks}
         rows_in = sum(a.rows_in for a in ordered)
         rows_out = sum(a.rows_out for a in ordered)
+        dead_letters = sum(a.dead_letters for a in ordered)
         duration = self.book.latency(plan.epoch, now)  # from dispatch: a replay's plan is older than its run
         self.recent_latencies.append(duration)
         if plan.epoch > self.high_water:
@@ -621,6 +623,7 @@ class Coordinator:
             "duration_s": round(duration, 6),
             "rows_in": rows_in,
             "rows_out": rows_out,
+            "dead_letters": dead_letters,
             "checkpoint": plan.checkpoint,
             "generation": self.generation,
             "fencing": self.lease.fencing,
@@ -641,6 +644,7 @@ class Coordinator:
             self.stats["epochs"] += 1
             self.stats["rows_in"] += rows_in
             self.stats["rows_out"] += rows_out
+            self.stats["dead_letters"] += dead_letters
         else:
             self.replayed += 1
         # 4. Retention, after the new checkpoint is safe.
@@ -650,6 +654,7 @@ class Coordinator:
             epoch=plan.epoch,
             rows_in=rows_in,
             rows_out=rows_out,
+            dead_letters=dead_letters,
             duration_s=round(duration, 4),
             rows_per_s=round(rows_in / duration, 1) if duration > 0 else None,
             checkpoint=plan.epoch if plan.checkpoint else None,
@@ -671,6 +676,16 @@ class Coordinator:
             state_bytes=self.last_checkpoint_size,
         )
         return None
+
+    def _tell_sources(self, plan: EpochPlan) -> None:
+        """Each source hears the offsets a completed checkpoint covers (a log
+        records the job's position). Bookkeeping: a failure is an event."""
+        for step, source in self.sources.items():
+            try:
+                source.checkpointed(self.plan.job, plan.next_offsets().get(step, {}))
+            except Exception as exc:  # noqa: BLE001 - the job's output does not depend on it
+                self._event("source_checkpointed_failed", source=step, epoch=plan.epoch,
+                            error=f"{type(exc).__name__}: {exc}".splitlines()[0])
 
     def _commit_sinks(self, epoch: int, handles: dict[str, list[dict]]) -> Failure | None:
         """Commit one epoch in every sink; a sink that fails is a failure of
@@ -742,7 +757,7 @@ class Coordinator:
         if self.options.epochs is not None and self.epochs_planned_this_run >= self.options.epochs:
             self.stop_reason = "epochs"
         checkpoint = self.stop_reason is not None or self.next_epoch % self.options.checkpoint_every == 0
-        self._write_and_dispatch(ranges, checkpoint=checkpoint, now=now, waiting=self.waiting)
+        self._write_and_dispatch(ranges, checkpoint=checkpoint, now=now, waiting=self.waiting, gaps=planned.gaps)
 
     def _empty_ranges(self):
         return {
@@ -751,8 +766,8 @@ class Coordinator:
         }
 
     def _write_and_dispatch(self, ranges, *, checkpoint: bool, now: float, waiting: int = 0,
-                            savepoint: bool = False) -> None:
-        plan = EpochPlan(self.next_epoch, ranges, checkpoint, now, waiting, savepoint)
+                            savepoint: bool = False, gaps=None) -> None:
+        plan = EpochPlan(self.next_epoch, ranges, checkpoint, now, waiting, savepoint, gaps or {})
         self._check_lease()
         try:
             self.storage.write_offsets(plan.epoch, {**plan.to_json(), "fencing": self.lease.fencing})  # first
@@ -765,6 +780,10 @@ class Coordinator:
         self.next_epoch += 1
         self.next_offsets = plan.next_offsets()
         self._plan_s[plan.epoch] = time.time() - now
+        for step, parts in plan.gaps.items():
+            for partition, (expected, skipped_to) in parts.items():
+                self._event("source_gap", epoch=plan.epoch, source=step, partition=partition,
+                            skipped=[expected, skipped_to], records=skipped_to - expected)
         self._dispatch(plan)
 
     def _dispatch(self, plan: EpochPlan) -> None:

@@ -26,6 +26,7 @@ class EpochPlan:
     planned_at: float
     waiting: int = 0  # records readable but left for later epochs when this one was planned
     savepoint: bool = False  # a checkpoint written whole, kept until a user deletes it
+    gaps: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)  # offsets skipped: never readable
 
     @property
     def rows(self) -> int:
@@ -42,6 +43,8 @@ class EpochPlan:
             "waiting": self.waiting,
             "savepoint": self.savepoint,
             "ranges": {s: {str(p): [a, b] for p, (a, b) in parts.items()} for s, parts in self.ranges.items()},
+            **({"gaps": {s: {str(p): [a, b] for p, (a, b) in parts.items()} for s, parts in self.gaps.items()}}
+               if self.gaps else {}),
         }
 
     @classmethod
@@ -73,7 +76,9 @@ class EpochPlan:
         savepoint = doc.get("savepoint", False)
         if not isinstance(savepoint, bool) or (savepoint and not doc["checkpoint"]):
             raise ValueError(f"its 'savepoint' is {savepoint!r} (a savepoint must be a checkpoint)")
-        return cls(doc["epoch"], ranges, doc["checkpoint"], doc["planned_at"], int(doc.get("waiting", 0)), savepoint)
+        gaps = {step: {int(p): (a, b) for p, (a, b) in parts.items()} for step, parts in doc.get("gaps", {}).items()}
+        return cls(doc["epoch"], ranges, doc["checkpoint"], doc["planned_at"], int(doc.get("waiting", 0)), savepoint,
+                   gaps)
 
 
 @dataclass
@@ -93,6 +98,7 @@ class TaskAck:
     alignment_s: float = 0.0  # first barrier of the epoch received to the last one
     sink_handles: dict[str, dict] = field(default_factory=dict)
     watermark: float | None = None
+    dead_letters: int = 0  # records or files the source task could not decode
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,7 @@ class Planned:
 
     ranges: Ranges | None
     waiting: int
+    gaps: Ranges = field(default_factory=dict)  # offsets no longer readable, skipped by the source's choice
 
 
 def plan_epoch(
@@ -118,9 +125,10 @@ def plan_epoch(
     >>> from sluiceway.operators.sources import ListSource
     >>> plan_epoch(1, {"s": ListSource([{"x": i} for i in range(10)])}, {}, now=0, started_at=0,
     ...            max_records_per_epoch=4)
-    Planned(ranges={'s': {0: (0, 4)}}, waiting=6)
+    Planned(ranges={'s': {0: (0, 4)}}, waiting=6, gaps={})
     """
     ranges: Ranges = {}
+    gaps: Ranges = {}
     any_rows = False
     waiting = 0
     for step, source in sources.items():
@@ -129,13 +137,18 @@ def plan_epoch(
         parts = {}
         for p in range(n):
             start = next_offsets.get(step, {}).get(p, 0)
-            latest = max(start, source.latest_offset(p, now, started_at))
+            first, latest = source.readable(p, now, started_at)
+            if start < first:  # deleted before it was read: the source says whether to go on
+                skipped_to = source.skip_gap(p, start, first)
+                gaps.setdefault(step, {})[p] = (start, skipped_to)
+                start = skipped_to
+            latest = max(start, latest)
             stop = min(latest, start + cap)
             parts[p] = (start, stop)
             waiting += latest - stop
-            any_rows = any_rows or stop > start
+            any_rows = any_rows or stop > start or p in gaps.get(step, {})
         ranges[step] = parts
-    return Planned(ranges if any_rows else None, waiting)
+    return Planned(ranges if any_rows else None, waiting, gaps)
 
 
 @dataclass

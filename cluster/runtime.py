@@ -40,6 +40,19 @@ class EpochOutput:
 
 
 @dataclass
+class SourceInput:
+    """What a source task read for one epoch."""
+
+    tables: list[pa.Table]
+    rows: int
+    dead_letters: pa.Table | None  # what the source could not decode, for the dead_letters() streams
+
+    @property
+    def dead_letter_count(self) -> int:
+        return 0 if self.dead_letters is None else self.dead_letters.num_rows
+
+
+@dataclass
 class EpochResult:
     sink_handles: dict[str, dict] = field(default_factory=dict)
     rows_out: int = 0
@@ -145,24 +158,31 @@ class TaskRuntime:
         except Exception as exc:  # noqa: BLE001 - carried to the coordinator with the user's traceback
             raise UserCodeError.from_exception(step_id, kind, exc) from None
 
-    def _emit(self, step_id: str, table: pa.Table | None) -> None:
+    def _emit(self, step_id: str, table: pa.Table | None, dead_letters: bool = False) -> None:
+        """Send ``table`` to the children of ``step_id``: its output, or with
+        ``dead_letters`` the source's dead letters, which go only to the
+        ``dead_letters()`` steps (and they get nothing else)."""
         if table is None or table.num_rows == 0:
             return
         for child in self.stage.children[step_id]:
+            if (self.plan.graph.steps[child].kind == "dead_letters") != dead_letters:
+                continue
             if child in self.sink_writers:
                 self._buffers[child].append(table)
             else:
                 self._push(child, table)
         for exchange in self.stage.exchanges:
-            if exchange.from_step == step_id:
+            if exchange.from_step == step_id and not dead_letters:
                 self._exchange_buffers[exchange].append(table)
 
     def _push(self, step_id: str, table: pa.Table) -> None:
         kind = self.plan.graph.steps[step_id].kind
         self._emit(step_id, self._user_call(step_id, kind, self.logic[step_id].process, table))
 
-    def process_epoch(self, epoch: int, barrier: Barrier, inputs: list[pa.Table | None], rows_in: int) -> EpochOutput:
-        """Run one epoch's input through the chain and fire end-of-epoch hooks.
+    def process_epoch(self, epoch: int, barrier: Barrier, inputs: list[pa.Table | None], rows_in: int,
+                      dead_letters: pa.Table | None = None) -> EpochOutput:
+        """Run one epoch's input (and, in a source task, the source's dead
+        letters) through the chain and fire end-of-epoch hooks.
         Returns what to send downstream; call :meth:`finish_epoch` after sending."""
         started = time.time()
         root = self.stage.steps[0]
@@ -172,6 +192,8 @@ class TaskRuntime:
                 self._buffers[root].append(table)
             else:
                 self._push(root, table)
+        if dead_letters is not None:
+            self._emit(root, dead_letters, dead_letters=True)
         for step_id in self.stage.steps:
             logic = self.logic.get(step_id)
             if logic is not None:
@@ -228,15 +250,21 @@ class TaskRuntime:
         return result
 
     # ------------------------------------------------------------- sources
-    def read_source(self, ranges: dict[int, tuple[int, int]]) -> tuple[list[pa.Table], int]:
+    def read_source(self, ranges: dict[int, tuple[int, int]]) -> SourceInput:
         """Read this task's partitions' planned ranges, in partition order."""
         step_id = self.stage.source
         source = self.plan.graph.steps[step_id].source
-        tables, rows = [], 0
+        read = SourceInput([], 0, None)
+        dead = []
         for partition in self.plan.source_partitions(self.task):
             start, stop = ranges.get(partition, (0, 0))
             if stop > start:
-                tables.append(self._user_call(step_id, "source", source.read, partition, start, stop))
-                rows += stop - start
-        return tables, rows
+                table, bad = self._user_call(step_id, "source", source.read_batch, partition, start, stop)
+                read.tables.append(table)
+                read.rows += table.num_rows
+                if bad is not None and bad.num_rows:
+                    dead.append(bad)
+        if dead:
+            read.dead_letters = pa.concat_tables(dead)
+        return read
 

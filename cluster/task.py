@@ -86,8 +86,9 @@ class TaskActor:
     def _run_source(self, plan: EpochPlan) -> None:
         self.current_epoch = plan.epoch
         ranges = plan.ranges.get(self.runtime.stage.source, {})
-        tables, rows = self.runtime.read_source(ranges)
-        self._run_epoch(Barrier(plan.epoch, plan.checkpoint, None, plan.savepoint), tables, rows)
+        read = self.runtime.read_source(ranges)
+        self._run_epoch(Barrier(plan.epoch, plan.checkpoint, None, plan.savepoint), read.tables, read.rows,
+                        read.dead_letters)
 
     def deliver(self, generation: int, channel: TaskId, table, barrier: Barrier) -> None:
         if generation != self.generation or self.failed:
@@ -102,11 +103,11 @@ class TaskActor:
             for aligned in self.aligner.handle(event):
                 self._run_epoch(aligned.barrier, aligned.tables, 0)
 
-    def _run_epoch(self, barrier: Barrier, tables: list, rows_in: int) -> None:
+    def _run_epoch(self, barrier: Barrier, tables: list, rows_in: int, dead_letters=None) -> None:
         t0 = time.time()
         self.current_epoch = barrier.epoch
         alignment_s = t0 - self._first_barrier_at.pop(barrier.epoch, t0)
-        out = self.runtime.process_epoch(barrier.epoch, barrier, tables, rows_in)
+        out = self.runtime.process_epoch(barrier.epoch, barrier, tables, rows_in, dead_letters)
         # 1. Forward data and barrier first, so downstream starts while we write.
         for exchange, parts in out.exchanges.items():
             for j, handle in enumerate(self.downstream[exchange.to_stage]):
@@ -128,6 +129,7 @@ class TaskActor:
                 alignment_s=alignment_s,
                 sink_handles=result.sink_handles,
                 watermark=barrier.watermark,
+                dead_letters=0 if dead_letters is None else dead_letters.num_rows,
             )
         )
 

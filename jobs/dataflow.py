@@ -159,6 +159,35 @@ class Stream:
         )
         return KeyedStream(self.flow, step.id, column)
 
+    def dead_letters(self, *, name: str | None = None) -> "Stream":
+        """What this stream's source could not decode (a corrupt file, an
+        unreadable log segment), one row per bad input with its location and
+        the reason: a stream to sink like any other. Counted per epoch in the
+        job's metrics (``dead_letters``). Call it on the stream ``flow.source``
+        returns.
+
+        >>> import pyarrow as pa
+        >>> from sluiceway.operators.sources import ListSource, dead_letter
+        >>> from sluiceway.jobs.testing import run_local, CollectSink
+        >>> class Picky(ListSource):
+        ...     def read_batch(self, partition, start, stop):
+        ...         return self.read(partition, start, stop), dead_letter("picky", partition, start, stop, "-", "no")
+        >>> flow, good, bad = Dataflow("doc_dead_letters"), CollectSink(), CollectSink()
+        >>> stream = flow.source(Picky([{"x": 1}]))
+        >>> stream.sink(good)
+        >>> stream.dead_letters().sink(bad)
+        >>> epochs = run_local(flow)
+        >>> good.rows(), [(r["source"], r["reason"]) for r in bad.rows()]
+        ([{'x': 1}], [('picky', 'no')])
+        """
+        step = self.flow.graph.steps[self.step_id]
+        if step.kind != "source":
+            raise FlowDefinitionError(
+                f"dead_letters() belongs to a source's stream, and {self.step_id!r} is a {step.kind} step: "
+                "call it on the stream flow.source(...) returned"
+            )
+        return self._then("dead_letters", None, name)
+
     def sink(self, sink: Sink, *, name: str | None = None) -> None:
         """Write the stream to ``sink``, exactly once."""
         if not isinstance(sink, Sink):

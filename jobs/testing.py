@@ -100,16 +100,16 @@ def run_local(flow, *, parallelism: int | None = None, max_records_per_epoch: in
         for task, runtime in tasks.items():  # stages are in topological order
             stage = plan.stages[task.stage]
             if stage.source is not None:
-                tables, rows = runtime.read_source(ranges[stage.source])
-                runnable = [(barrier, tables, rows)]
+                read = runtime.read_source(ranges[stage.source])
+                runnable = [(barrier, read.tables, read.rows, read.dead_letters)]
             else:
                 runnable = []
                 for channel, table in inbox[task]:
                     events = ([Data(channel, table)] if table is not None else []) + [BarrierEvent(channel, barrier)]
                     for event in events:
-                        runnable += [(a.barrier, a.tables, 0) for a in aligners[task].handle(event)]
-            for b, tables, rows in runnable:
-                out = runtime.process_epoch(b.epoch, b, tables, rows)
+                        runnable += [(a.barrier, a.tables, 0, None) for a in aligners[task].handle(event)]
+            for b, tables, rows, dead in runnable:
+                out = runtime.process_epoch(b.epoch, b, tables, rows, dead)
                 for exchange, parts in out.exchanges.items():
                     for downstream, part in zip(plan.stages[exchange.to_stage].tasks(), parts):
                         inbox[downstream].append((task, part))

@@ -27,6 +27,11 @@ class SinkError(OperatorError):
     """A sink's own files (output, commit markers) cannot be used."""
 
 
+class SourceError(OperatorError):
+    """A source cannot give what a plan asks for: an unknown topic, records
+    already deleted by retention. Replaying does not help; the job stops."""
+
+
 def user_frames(exc: BaseException) -> str:
     """The traceback of ``exc`` with sluiceway's and Ray's own frames left out:
     what the user wrote, then the exception line.

@@ -1,10 +1,20 @@
 """Sources: partitioned, offset-addressed, replayable.
 
 A source exposes partitions; each partition is a sequence of records
-addressed by offsets ``0, 1, 2, ...``. The coordinator asks how far each
-partition can be read (``latest_offset``), plans a range per epoch, and the
-source task reads exactly that range (``read``), so replaying a plan rebuilds
-the same batches.
+addressed by offsets ``0, 1, 2, ...``. The protocol:
+
+- ``readable(partition, now, started_at)``: on the coordinator, when it
+  plans an epoch: the oldest offset still readable and the offset one past
+  the newest (``latest_offset`` alone, for sources that keep everything);
+- ``read(partition, start, stop)``: on the source task, exactly the records
+  ``[start, stop)``, the same on every replay (``read_batch`` also returns
+  **dead letters**: records or files the source could not decode, with the
+  reason, which ``stream.dead_letters()`` delivers like any stream);
+- ``end_offset(partition)``: where a bounded partition ends;
+- ``checkpointed(job, next_offsets)``: after a checkpoint completes, the
+  offsets it covers (a log records the job's position there);
+- ``skip_gap(partition, expected, first)``: the next offset to plan is no
+  longer readable (retention deleted it): raise, or say where to continue.
 
 >>> src = ListSource([{"x": i} for i in range(5)], partitions=2)
 >>> src.partition_count(), src.end_offset(0), src.end_offset(1)
@@ -21,8 +31,29 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError
+from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, SourceError
 from sluiceway.operators.stateless import as_table
+
+DEAD_LETTER_SCHEMA = pa.schema([
+    ("source", pa.string()),        # what could not be read: "log:<topic>", "files:<url>"
+    ("partition", pa.int64()),
+    ("start_offset", pa.int64()),   # the offsets the bad input covered: [start, stop)
+    ("stop_offset", pa.int64()),
+    ("location", pa.string()),      # the file or segment holding it
+    ("reason", pa.string()),        # why it could not be read, first line of the error
+    ("payload", pa.binary()),       # the raw bytes when they are small enough to carry; else null
+])
+
+
+def dead_letter(source: str, partition: int, start: int, stop: int, location: str, reason: str,
+                payload: bytes | None = None) -> pa.Table:
+    """One dead letter, as a one-row table of :data:`DEAD_LETTER_SCHEMA`.
+
+    >>> dead_letter("files:/in", 0, 3, 4, "/in/b.csv", "CSV parse error: expected 2 columns").column("reason")[0]
+    <pyarrow.StringScalar: 'CSV parse error: expected 2 columns'>
+    """
+    return pa.table([[source], [partition], [start], [stop], [location], [reason], [payload]],
+                    schema=DEAD_LETTER_SCHEMA)
 
 
 _ARANGE = pa.array([], pa.int64())
@@ -57,6 +88,17 @@ class Source:
         the job first started at ``started_at``)."""
         raise NotImplementedError
 
+    def readable(self, partition: int, now: float, started_at: float) -> tuple[int, int]:
+        """``(oldest readable offset, latest_offset)``: sources whose old records
+        may be deleted (a log with retention) override this."""
+        return 0, self.latest_offset(partition, now, started_at)
+
+    def skip_gap(self, partition: int, expected: int, first: int) -> int:
+        """The offset to continue from when ``expected`` (the next one to read)
+        is older than the oldest readable ``first``; by default an error."""
+        raise SourceError(f"{self.kind} source partition {partition}: offsets {expected}..{first - 1} are no longer "
+                          "readable, and this source cannot skip them")
+
     def end_offset(self, partition: int) -> int | None:
         """The last offset plus one of a bounded partition; ``None`` if unbounded."""
         return None
@@ -64,6 +106,15 @@ class Source:
     def read(self, partition: int, start: int, stop: int) -> pa.Table:
         """Exactly the records ``[start, stop)`` of ``partition``; the same every time."""
         raise NotImplementedError
+
+    def read_batch(self, partition: int, start: int, stop: int) -> tuple[pa.Table, pa.Table | None]:
+        """The records ``[start, stop)`` and the dead letters of those that
+        could not be decoded (a table of :data:`DEAD_LETTER_SCHEMA`, or ``None``)."""
+        return self.read(partition, start, stop), None
+
+    def checkpointed(self, job: str, next_offsets: dict[int, int]) -> None:
+        """A checkpoint of ``job`` completed; it covers everything before
+        ``next_offsets`` (partition -> offset). Called on the coordinator."""
 
     def describe(self) -> dict:
         return {"kind": self.kind, "partitions": self.partition_count()}
@@ -157,10 +208,17 @@ class ListSource(Source):
         return self.parts[partition].slice(start, stop - start)
 
 
+_CONNECTORS = {
+    "ParquetFilesSource": "sluiceway.operators.connectors.files",
+    "FileSource": "sluiceway.operators.connectors.files",
+    "LogSource": "sluiceway.operators.connectors.log",
+}
+
+
 def __getattr__(name: str):
     """Connectors' sources, re-exported here (imported on first use)."""
-    if name == "ParquetFilesSource":
-        from sluiceway.operators.connectors.files import ParquetFilesSource
+    if name in _CONNECTORS:
+        import importlib
 
-        return ParquetFilesSource
+        return getattr(importlib.import_module(_CONNECTORS[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

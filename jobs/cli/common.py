@@ -45,6 +45,27 @@ def seconds(text: str) -> float:
     return value
 
 
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def seconds_or_duration(text: str) -> float:
+    """Seconds, or a number with a unit: ``90``, ``90s``, ``15m``, ``6h``, ``7d``.
+
+    >>> seconds_or_duration("15m"), seconds_or_duration("2.5")
+    (900.0, 2.5)
+    """
+    unit = _UNITS.get(text[-1:].lower()) if text else None
+    number = text[:-1] if unit else text
+    try:
+        value = float(number) * (unit or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: use seconds or a unit, like 90, 15m, 6h, 7d") \
+            from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
 def env_arg(parser: argparse.ArgumentParser, flag: str, name: str, default: str | None, convert, help: str,
             group=None) -> None:
     """``flag``, whose default comes from environment variable ``name``; a bad

@@ -57,7 +57,7 @@ def test_a_job_into_postgres_through_a_task_kill_is_exactly_once(postgres_dsn, t
                                                        create_table=True)
     killer = TaskKiller("by_user[1]", after_epoch=3)
     summary = run(flow, str(tmp_path / "ckpt"), trigger_s=0.5, checkpoint_every=2, on_event=killer)
-    assert killer.killed.is_set() and summary["restarts"] == 1
+    assert killer.killed.is_set() and summary["restarts"] == 1, summary["failures"]
     with psycopg.connect(postgres_dsn) as conn:
         clicks = conn.execute("SELECT event_id, user_id, cents, dollars FROM clicks").fetchall()
         totals = conn.execute("SELECT user_id, event_id_count, cents_sum FROM totals").fetchall()
