@@ -17,6 +17,7 @@ Layout (docs/architecture.md)::
       checkpoints/<id>/
         state/<step>/<subtask>-<attempt>.arrow   Arrow IPC, one batch per key group
         MANIFEST.json        written last
+      sources/<step>/...     a source's own bookkeeping (which files a file source found, in order)
 
 Every write of a JSON document goes to a temporary name first and is then
 moved into place, so a reader never sees half a document. No method turns a
@@ -122,7 +123,8 @@ def absolute_url(url: str) -> str:
 def open_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Resolve a URL or local path to ``(filesystem, path)`` with a clear error."""
     try:
-        fs, path = url_to_fs(url)
+        # No listings cache: other processes write here, and a cached listing would not show it.
+        fs, path = url_to_fs(url, use_listings_cache=False)
     except (ValueError, ImportError) as exc:
         raise StorageError(
             f"cannot open storage {url!r}: {exc}. Use a local path or an fsspec URL "
@@ -208,6 +210,14 @@ class JobStorage:
     def retired_path(self, checkpoint_id: int) -> str:
         return posixpath.join(self.checkpoint_path(checkpoint_id), "RETIRED.json")
 
+    def source_path(self, step: str, *parts: str) -> str:
+        """A path of a source's own bookkeeping, under ``sources/<step>/``."""
+        return posixpath.join(self.base, "sources", step, *parts)
+
+    def numbered(self, folder: str, suffix: str) -> list[int]:
+        """The numbers naming the files ``<n><suffix>`` in ``folder`` (a path), sorted."""
+        return self._list_numbered(posixpath.relpath(folder, self.base), suffix)
+
     def state_path(self, checkpoint_id: int, step: str, subtask: int, attempt: str) -> str:
         """One state file; ``attempt`` (fencing number and generation) makes
         the name unique to the run that wrote it."""
@@ -237,10 +247,13 @@ class JobStorage:
         except FileNotFoundError:
             return None
 
+    def create_bytes(self, path: str, data: bytes) -> None:
+        """Write a file that must not exist yet; ``FileExistsError`` if it does."""
+        self._call("create", path, create_exclusive, self.fs, path, data)
+
     def create_json(self, path: str, doc: Any) -> None:
         """Write a document that must not exist yet; ``FileExistsError`` if it does."""
-        data = json.dumps(doc, indent=1, sort_keys=True).encode()
-        self._call("create", path, create_exclusive, self.fs, path, data)
+        self.create_bytes(path, json.dumps(doc, indent=1, sort_keys=True).encode())
 
     def write_json(self, path: str, doc: Any) -> None:
         self.write_bytes(path, json.dumps(doc, indent=1, sort_keys=True).encode())

@@ -263,6 +263,8 @@ class Coordinator:
 
     # -------------------------------------------------------------- start
     def _start(self) -> None:
+        for step, source in self.sources.items():
+            source.bind(self.storage, step)
         commits = self.storage.commit_epochs()
         self.high_water = commits[-1] if commits else 0
         self.replayed = 0

@@ -134,6 +134,8 @@ def plan_epoch(
     for step, source in sources.items():
         n = source.partition_count()
         cap = max(1, max_records_per_epoch // n)
+        if source.max_offsets_per_epoch is not None:
+            cap = min(cap, source.max_offsets_per_epoch)
         parts = {}
         for p in range(n):
             start = next_offsets.get(step, {}).get(p, 0)

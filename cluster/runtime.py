@@ -126,6 +126,8 @@ class TaskRuntime:
         for step_id in stage.steps:
             step = graph.steps[step_id]
             context = OperatorContext(step_id, self.task.subtask, stage.parallelism, self.plan.max_key_groups)
+            if step.source is not None:
+                self._user_call(step_id, "source", step.source.bind, self.storage, step_id)
             if step.sink is not None:
                 self.sink_writers[step_id] = step.sink.open(
                     SinkContext(step_id, self.task.subtask, stage.parallelism, self.plan.job, attempt,

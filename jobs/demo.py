@@ -3,8 +3,9 @@ head and two worker nodes): submit the example job, kill a worker node
 mid-run, add nodes and rescale, read the status, checkpoints and history,
 and check the output exactly-once against an independent computation.
 
-:func:`node_kill_run` is the same job under ``run()`` with several node
-kills, for the chaos tests."""
+:func:`kill_nodes_during` runs any flow under ``run()`` while worker nodes
+are killed, and :func:`node_kill_run` checks the example job that way, for
+the chaos tests."""
 
 from __future__ import annotations
 
@@ -26,20 +27,22 @@ from sluiceway.jobs.testing import compare_exactly_once
 from sluiceway.operators.sinks import read_committed
 
 
-def node_kill_run(rows: int, rows_per_second: float, kill_after_epoch: int, work: str, log=print,
-                  kills: int = 1, checkpoint_every: int = 3) -> dict:
-    """Run the example job on a head + 2 workers cluster and SIGKILL worker
-    nodes while it runs: the first once ``kill_after_epoch`` completed, each
-    further one once the job has recovered and completed a checkpoint since
-    (the default restart policy forgives a failure the job recovered from).
-    With several kills, a replacement node joins before each kill.
+def kill_nodes_during(flow, checkpoints: str, kill_after_epoch: int, log=print, kills: int = 1,
+                      checkpoint_every: int = 3, on_event=None, **run_options) -> dict:
+    """Run ``flow`` on a head + 2 workers cluster until its sources are
+    exhausted, and SIGKILL worker nodes while it runs: the first once
+    ``kill_after_epoch`` completed, each further one once the job has
+    recovered and completed a checkpoint since (the default restart policy
+    forgives a failure the job recovered from). With several kills, a
+    replacement node joins before each kill.
 
-    Returns the summary, the kill times, the checkpoint history and the verdicts."""
+    ``on_event`` hears every event of the job too (a producer can start
+    when the job has). Returns the summary (or the error), the kill times
+    and the checkpoint history."""
+    also = on_event
     from sluiceway.cluster.local import start_local_cluster
     from sluiceway.jobs.runner import run
 
-    output, checkpoints = os.path.join(work, "output"), os.path.join(work, "checkpoints")
-    flow = example.build(output=output, rows_per_partition=rows, rows_per_second=rows_per_second)
     log("starting a local Ray cluster: head (no CPUs for jobs) + 2 worker nodes ...")
     local = start_local_cluster(workers=2)
     cluster = local.cluster
@@ -52,11 +55,13 @@ def node_kill_run(rows: int, rows_per_second: float, kill_after_epoch: int, work
         if line:
             log(line)
         events.put(event)
+        if also is not None:
+            also(event)
 
     def job() -> None:
         try:
             result["summary"] = run(flow, checkpoints, until_idle=True, checkpoint_every=checkpoint_every,
-                                    on_event=on_event)
+                                    on_event=on_event, **run_options)
         except BaseException as exc:  # noqa: BLE001 - reported by the caller
             result["error"] = f"{type(exc).__name__}: {exc}"
 
@@ -93,16 +98,28 @@ def node_kill_run(rows: int, rows_per_second: float, kill_after_epoch: int, work
         thread.join()
     finally:
         local.stop()
+    if "error" not in result:
+        storage = JobStorage(checkpoints, flow.name)
+        result["checkpoints"] = [c.to_dict() for c in CheckpointHistory(storage).list()]
+        result["checkpoint_dir"] = checkpoints
+    return result
+
+
+def node_kill_run(rows: int, rows_per_second: float, kill_after_epoch: int, work: str, log=print,
+                  kills: int = 1, checkpoint_every: int = 3) -> dict:
+    """The example job under :func:`kill_nodes_during`, its output checked
+    exactly-once against the independent computation."""
+    output, checkpoints = os.path.join(work, "output"), os.path.join(work, "checkpoints")
+    flow = example.build(output=output, rows_per_partition=rows, rows_per_second=rows_per_second)
+    result = kill_nodes_during(flow, checkpoints, kill_after_epoch, log, kills, checkpoint_every)
     if "error" in result:
         return result
-    result["checkpoints"] = [c.to_dict() for c in CheckpointHistory(JobStorage(checkpoints, "clicks")).list()]
     committed = read_committed(f"{output}/clicks")
     verdict = compare_exactly_once(committed, example.expected_clicks(rows))
     totals = compare_exactly_once(example.final_totals(read_committed(f"{output}/totals")), example.expected_totals(rows))
     result["verdict"] = verdict.line()
     result["exactly_once"] = verdict.exactly_once and totals.exactly_once
     result["totals_match"] = totals.exactly_once
-    result["checkpoint_dir"] = checkpoints
     return result
 
 

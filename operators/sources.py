@@ -11,6 +11,8 @@ addressed by offsets ``0, 1, 2, ...``. The protocol:
   **dead letters**: records or files the source could not decode, with the
   reason, which ``stream.dead_letters()`` delivers like any stream);
 - ``end_offset(partition)``: where a bounded partition ends;
+- ``bind(storage, step)``: where the source runs, the job's storage, for
+  sources that record what they found (a file source's list of files);
 - ``checkpointed(job, next_offsets)``: after a checkpoint completes, the
   offsets it covers (a log records the job's position there);
 - ``skip_gap(partition, expected, first)``: the next offset to plan is no
@@ -79,6 +81,12 @@ class Source:
     """Picklable description of a partitioned, replayable input."""
 
     kind = "source"
+    max_offsets_per_epoch: int | None = None  # a source's own cap on what one epoch reads per partition
+
+    def bind(self, storage, step: str) -> None:
+        """Called where the source runs (coordinator and source tasks) with the
+        job's :class:`~sluiceway.checkpoint.storage.JobStorage`, for sources
+        that keep bookkeeping there (``storage.source_path(step, ...)``)."""
 
     def partition_count(self) -> int:
         raise NotImplementedError

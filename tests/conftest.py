@@ -1,6 +1,8 @@
-"""Servers the tests start themselves: PostgreSQL (``initdb`` + ``pg_ctl``
-as the ``postgres`` user, in a temporary folder, on a free loopback port,
-with prepared transactions on), started on first use and stopped at the end."""
+"""Servers the tests start themselves, on first use, stopped at the end:
+PostgreSQL (``initdb`` + ``pg_ctl`` as the ``postgres`` user, in a temporary
+folder, on a free loopback port, with prepared transactions on), an
+S3-protocol server (moto's server mode, on a free loopback port), and one
+embedded Ray cluster for the whole session."""
 
 import contextlib
 import glob
@@ -8,8 +10,10 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import uuid
 
 import pytest
 
@@ -34,37 +38,140 @@ def _as_postgres(*cmd, **kw):
     return subprocess.run([*prefix, pg_bin(cmd[0]), *cmd[1:]], check=True, capture_output=True, text=True, **kw)
 
 
+class PostgresServer:
+    """A PostgreSQL server of its own, in a temporary folder: ``start()``,
+    ``stop()`` (and start again: the same data, the same port), ``remove()``."""
+
+    def __init__(self, max_prepared_transactions: int = 64):
+        if pg_bin("initdb") is None or pg_bin("pg_ctl") is None:
+            pytest.fail("PostgreSQL's initdb and pg_ctl are not installed: `make test` installs them "
+                        "(apt-get install postgresql)")
+        self.folder = tempfile.mkdtemp(prefix="sluiceway-pg-")
+        os.chmod(self.folder, 0o755)
+        self.data = os.path.join(self.folder, "data")
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres", "postgres")
+        self.port = _free_port()
+        self.max_prepared_transactions = max_prepared_transactions
+        self.dsn = f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+        _as_postgres("initdb", "-D", self.data, "--auth=trust", "-U", "postgres", "--no-sync")
+
+    def start(self) -> "PostgresServer":
+        options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
+                   f"-c max_prepared_transactions={self.max_prepared_transactions}")
+        _as_postgres("pg_ctl", "-D", self.data, "-o", options, "-l", os.path.join(self.folder, "log"), "-w", "start")
+        return self
+
+    def stop(self) -> None:
+        subprocess.run((["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else [])
+                       + [pg_bin("pg_ctl"), "-D", self.data, "-m", "immediate", "-w", "stop"], capture_output=True)
+
+    def remove(self) -> None:
+        self.stop()
+        time.sleep(0.2)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def postgres_server(max_prepared_transactions: int = 64):
-    """A PostgreSQL server of its own; yields its DSN."""
-    if pg_bin("initdb") is None or pg_bin("pg_ctl") is None:
-        pytest.fail("PostgreSQL's initdb and pg_ctl are not installed: `make test` installs them (apt-get install postgresql)")
-    folder = tempfile.mkdtemp(prefix="sluiceway-pg-")
-    os.chmod(folder, 0o755)
-    data = os.path.join(folder, "data")
-    if os.geteuid() == 0:
-        shutil.chown(folder, "postgres", "postgres")
-    port = _free_port()
-    _as_postgres("initdb", "-D", data, "--auth=trust", "-U", "postgres", "--no-sync")
-    options = (f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off "
-               f"-c max_prepared_transactions={max_prepared_transactions}")
+    """A PostgreSQL server of its own; yields the :class:`PostgresServer` (``.dsn``)."""
+    server = PostgresServer(max_prepared_transactions)
     try:
-        _as_postgres("pg_ctl", "-D", data, "-o", options, "-l", os.path.join(folder, "log"), "-w", "start")
-        yield f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
+        yield server.start()
     finally:
-        subprocess.run((["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else [])
-                       + [pg_bin("pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop"], capture_output=True)
-        time.sleep(0.2)
-        shutil.rmtree(folder, ignore_errors=True)
+        server.remove()
 
 
 @pytest.fixture(scope="session")
 def postgres_dsn():
-    with postgres_server() as dsn:
-        yield dsn
+    with postgres_server() as server:
+        yield server.dsn
 
 
 @pytest.fixture
 def start_postgres():
-    """``with start_postgres(max_prepared_transactions=0) as dsn:`` a server of the test's own."""
+    """``with start_postgres(max_prepared_transactions=0) as server:`` a server of the test's own."""
     return postgres_server
+
+
+@contextlib.contextmanager
+def s3_server():
+    """moto's S3 server on a free loopback port; yields its endpoint URL.
+    Clients find it through ``AWS_ENDPOINT_URL`` (s3fs and delta-rs both read it)."""
+    port = _free_port()
+    log = tempfile.NamedTemporaryFile(prefix="sluiceway-moto-", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 30
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"moto's S3 server did not start: {open(log.name).read()[-2000:]}")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        os.unlink(log.name)
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """One S3-protocol server for the session, in this process's environment
+    (so Ray workers started afterwards find it too)."""
+    previous = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+    with s3_server() as endpoint:
+        os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
+        try:
+            yield endpoint
+        finally:
+            for k, v in previous.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A new bucket of the session's S3 server: ``s3://<name>``."""
+    from sluiceway.checkpoint.storage import open_filesystem
+
+    name = f"sluiceway-{uuid.uuid4().hex[:12]}"
+    fs, _ = open_filesystem(f"s3://{name}")
+    fs.mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint):
+    """One embedded Ray cluster for the session, in a session folder of its
+    own that is removed afterwards. It starts after the S3 server, so that
+    its workers inherit where to find it."""
+    import ray
+
+    from sluiceway.cluster.local import init_embedded
+
+    previous = os.environ.get("RAY_TMPDIR")
+    tmpdir = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="sluiceway-ray-")
+    try:
+        init_embedded(num_cpus=2)
+        yield
+    finally:
+        ray.shutdown()
+        if previous is None:
+            del os.environ["RAY_TMPDIR"]
+        else:
+            os.environ["RAY_TMPDIR"] = previous
+        shutil.rmtree(tmpdir, ignore_errors=True)

@@ -15,11 +15,17 @@ import time
 
 import pyarrow as pa
 
+from sluiceway.checkpoint.storage import StorageRetry
 from sluiceway.jobs.cli.common import env, json_arg, nonnegative_int, positive_int, seconds_or_duration
 from sluiceway.operators.connectors.log import DEFAULT_LOG_DIR, Log, Topic, TopicConfig
 from sluiceway.operators.errors import SourceError
 
 _OFFSET = "__offset"
+CLI_RETRY = StorageRetry(deadline_s=5.0)  # a command answers within seconds; a job waits longer
+
+
+def open_log(args) -> Log:
+    return Log(args.log_dir, retry=CLI_RETRY)
 
 
 def register(sub) -> None:
@@ -73,7 +79,7 @@ def register(sub) -> None:
 def cmd_create(args) -> int:
     config = TopicConfig(args.topic, args.partitions, key=args.key, retention_age_s=args.retention_age,
                          retention_bytes=args.retention_bytes, tombstone_delay_s=args.tombstone_delay)
-    log = Log(args.log_dir)
+    log = open_log(args)
     log.create_topic(config)
     extra = f", key {args.key}" if args.key else ""
     print(f"created topic {args.topic} with {args.partitions} partition(s){extra} in {log.url}")
@@ -105,7 +111,7 @@ def _lines(stream, linger_s: float):
 
 
 def cmd_produce(args) -> int:
-    topic = Log(args.log_dir).topic(args.topic)
+    topic = open_log(args).topic(args.topic)
     source = open(args.file, "rb") if args.file else sys.stdin.buffer
     name = args.file or "stdin"
     rows: list[dict] = []
@@ -167,7 +173,7 @@ def _print_records(table: pa.Table, partition: int) -> None:
 
 
 def cmd_tail(args) -> int:
-    topic = Log(args.log_dir).topic(args.topic)
+    topic = open_log(args).topic(args.topic)
     partitions = [args.partition] if args.partition is not None else list(range(topic.config.partitions))
     positions = {}
     for p in partitions:
@@ -210,13 +216,13 @@ def describe_text(doc: dict) -> str:
 
 
 def cmd_describe(args) -> int:
-    doc = Log(args.log_dir).topic(args.topic).describe()
+    doc = open_log(args).topic(args.topic).describe()
     print(json.dumps(doc, indent=1) if args.json else describe_text(doc))
     return 0
 
 
 def cmd_compact(args) -> int:
-    topic: Topic = Log(args.log_dir).topic(args.topic)
+    topic: Topic = open_log(args).topic(args.topic)
     report = topic.compact(key=args.key)
     if not report:
         print(f"topic {args.topic} has no records yet: nothing to compact")
@@ -230,7 +236,7 @@ def cmd_compact(args) -> int:
 
 
 def cmd_topics(args) -> int:
-    log = Log(args.log_dir)
+    log = open_log(args)
     names = log.topics()
     if not names:
         print(f"no topics in {log.url}; create one with: sluiceway log create TOPIC --partitions N", file=sys.stderr)

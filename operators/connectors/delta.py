@@ -12,7 +12,16 @@
 - **Abort**: data files of epochs after the last committed one (no Delta
   commit can name them) are deleted.
 
-Mode ``append`` only so far (``merge`` by key is still to come).
+Mode ``merge`` (by ``key``): pre-commit stages the epoch's rows in
+``_sluiceway_staging/`` under the table's folder; the commit is one Delta
+MERGE of the epoch's rows (the last row per key wins) that updates rows with
+a matching key and inserts the others, carrying the same application
+transaction, so a replayed commit is skipped there too. Staged files are
+deleted once their epoch is committed.
+
+``storage_options`` go to delta-rs as they are; on S3-protocol servers
+delta-rs also reads ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY`` and ``AWS_ALLOW_HTTP`` from the environment.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import posixpath
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sluiceway.checkpoint.storage import absolute_url, atomic_write, open_filesystem
@@ -31,6 +41,7 @@ from sluiceway.operators.connectors import requires
 from sluiceway.operators.sinks import Sink, SinkContext, SinkWriter
 
 PREFIX = "part-e"
+STAGING = "_sluiceway_staging"
 
 
 def _deltalake():
@@ -64,6 +75,8 @@ class _DeltaWriter(SinkWriter):
             return handle
         fs, base = open_filesystem(self.sink.url)
         name = f"{PREFIX}{epoch:010d}-s{self.context.subtask:05d}-{self.context.attempt}.parquet"
+        if self.sink.mode == "merge":
+            name = posixpath.join(STAGING, name)
         buf = io.BytesIO()
         pq.write_table(table, buf)
         data = buf.getvalue()
@@ -72,16 +85,25 @@ class _DeltaWriter(SinkWriter):
 
 
 class DeltaSink(Sink):
-    """Append each epoch's rows to the Delta table at ``url`` (created on the
-    first commit, from the data's schema), exactly once."""
+    """Write each epoch's rows to the Delta table at ``url`` (created on the
+    first commit, from the data's schema), exactly once: ``mode="append"``
+    adds them; ``mode="merge"`` upserts them by the ``key`` columns."""
 
     kind = "delta"
 
-    def __init__(self, url: str, mode: str = "append"):
-        if mode != "append":
-            raise SinkError(f"DeltaSink mode {mode!r} is not supported yet; use mode='append'")
+    def __init__(self, url: str, mode: str = "append", key: list[str] | str | None = None,
+                 storage_options: dict[str, str] | None = None):
+        if mode not in ("append", "merge"):
+            raise SinkError(f"DeltaSink mode must be 'append' or 'merge', got {mode!r}")
+        key = [key] if isinstance(key, str) else list(key or [])
+        if mode == "merge" and not key:
+            raise SinkError("DeltaSink mode='merge' needs key=[...]: the columns that identify a row")
+        if mode == "append" and key:
+            raise SinkError("DeltaSink key= only applies to mode='merge'")
         self.url = absolute_url(url)
         self.mode = mode
+        self.key = key
+        self.storage_options = dict(storage_options or {})
 
     def open(self, context: SinkContext) -> SinkWriter:
         return _DeltaWriter(self, context)
@@ -98,7 +120,12 @@ class DeltaSink(Sink):
         if table is not None:
             done = table.transaction_version(app)
             if done is not None and done >= epoch:
+                self._drop_staged(files)
                 return  # committed before: a replayed commit changes nothing
+        if self.mode == "merge":
+            self._merge(table, epoch, files, CommitProperties(app_transactions=[Transaction(app, epoch)],
+                                                              custom_metadata={"sluiceway.epoch": epoch}))
+            return
         fs, base = open_filesystem(self.url)
         with fs.open(posixpath.join(base, files[0]["path"]), "rb") as f:
             schema = pq.read_schema(f)
@@ -109,14 +136,51 @@ class DeltaSink(Sink):
                                       custom_metadata={"sluiceway.epoch": epoch})
         if table is None:
             create_table_with_add_actions(self.url, deltalake.Schema.from_arrow(schema), actions,
-                                          mode="append", commit_properties=properties)
+                                          mode="append", commit_properties=properties,
+                                          storage_options=self.storage_options or None)
         else:
             table.create_write_transaction(actions, mode="append", schema=schema, commit_properties=properties)
 
+    def _merge(self, table, epoch: int, files: list[dict], properties) -> None:
+        """One MERGE of the epoch's staged rows, the last per key, into the table."""
+        deltalake = _deltalake()
+        fs, base = open_filesystem(self.url)
+        parts = []
+        for f in files:
+            with fs.open(posixpath.join(base, f["path"]), "rb") as handle:
+                parts.append(pq.read_table(handle))
+        rows = pa.concat_tables(parts, promote_options="permissive")
+        missing = [k for k in self.key if k not in rows.column_names]
+        if missing:
+            raise SinkError(f"DeltaSink merge key {missing} is not among the stream's columns "
+                            f"({', '.join(rows.column_names)})")
+        numbered = rows.append_column("__row", pa.array(range(rows.num_rows), pa.int64()))
+        last = numbered.group_by(self.key, use_threads=False).aggregate([("__row", "max")])["__row_max"]
+        rows = rows.take(pc.sort_indices(last))
+        if table is None:
+            deltalake.write_deltalake(self.url, rows, mode="append", commit_properties=properties,
+                                      storage_options=self.storage_options or None)
+        else:
+            predicate = " AND ".join(f'target."{k}" = source."{k}"' for k in self.key)
+            (table.merge(rows, predicate, source_alias="source", target_alias="target", commit_properties=properties)
+                  .when_matched_update_all().when_not_matched_insert_all().execute())
+        self._drop_staged(files)
+
+    def _drop_staged(self, files: list[dict]) -> None:
+        if self.mode != "merge":
+            return
+        fs, base = open_filesystem(self.url)
+        for f in files:
+            try:
+                fs.rm_file(posixpath.join(base, f["path"]))
+            except FileNotFoundError:
+                pass
+
     def abort(self, after_epoch: int, context: SinkContext) -> None:
         fs, base = open_filesystem(self.url)
+        folder = posixpath.join(base, STAGING) if self.mode == "merge" else base
         try:
-            names = fs.ls(base, detail=False)
+            names = fs.ls(folder, detail=False)
         except FileNotFoundError:
             return
         for path in names:
@@ -127,9 +191,9 @@ class DeltaSink(Sink):
     def _table(self):
         deltalake = _deltalake()
         try:
-            return deltalake.DeltaTable(self.url)
+            return deltalake.DeltaTable(self.url, storage_options=self.storage_options or None)
         except deltalake.exceptions.TableNotFoundError:
             return None
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "url": self.url, "mode": self.mode}
+        return {"kind": self.kind, "url": self.url, "mode": self.mode, "key": self.key}

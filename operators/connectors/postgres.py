@@ -19,16 +19,26 @@ PostgreSQL's own two-phase commit (``psycopg``).
 
 The server must allow prepared transactions (``max_prepared_transactions`` >
 0, at least the number of sink subtasks times two epochs in flight).
+
+A server that cannot be reached is waited for: connecting is retried with a
+growing backoff for ``connect_deadline_s`` (default 120 s), and the job
+reports that it waits (a ``storage_waiting`` event naming the server)
+instead of failing.
+Before its first rows, each writer checks that the table exists and has
+every column of the stream: a table that does not fit stops the job with
+the columns named, before anything is written.
 """
 
 from __future__ import annotations
 
 import io
+import re
+import time
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from sluiceway.operators.errors import SinkError
+from sluiceway.operators.errors import FlowValidationError, SinkError
 from sluiceway.operators.connectors import requires
 from sluiceway.operators.sinks import Sink, SinkContext, SinkWriter
 
@@ -77,6 +87,50 @@ def column_type(t: pa.DataType) -> str:
     raise SinkError(f"PostgresSink cannot create a column for Arrow type {t}; create the table yourself")
 
 
+def server_name(dsn: str) -> str:
+    """Where a DSN points, without its password, for messages.
+
+    >>> server_name("host=db.internal port=5433 user=app password=secret dbname=shop")
+    'PostgreSQL at db.internal:5433 (database shop)'
+    """
+    fields = dict(re.findall(r"(\w+)=(\S+)", dsn))
+    if "://" in dsn:
+        from urllib.parse import urlsplit
+
+        url = urlsplit(dsn)
+        fields = {"host": url.hostname or "localhost", "port": url.port or 5432, "dbname": url.path.lstrip("/")}
+    return (f"PostgreSQL at {fields.get('host', 'localhost')}:{fields.get('port', 5432)}"
+            f" (database {fields.get('dbname') or fields.get('user') or 'postgres'})")
+
+
+def connect(dsn: str, deadline_s: float, on_wait=None, autocommit: bool = False):
+    """A connection, retrying with backoff while the server cannot be reached
+    (``on_wait`` hears "waiting" and "resumed"); past ``deadline_s`` a
+    :class:`SinkError` naming the server and the cause."""
+    psycopg = _psycopg()
+    started, backoff = None, 0.1
+    while True:
+        try:
+            conn = psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            cause = f"cannot connect to {server_name(dsn)}: {str(exc).strip().splitlines()[-1]}"
+            now = time.monotonic()
+            if started is None:
+                started = now
+                if on_wait is not None and deadline_s > 0:
+                    on_wait("waiting", cause)
+            if now - started >= deadline_s:
+                raise SinkError(f"{cause} (kept failing for {now - started:.0f} s, past the "
+                                f"{deadline_s:g} s connect deadline); check that the server runs and the DSN "
+                                "is right") from None
+            time.sleep(min(backoff, max(0.0, started + deadline_s - now)))
+            backoff = min(5.0, backoff * 2)
+            continue
+        if started is not None and on_wait is not None:
+            on_wait("resumed", f"{server_name(dsn)} answered again after {time.monotonic() - started:.1f} s")
+        return conn
+
+
 def _gid_statement(verb: str, gid: str):
     """``PREPARE TRANSACTION 'gid'`` and friends take no bind parameters: quote the name."""
     from psycopg import sql
@@ -95,7 +149,26 @@ def _table_ident(table: str) -> str:
 class _PostgresWriter(SinkWriter):
     def __init__(self, sink: "PostgresSink", context: SinkContext):
         self.sink, self.context = sink, context
-        self.created = False
+        self.checked = False
+
+    def _check_table(self, conn, schema: pa.Schema) -> None:
+        """The table exists and has every column of the stream, or the job stops, naming them."""
+        sink = self.sink
+        schema_name, _, table_name = sink.table.rpartition(".")
+        rows = conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = %s "
+            "AND table_schema = COALESCE(NULLIF(%s, ''), current_schema()) ORDER BY ordinal_position",
+            [table_name, schema_name]).fetchall()
+        have = [r[0] for r in rows]
+        step = self.context.step
+        if not have:
+            raise FlowValidationError(step, "sink", f"PostgreSQL table {sink.table!r} does not exist in "
+                                      f"{server_name(sink.dsn)}: create it, or pass create_table=True")
+        missing = [c for c in schema.names if c not in have]
+        if missing:
+            raise FlowValidationError(step, "sink", f"PostgreSQL table {sink.table!r} has no column(s) "
+                                      f"{', '.join(missing)} of the stream (table: {', '.join(have)}; stream: "
+                                      f"{', '.join(schema.names)}); alter the table or select the columns it has")
 
     def precommit(self, epoch: int, table: pa.Table | None) -> dict:
         handle = {"subtask": self.context.subtask, "gid": None, "rows": 0}
@@ -107,16 +180,19 @@ class _PostgresWriter(SinkWriter):
             missing = [k for k in sink.key if k not in table.column_names]
             if missing:
                 raise SinkError(f"PostgresSink upsert key {missing} is not in the stream's columns {table.column_names}")
-        if sink.create_table and not self.created:
-            sink.ensure_table(table.schema)
-            self.created = True
+        if not self.checked:
+            if sink.create_table:
+                sink.ensure_table(table.schema, self.context.on_wait)
+            with connect(sink.dsn, sink.connect_deadline_s, self.context.on_wait) as conn:
+                self._check_table(conn, table.schema)
+            self.checked = True
         gid = (f"{gid_prefix(self.context.job, self.context.step)}{epoch}:{self.context.subtask}:"
                f"{self.context.attempt}")
         columns = ", ".join(_ident(c) for c in table.column_names)
         target = _table_ident(sink.table)
         data = io.BytesIO()
         pacsv.write_csv(table, data, pacsv.WriteOptions(include_header=False))
-        with psycopg.connect(sink.dsn) as conn:
+        with connect(sink.dsn, sink.connect_deadline_s, self.context.on_wait) as conn:
             if sink.mode == "append":
                 with conn.cursor().copy(f"COPY {target} ({columns}) FROM STDIN (FORMAT csv)") as copy:
                     copy.write(data.getvalue())
@@ -152,7 +228,7 @@ class PostgresSink(Sink):
     kind = "postgres"
 
     def __init__(self, dsn: str, table: str, mode: str = "append", key: list[str] | None = None,
-                 create_table: bool = False):
+                 create_table: bool = False, connect_deadline_s: float = 120.0):
         if mode not in MODES:
             raise SinkError(f"PostgresSink mode {mode!r} is not one of {MODES}")
         if mode == "upsert" and not key:
@@ -160,22 +236,25 @@ class PostgresSink(Sink):
         self.dsn, self.table, self.mode = dsn, table, mode
         self.key = list(key or [])
         self.create_table = create_table
+        self.connect_deadline_s = connect_deadline_s
 
     def open(self, context: SinkContext) -> SinkWriter:
         return _PostgresWriter(self, context)
 
-    def ensure_table(self, schema: pa.Schema) -> None:
+    def ensure_table(self, schema: pa.Schema, on_wait=None) -> None:
         columns = [f"{_ident(f.name)} {column_type(f.type)}" for f in schema]
         if self.key:
             columns.append(f"PRIMARY KEY ({', '.join(_ident(k) for k in self.key)})")
-        with _psycopg().connect(self.dsn, autocommit=True) as conn:
+        with connect(self.dsn, self.connect_deadline_s, on_wait) as conn:
+            # Subtasks create it at once; CREATE TABLE IF NOT EXISTS alone races in the catalog.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"sluiceway:create:{self.table}"])
             conn.execute(f"CREATE TABLE IF NOT EXISTS {_table_ident(self.table)} ({', '.join(columns)})")
 
     def commit(self, epoch: int, handles: list[dict]) -> None:
         gids = [h["gid"] for h in sorted(handles, key=lambda h: h["subtask"]) if h.get("gid")]
         if not gids:
             return
-        with _psycopg().connect(self.dsn, autocommit=True) as conn:
+        with connect(self.dsn, self.connect_deadline_s, autocommit=True) as conn:
             prepared = {row[0] for row in conn.execute("SELECT gid FROM pg_prepared_xacts WHERE gid = ANY(%s)",
                                                        [gids])}
             for gid in gids:
@@ -184,7 +263,7 @@ class PostgresSink(Sink):
 
     def abort(self, after_epoch: int, context: SinkContext) -> None:
         prefix = gid_prefix(context.job, context.step)
-        with _psycopg().connect(self.dsn, autocommit=True) as conn:
+        with connect(self.dsn, self.connect_deadline_s, context.on_wait, autocommit=True) as conn:
             rows = conn.execute("SELECT gid FROM pg_prepared_xacts WHERE database = current_database() "
                                 "AND starts_with(gid, %s)", [prefix]).fetchall()
             for (gid,) in rows:

@@ -73,9 +73,68 @@ def test_a_job_into_postgres_through_a_task_kill_is_exactly_once(postgres_dsn, t
 def test_a_server_without_prepared_transactions_is_named_in_one_line(start_postgres):
     from sluiceway.operators.connectors.postgres import PostgresSink
 
-    with start_postgres(max_prepared_transactions=0) as dsn:
+    with start_postgres(max_prepared_transactions=0) as server:
+        dsn = server.dsn
         sink = PostgresSink(dsn, "t", create_table=True)
         with pytest.raises(SinkError, match="set max_prepared_transactions") as err:
             sink.open(SinkContext("out", 0, 1, "unit", attempt="f1g0")).precommit(1, pa.table({"x": [1]}))
         assert str(err.value).startswith("PostgreSQL refused PREPARE TRANSACTION (prepared transactions are disabled)")
         assert _rows(dsn, "SELECT count(*) FROM t") == [(0,)]
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_an_unreachable_server_is_waited_for_and_the_job_resumes_exactly_once(start_postgres, tmp_path):
+    """The server stops mid-run and comes back 4 s later: the sink waits
+    (a storage_waiting event names the server) and the output is exact."""
+    import threading
+
+    from sluiceway.jobs import run
+    from sluiceway.jobs.examples import clicks as example
+    from sluiceway.jobs.testing import compare_exactly_once
+    from sluiceway.operators.connectors.postgres import PostgresSink
+
+    rows = 4000
+    with start_postgres() as server:
+        flow = example.build(output=str(tmp_path / "out"), rows_per_partition=rows, rows_per_second=400)
+        flow.graph.steps["totals_out"].sink = PostgresSink(server.dsn, "totals", mode="upsert", key=["user_id"],
+                                                           create_table=True)
+        events, outage = [], threading.Event()
+
+        def on_event(event):
+            events.append(event)
+            if event["type"] == "epoch" and event["epoch"] == 2 and not outage.is_set():
+                outage.set()
+                server.stop()
+                threading.Timer(4.0, server.start).start()
+
+        summary = run(flow, str(tmp_path / "ckpt"), trigger_s=0.5, checkpoint_every=2, on_event=on_event)
+        assert outage.is_set() and summary["stopped"] == "idle"
+        waits = [e for e in events if e["type"] == "storage_waiting"]
+        assert waits, [(e["type"], e.get("epoch"), e.get("error")) for e in events]
+        assert f"cannot connect to PostgreSQL at 127.0.0.1:{server.port}" in waits[0]["error"]
+        with psycopg.connect(server.dsn) as conn:
+            got = conn.execute("SELECT user_id, event_id_count, cents_sum FROM totals").fetchall()
+        table = pa.table({c: [r[i] for r in got] for i, c in enumerate(["user_id", "event_id_count", "cents_sum"])})
+        verdict = compare_exactly_once(table, example.expected_totals(rows))
+        assert verdict.exactly_once, verdict.line()
+        assert _prepared(server.dsn) == []
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_table_that_does_not_fit_the_stream_stops_the_job_before_any_row(postgres_dsn, tmp_path):
+    from sluiceway.cluster.errors import JobFailedError
+    from sluiceway.jobs import run
+    from sluiceway.jobs.examples import clicks as example
+    from sluiceway.operators.connectors.postgres import PostgresSink
+
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS narrow")
+        conn.execute("CREATE TABLE narrow (event_id bigint, user_id bigint)")
+    flow = example.build(output=str(tmp_path / "out"), rows_per_partition=2000, rows_per_second=1e9)
+    flow.graph.steps["clicks_out"].sink = PostgresSink(postgres_dsn, "narrow")
+    with pytest.raises(JobFailedError) as err:
+        run(flow, str(tmp_path / "ckpt"), trigger_s=0)
+    first = str(err.value).splitlines()[0]
+    assert "PostgreSQL table 'narrow' has no column(s) cents, dollars of the stream" in first, first
+    assert _rows(postgres_dsn, "SELECT count(*) FROM narrow") == [(0,)]
+    assert _prepared(postgres_dsn) == []
