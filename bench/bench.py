@@ -11,6 +11,14 @@ the same work on the same data.
 2. **Keyed state growing to millions of keys**: a running count per auction
    where every epoch brings new auctions. Reported: the time of ordinary and
    of checkpoint epochs as state grows, and what each checkpoint wrote.
+3. **Into real systems, exactly-once**: the same click rows into a
+   PostgreSQL table (``PostgresSink``, append: COPY into a prepared
+   transaction per task and epoch, COMMIT PREPARED) and into a Delta table
+   (``DeltaSink``, append: one Delta transaction per epoch), each beside a
+   plain single-process loop over the same batches (``COPY`` in one
+   transaction per batch; ``write_deltalake`` per batch). Before that, the
+   two ways to load Arrow into PostgreSQL are timed on the same rows: COPY of
+   CSV written by pyarrow (what ``PostgresSink`` does) and ADBC's ingest.
 
 After one discarded warm-up run, the configurations run interleaved,
 ``BENCH_REPEAT`` (5) times each, and the median is reported. Events/s are measured over the processing window: from the first epoch
@@ -220,14 +228,118 @@ def keyed_bench() -> None:
             print(f"   {e['epoch']:>5} {keys:>14,} {e['duration_s']:>9.3f} s  {ck}")
 
 
+SINK_ROWS = int(os.environ.get("BENCH_SINK_ROWS_PER_PARTITION", "1000000"))
+SINK_BATCH = 500_000
+
+
+def clicks(partition: int, start: int, stop: int) -> pa.RecordBatch:
+    i = offsets(start, stop)
+    return pa.record_batch({"event_id": pc.add(i, partition * 1_000_000_000), "user_id": pc.remainder(i, 500),
+                            "cents": pc.remainder(i, 97),
+                            "dollars": pc.divide(pc.cast(pc.remainder(i, 97), pa.float64()), 100.0)})
+
+
+def click_batches():
+    """The rows the engine reads, as the loops get them."""
+    for p in range(2):
+        for start in range(0, SINK_ROWS, SINK_BATCH):
+            yield pa.Table.from_batches([clicks(p, start, min(SINK_ROWS, start + SINK_BATCH))])
+
+
+def postgres_load_paths(dsn: str, port: int) -> None:
+    import io
+
+    import psycopg
+    import pyarrow.csv as pacsv
+
+    table = next(click_batches())
+    columns = "event_id bigint, user_id bigint, cents bigint, dollars double precision"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE load_copy ({columns})")
+        conn.execute(f"CREATE TABLE load_adbc ({columns})")
+
+    def copy_csv():
+        data = io.BytesIO()
+        pacsv.write_csv(table, data, pacsv.WriteOptions(include_header=False))
+        with psycopg.connect(dsn) as conn:
+            with conn.cursor().copy("COPY load_copy FROM STDIN (FORMAT csv)") as copy:
+                copy.write(data.getvalue())
+
+    def adbc_ingest():
+        import adbc_driver_postgresql.dbapi as adbc
+
+        with adbc.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres") as conn:
+            with conn.cursor() as cursor:
+                cursor.adbc_ingest("load_adbc", table, mode="append")
+            conn.commit()
+
+    times = {"COPY (CSV by pyarrow)": [], "ADBC adbc_ingest": []}
+    for _ in range(3):
+        for name, fn in zip(times, (copy_csv, adbc_ingest)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    print(f"   loading {table.num_rows:,} rows into PostgreSQL, best of 3:")
+    for name, ts in times.items():
+        print(f"     {name:<24} {table.num_rows / min(ts):>12,.0f} rows/s")
+
+
+def sink_bench() -> None:
+    import deltalake
+    import psycopg
+
+    from sluiceway.jobs.testing import postgres_server
+    from sluiceway.operators.sinks import DeltaSink, PostgresSink
+
+    total = 2 * SINK_ROWS
+    print(f"\n3. into real systems: {total:,} click rows (2 partitions), exactly-once, defaults (trigger 1 s)")
+    with tempfile.TemporaryDirectory() as work, postgres_server() as server:
+        postgres_load_paths(server.dsn, server.port)
+        results = {}
+        flow = Dataflow("bench_postgres")
+        flow.source(GeneratorSource(clicks, 2, 1e12, SINK_ROWS)).sink(PostgresSink(server.dsn, "clicks",
+                                                                                   create_table=True))
+        results["PostgresSink (append)"] = engine_run(flow, os.path.join(work, "pg"), until_idle=True)["rate"]
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE clicks_loop (LIKE clicks)")
+            assert conn.execute("SELECT count(*) FROM clicks").fetchone()[0] == total
+        t0 = time.perf_counter()
+        import io
+
+        import pyarrow.csv as pacsv
+        with psycopg.connect(server.dsn) as conn:
+            for batch in click_batches():
+                data = io.BytesIO()
+                pacsv.write_csv(batch, data, pacsv.WriteOptions(include_header=False))
+                with conn.cursor().copy("COPY clicks_loop FROM STDIN (FORMAT csv)") as copy:
+                    copy.write(data.getvalue())
+                conn.commit()
+        results["plain COPY loop"] = total / (time.perf_counter() - t0)
+
+        flow = Dataflow("bench_delta")
+        flow.source(GeneratorSource(clicks, 2, 1e12, SINK_ROWS)).sink(DeltaSink(os.path.join(work, "delta")))
+        results["DeltaSink (append)"] = engine_run(flow, os.path.join(work, "dl"), until_idle=True)["rate"]
+        assert deltalake.DeltaTable(os.path.join(work, "delta")).to_pyarrow_dataset().count_rows() == total
+        t0 = time.perf_counter()
+        for batch in click_batches():
+            deltalake.write_deltalake(os.path.join(work, "delta_loop"), batch, mode="append")
+        results["plain write_deltalake loop"] = total / (time.perf_counter() - t0)
+        for name, rate in results.items():
+            print(f"   {name:<28} {rate:>12,.0f} rows/s")
+
+
 def main() -> int:
     from sluiceway.cluster.local import init_embedded
 
     print(f"sluiceway bench on {CORES} cores (python {sys.version.split()[0]}, pyarrow {pa.__version__})", flush=True)
     init_embedded(num_cpus=CORES)
     try:
-        backlog_bench()
-        keyed_bench()
+        if os.environ.get("BENCH_ONLY") in (None, "", "backlog"):
+            backlog_bench()
+        if os.environ.get("BENCH_ONLY") in (None, "", "keyed"):
+            keyed_bench()
+        if os.environ.get("BENCH_ONLY") in (None, "", "sinks"):
+            sink_bench()
     finally:
         import ray
 

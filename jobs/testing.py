@@ -7,14 +7,23 @@
   computation and counts duplicates and missing rows.
 - :class:`FlakyFileSystem` (``sluiceway-flaky://``) fails on demand, to test
   how a job rides out a storage outage.
+- :func:`postgres_server` starts a throwaway PostgreSQL (``initdb`` +
+  ``pg_ctl``, as the ``postgres`` user when run as root) on a free loopback
+  port, for tests and benchmarks of PostgreSQL sinks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import glob
 import json
 import math
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -251,3 +260,68 @@ class TaskKiller:
             self.killed.set()
             self.killed_after = event["epoch"]
             ray.kill(ray.get_actor(self.names[self.task]), no_restart=True)
+
+
+# ------------------------------------------------ a throwaway PostgreSQL
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pg_bin(name: str) -> str | None:
+    """A PostgreSQL server program: on PATH, or where Debian puts it."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return candidates[-1] if candidates else None
+
+
+def _as_postgres(*cmd, **kw):
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    return subprocess.run([*prefix, pg_bin(cmd[0]), *cmd[1:]], check=True, capture_output=True, text=True, **kw)
+
+
+class PostgresServer:
+    """A PostgreSQL server of its own, in a temporary folder: ``start()``,
+    ``stop()`` (and start again: the same data, the same port), ``remove()``."""
+
+    def __init__(self, max_prepared_transactions: int = 64):
+        if pg_bin("initdb") is None or pg_bin("pg_ctl") is None:
+            raise RuntimeError("PostgreSQL's initdb and pg_ctl are not installed: `make test` installs them "
+                               "(apt-get install postgresql)")
+        self.folder = tempfile.mkdtemp(prefix="sluiceway-pg-")
+        os.chmod(self.folder, 0o755)
+        self.data = os.path.join(self.folder, "data")
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres", "postgres")
+        self.port = _free_port()
+        self.max_prepared_transactions = max_prepared_transactions
+        self.dsn = f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+        _as_postgres("initdb", "-D", self.data, "--auth=trust", "-U", "postgres", "--no-sync")
+
+    def start(self) -> "PostgresServer":
+        options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
+                   f"-c max_prepared_transactions={self.max_prepared_transactions}")
+        _as_postgres("pg_ctl", "-D", self.data, "-o", options, "-l", os.path.join(self.folder, "log"), "-w", "start")
+        return self
+
+    def stop(self) -> None:
+        subprocess.run((["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else [])
+                       + [pg_bin("pg_ctl"), "-D", self.data, "-m", "immediate", "-w", "stop"], capture_output=True)
+
+    def remove(self) -> None:
+        self.stop()
+        time.sleep(0.2)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgres_server(max_prepared_transactions: int = 64):
+    """A PostgreSQL server of its own; yields the :class:`PostgresServer` (``.dsn``)."""
+    server = PostgresServer(max_prepared_transactions)
+    try:
+        yield server.start()
+    finally:
+        server.remove()

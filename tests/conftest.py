@@ -5,7 +5,6 @@ S3-protocol server (moto's server mode, on a free loopback port), and one
 embedded Ray cluster for the whole session."""
 
 import contextlib
-import glob
 import os
 import shutil
 import socket
@@ -17,69 +16,13 @@ import uuid
 
 import pytest
 
+from sluiceway.jobs.testing import postgres_server  # noqa: F401 - a server per test where one is needed
+
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def pg_bin(name: str) -> str | None:
-    """A PostgreSQL server program: on PATH, or where Debian puts it."""
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return candidates[-1] if candidates else None
-
-
-def _as_postgres(*cmd, **kw):
-    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    return subprocess.run([*prefix, pg_bin(cmd[0]), *cmd[1:]], check=True, capture_output=True, text=True, **kw)
-
-
-class PostgresServer:
-    """A PostgreSQL server of its own, in a temporary folder: ``start()``,
-    ``stop()`` (and start again: the same data, the same port), ``remove()``."""
-
-    def __init__(self, max_prepared_transactions: int = 64):
-        if pg_bin("initdb") is None or pg_bin("pg_ctl") is None:
-            pytest.fail("PostgreSQL's initdb and pg_ctl are not installed: `make test` installs them "
-                        "(apt-get install postgresql)")
-        self.folder = tempfile.mkdtemp(prefix="sluiceway-pg-")
-        os.chmod(self.folder, 0o755)
-        self.data = os.path.join(self.folder, "data")
-        if os.geteuid() == 0:
-            shutil.chown(self.folder, "postgres", "postgres")
-        self.port = _free_port()
-        self.max_prepared_transactions = max_prepared_transactions
-        self.dsn = f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
-        _as_postgres("initdb", "-D", self.data, "--auth=trust", "-U", "postgres", "--no-sync")
-
-    def start(self) -> "PostgresServer":
-        options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   f"-c max_prepared_transactions={self.max_prepared_transactions}")
-        _as_postgres("pg_ctl", "-D", self.data, "-o", options, "-l", os.path.join(self.folder, "log"), "-w", "start")
-        return self
-
-    def stop(self) -> None:
-        subprocess.run((["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else [])
-                       + [pg_bin("pg_ctl"), "-D", self.data, "-m", "immediate", "-w", "stop"], capture_output=True)
-
-    def remove(self) -> None:
-        self.stop()
-        time.sleep(0.2)
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def postgres_server(max_prepared_transactions: int = 64):
-    """A PostgreSQL server of its own; yields the :class:`PostgresServer` (``.dsn``)."""
-    server = PostgresServer(max_prepared_transactions)
-    try:
-        yield server.start()
-    finally:
-        server.remove()
 
 
 @pytest.fixture(scope="session")
