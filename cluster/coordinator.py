@@ -265,6 +265,8 @@ class Coordinator:
     def _start(self) -> None:
         for step, source in self.sources.items():
             source.bind(self.storage, step)
+        for step, sink in self.sinks.items():  # commits that wait for their system say so
+            sink.on_wait = lambda kind, message, step=step: self.storage_event(f"sink {step}", kind, message)
         commits = self.storage.commit_epochs()
         self.high_water = commits[-1] if commits else 0
         self.replayed = 0

@@ -81,9 +81,20 @@ class SinkWriter:
 
 
 class Sink:
-    """The picklable configuration of a sink, and its coordinator side."""
+    """The picklable configuration of a sink, and its coordinator side.
+
+    On the coordinator, ``on_wait`` is set before any commit: a sink whose
+    commit waits for its system (retrying a connection, a storage outage)
+    calls ``on_wait("waiting", cause)`` and ``on_wait("resumed", message)``
+    so the job shows the wait instead of looking stuck."""
 
     kind = "sink"
+    on_wait: Callable[[str, str], None] | None = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("on_wait", None)  # the coordinator's own listener never travels
+        return state
 
     def open(self, context: SinkContext) -> SinkWriter:
         raise NotImplementedError
@@ -178,7 +189,7 @@ class ParquetSink(Sink):
         return _ParquetWriter(_ParquetLayout(self.url, self.retry, context.on_wait), context)
 
     def commit(self, epoch: int, handles: list[dict]) -> None:
-        layout = _ParquetLayout(self.url, self.retry)
+        layout = _ParquetLayout(self.url, self.retry, self.on_wait)
         marker = layout.read_marker(epoch)
         if marker is not None:  # committed before (a commit again from the log, or a replay): keep what readers saw
             self._remove_unnamed(layout, epoch, marker)

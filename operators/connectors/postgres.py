@@ -254,7 +254,7 @@ class PostgresSink(Sink):
         gids = [h["gid"] for h in sorted(handles, key=lambda h: h["subtask"]) if h.get("gid")]
         if not gids:
             return
-        with connect(self.dsn, self.connect_deadline_s, autocommit=True) as conn:
+        with connect(self.dsn, self.connect_deadline_s, self.on_wait, autocommit=True) as conn:
             prepared = {row[0] for row in conn.execute("SELECT gid FROM pg_prepared_xacts WHERE gid = ANY(%s)",
                                                        [gids])}
             for gid in gids:

@@ -138,3 +138,27 @@ def test_a_table_that_does_not_fit_the_stream_stops_the_job_before_any_row(postg
     assert "PostgreSQL table 'narrow' has no column(s) cents, dollars of the stream" in first, first
     assert _rows(postgres_dsn, "SELECT count(*) FROM narrow") == [(0,)]
     assert _prepared(postgres_dsn) == []
+
+
+def test_a_commit_waiting_for_the_server_says_so_and_names_it(start_postgres):
+    """The coordinator's side: COMMIT PREPARED retried while the server is
+    down, heard through ``on_wait``; it commits once the server is back."""
+    import threading
+
+    from sluiceway.operators.connectors.postgres import PostgresSink
+
+    with start_postgres() as server:
+        sink = PostgresSink(server.dsn, "t", create_table=True, connect_deadline_s=60)
+        handle = sink.open(SinkContext("out", 0, 1, "unit", attempt="f1g0")).precommit(1, pa.table({"x": [1, 2]}))
+        heard = []
+        sink.on_wait = lambda kind, message: heard.append((kind, message))
+        server.stop()
+        threading.Timer(2.0, server.start).start()
+        sink.commit(1, [handle])
+        assert [k for k, _ in heard] == ["waiting", "resumed"]
+        assert heard[0][1].startswith(f"cannot connect to PostgreSQL at 127.0.0.1:{server.port} (database postgres)")
+        assert _rows(server.dsn, "SELECT count(*) FROM t") == [(2,)]
+        assert _prepared(server.dsn) == []
+        import pickle
+
+        assert pickle.loads(pickle.dumps(sink)).on_wait is None  # the listener never travels
