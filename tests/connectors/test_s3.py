@@ -17,6 +17,7 @@ def test_a_wrong_s3_endpoint_is_named_in_the_first_line(s3_endpoint, monkeypatch
     from sluiceway.jobs.cli import main
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # the message is under test, not botocore's retries (~20 s)
     s3fs.S3FileSystem.clear_instance_cache()
     try:
         flow = example.build(output="s3://nowhere/out", rows_per_partition=10)
