@@ -73,10 +73,14 @@ NO_RETRY = StorageRetry(deadline_s=0.0)
 WaitListener = Callable[[str, str], None]  # ("waiting" | "resumed", message)
 
 
-def call_with_retry(what: str, url: str, fn, retry: StorageRetry, on_wait: WaitListener | None = None):
-    """Run ``fn()``; on failure retry with backoff until ``retry.deadline_s``.
-    ``FileNotFoundError`` and ``FileExistsError`` are answers, not failures:
-    they pass through at once."""
+def call_with_retry(what: str, url: str, fn, retry: StorageRetry, on_wait: WaitListener | None = None, *,
+                    retry_on: type[BaseException] | tuple = Exception,
+                    give_up: Callable[[str, float], Exception] | None = None):
+    """Run ``fn()``; when it raises ``retry_on``, retry with backoff until
+    ``retry.deadline_s``. ``FileNotFoundError`` and ``FileExistsError`` are
+    answers, not failures: they pass through at once. Past the deadline,
+    ``give_up(cause, waited_s)`` makes the error to raise (default: a
+    :class:`StorageError`)."""
     started = None
     backoff = retry.initial_backoff_s
     while True:
@@ -84,7 +88,7 @@ def call_with_retry(what: str, url: str, fn, retry: StorageRetry, on_wait: WaitL
             result = fn()
         except (FileNotFoundError, FileExistsError):
             raise
-        except Exception as exc:  # noqa: BLE001 - re-raised with the path and the cause
+        except retry_on as exc:  # re-raised with the path and the cause
             cause = f"cannot {what} {url}: {type(exc).__name__}: {exc}"
             now = time.monotonic()
             if started is None:
@@ -92,6 +96,8 @@ def call_with_retry(what: str, url: str, fn, retry: StorageRetry, on_wait: WaitL
                 if retry.deadline_s > 0 and on_wait is not None:
                     on_wait("waiting", cause)
             if now - started >= retry.deadline_s:
+                if give_up is not None:
+                    raise give_up(cause, now - started) from exc
                 if retry.deadline_s > 0:
                     raise StorageError(
                         f"{cause} (storage kept failing for {now - started:.0f} s, past the "
@@ -102,7 +108,7 @@ def call_with_retry(what: str, url: str, fn, retry: StorageRetry, on_wait: WaitL
             backoff = min(retry.max_backoff_s, backoff * 2)
             continue
         if started is not None and on_wait is not None and retry.deadline_s > 0:
-            on_wait("resumed", f"storage answered again after {time.monotonic() - started:.1f} s ({what} {url})")
+            on_wait("resumed", f"{url} answered again after {time.monotonic() - started:.1f} s ({what})")
         return result
 
 

@@ -47,10 +47,6 @@ class SourceInput:
     rows: int
     dead_letters: pa.Table | None  # what the source could not decode, for the dead_letters() streams
 
-    @property
-    def dead_letter_count(self) -> int:
-        return 0 if self.dead_letters is None else self.dead_letters.num_rows
-
 
 @dataclass
 class EpochResult:

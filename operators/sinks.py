@@ -52,6 +52,7 @@ from sluiceway.checkpoint.storage import (
     create_exclusive,
     open_filesystem,
 )
+from sluiceway.operators.connectors import lazy_exports
 from sluiceway.operators.errors import SinkError
 
 _DIGITS = 10
@@ -260,14 +261,7 @@ def read_committed(url: str, include_epoch: bool = False) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def __getattr__(name: str):
-    """Connectors' sinks, re-exported here (imported on first use)."""
-    if name == "DeltaSink":
-        from sluiceway.operators.connectors.delta import DeltaSink
-
-        return DeltaSink
-    if name == "PostgresSink":
-        from sluiceway.operators.connectors.postgres import PostgresSink
-
-        return PostgresSink
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {
+    "DeltaSink": "sluiceway.operators.connectors.delta",
+    "PostgresSink": "sluiceway.operators.connectors.postgres",
+})

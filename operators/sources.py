@@ -33,6 +33,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sluiceway.operators.connectors import lazy_exports
 from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, SourceError
 from sluiceway.operators.stateless import as_table
 
@@ -216,17 +217,8 @@ class ListSource(Source):
         return self.parts[partition].slice(start, stop - start)
 
 
-_CONNECTORS = {
+__getattr__ = lazy_exports(__name__, {
     "ParquetFilesSource": "sluiceway.operators.connectors.files",
     "FileSource": "sluiceway.operators.connectors.files",
     "LogSource": "sluiceway.operators.connectors.log",
-}
-
-
-def __getattr__(name: str):
-    """Connectors' sources, re-exported here (imported on first use)."""
-    if name in _CONNECTORS:
-        import importlib
-
-        return getattr(importlib.import_module(_CONNECTORS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+})

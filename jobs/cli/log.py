@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import stat
 import sys
 import time
 
@@ -90,7 +91,7 @@ def _lines(stream, linger_s: float):
     """``(line_number, text)`` pairs, and ``None`` whenever ``linger_s`` passes
     without a new line on a pipe or terminal (time to append what we have)."""
     fd = stream.fileno()
-    interactive = not os.path.isfile(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else True
+    interactive = not stat.S_ISREG(os.fstat(fd).st_mode)  # a pipe or terminal: lines arrive over time
     pending, number = b"", 0
     while True:
         if interactive:

@@ -285,9 +285,9 @@ class FileSource(Source):
                     continue
                 try:
                     self._storage.create_bytes(path, schema.serialize().to_pybytes())
-                except FileExistsError:
-                    pass  # recorded by another run: use theirs
-                self._load()
+                except FileExistsError:  # recorded by another run: use theirs
+                    schema = pa.ipc.read_schema(pa.py_buffer(self._storage.read_bytes(path)))
+                self._schema = schema
                 return
 
     def _fetch(self, url: str) -> bytes:

@@ -37,6 +37,7 @@ keep their meaning, with holes where records were compacted away.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
@@ -131,6 +132,11 @@ class Segment:
     error: str | None = None  # the file cannot be decoded: why
 
 
+def span(segments: list[Segment]) -> tuple[int, int]:
+    """``(first offset, end offset)`` that ``segments`` (in order) cover; ``(0, 0)`` for none."""
+    return (segments[0].first, segments[-1].end) if segments else (0, 0)
+
+
 def _segment_bytes(table: pa.Table, first: int, end: int, created: float) -> bytes:
     meta = {_META_FIRST: str(first).encode(), _META_END: str(end).encode(), _META_CREATED: repr(created).encode()}
     table = table.replace_schema_metadata(meta)
@@ -212,7 +218,7 @@ class Topic:
         self.dir = posixpath.join(log.root, config.name)
         self._schema: pa.Schema | None = None
         self._infos: dict[tuple, Segment] = {}  # (path, size, modified) -> what its footer says
-        self._loaded: dict[int, tuple[str, pa.Table]] = {}  # partition -> its last decoded segment
+        self._loaded: dict[str, tuple[tuple, pa.Table]] = {}  # path -> (path, end, size), its decoded records
         self._round_robin = 0
 
     def __repr__(self) -> str:
@@ -340,10 +346,7 @@ class Topic:
 
     def offsets(self, partition: int) -> tuple[int, int]:
         """``(first retained offset, end offset)`` of a partition."""
-        segments = self.segments(partition)
-        if not segments:
-            return 0, 0
-        return segments[0].first, segments[-1].end
+        return span(self.segments(partition))
 
     # ------------------------------------------------------------- produce
     def append(self, table: pa.Table | pa.RecordBatch, key: str | None = None,
@@ -369,12 +372,15 @@ class Topic:
             start = self._round_robin
             self._round_robin = (self._round_robin + 1) % n
             parts = {(start + j) % n: table.slice(bounds[j], bounds[j + 1] - bounds[j]) for j in range(n)}
-        return {p: self.append_partition(p, part, now) for p, part in sorted(parts.items()) if part.num_rows}
+        return {p: self._append(p, part, now) for p, part in sorted(parts.items()) if part.num_rows}
 
     def append_partition(self, partition: int, table: pa.Table | pa.RecordBatch,
                          now: float | None = None) -> tuple[int, int]:
         """Append ``table`` to one partition as one segment; ``(first, end)``."""
-        table = self._conform(table)
+        return self._append(partition, self._conform(table), now)
+
+    def _append(self, partition: int, table: pa.Table, now: float | None) -> tuple[int, int]:
+        """Append records already in the topic's schema."""
         now = time.time() if now is None else now
         folder = self.log._partition_dir(self.name, partition)
         for _ in range(10_000):
@@ -397,9 +403,11 @@ class Topic:
 
     # ---------------------------------------------------------------- read
     def _load(self, segment: Segment) -> pa.Table:
-        cached = self._loaded.get(segment.first)
-        if cached is not None and cached[0] == (segment.path, segment.end, segment.size):
+        version = (segment.path, segment.end, segment.size)  # a compaction rewrites a segment in place
+        cached = self._loaded.get(segment.path)
+        if cached is not None and cached[0] == version:
             return cached[1]
+
         def read() -> pa.Table | pa.ArrowInvalid:
             try:
                 source = segment.path if self.log.local else self.log.fs.cat_file(segment.path)
@@ -413,19 +421,16 @@ class Topic:
         table = table.replace_schema_metadata(None)
         if len(self._loaded) > 4:
             self._loaded.clear()
-        self._loaded[segment.first] = ((segment.path, segment.end, segment.size), table)
+        self._loaded[segment.path] = (version, table)
         return table
 
     def read_with_dead_letters(self, partition: int, start: int, stop: int,
-                               segments: list[Segment] | None = None,
                                with_offsets: bool = False) -> tuple[pa.Table, pa.Table | None]:
         """The records of offsets ``[start, stop)`` of a partition, and dead
         letters for the offsets of segments that cannot be decoded.
         ``with_offsets`` adds each record's offset as column ``__offset``."""
-        segments = self.segments(partition) if segments is None else segments
-        if segments and segments[-1].end < stop:
-            segments = self.segments(partition)
-        first, end = (segments[0].first, segments[-1].end) if segments else (0, 0)
+        segments = self.segments(partition)
+        first, end = span(segments)
         if stop > end:
             raise SourceError(f"partition {partition} of topic {self.name!r} ends at offset {end}; "
                               f"offsets up to {stop} were planned (was the topic deleted and created again?)")
@@ -441,17 +446,16 @@ class Topic:
             if segment.end <= start or segment.first >= stop:
                 continue
             lo, hi = max(start, segment.first), min(stop, segment.end)
-            if segment.error is not None:
+            error = segment.error
+            if error is None:
+                try:
+                    table = self._load(segment)
+                except pa.ArrowInvalid as exc:  # the bytes are wrong; a storage failure raises and is retried
+                    error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            if error is not None:
                 dead.append(dead_letter(f"log:{self.name}", partition, lo, hi,
                                         self.log.fs.unstrip_protocol(segment.path),
-                                        f"segment cannot be decoded: {segment.error}"))
-                continue
-            try:
-                table = self._load(segment)
-            except pa.ArrowInvalid as exc:  # the bytes are wrong; a storage failure raises and is retried
-                dead.append(dead_letter(f"log:{self.name}", partition, lo, hi,
-                                        self.log.fs.unstrip_protocol(segment.path),
-                                        f"segment cannot be decoded: {type(exc).__name__}: {exc}".splitlines()[0]))
+                                        f"segment cannot be decoded: {error}"))
                 continue
             if segment.compacted:
                 offset = table.column(_OFFSET)
@@ -519,7 +523,7 @@ class Topic:
         report = {}
         for partition in range(self.config.partitions):
             segments = self.segments(partition)
-            closed = [s for s in segments[:-1]]
+            closed = segments[:-1]
             if not closed or any(s.error for s in closed):
                 report[partition] = {"records_before": sum(s.rows for s in closed), "records_after": None,
                                      "skipped": "unreadable segment" if closed else "nothing closed"}
@@ -535,8 +539,7 @@ class Topic:
             keep = pc.is_in(merged.column(_OFFSET), value_set=latest)
             values = [n for n in schema.names if n != key]
             if values:
-                tombstone = pc.and_kleene(*[pc.is_null(merged.column(n)) for n in values]) if len(values) > 1 \
-                    else pc.is_null(merged.column(values[0]))
+                tombstone = functools.reduce(pc.and_, [pc.is_null(merged.column(n)) for n in values])
                 expired = pc.less(merged.column("__created"), now - self.config.tombstone_delay_s)
                 keep = pc.and_(keep, pc.invert(pc.and_(tombstone, expired)))
             result = merged.filter(keep).drop_columns(["__created"])
@@ -579,7 +582,7 @@ class Topic:
         ends = {}
         for p in range(self.config.partitions):
             segments = self.segments(p)
-            first, end = (segments[0].first, segments[-1].end) if segments else (0, 0)
+            first, end = span(segments)
             ends[p] = end
             partitions.append({"partition": p, "first_offset": first, "end_offset": end,
                                "segments": len(segments), "bytes": sum(s.size for s in segments),
@@ -602,9 +605,8 @@ class LogSource(Source):
     replay. ``bounded=True`` reads what the topic holds when the flow is
     built, then ends (a batch job over the log); ``bounded={partition:
     offset}`` reads up to those offsets, waiting for producers to get there.
-    Several jobs may read one
-    topic; each records its position at every checkpoint (``sluiceway log
-    describe`` shows the lag).
+    Several jobs may read one topic; each records its position at every
+    checkpoint (``sluiceway log describe`` shows the lag).
 
     When records the job has not read yet were deleted by retention, the
     job stops with an error saying how far behind it was, unless
@@ -634,11 +636,10 @@ class LogSource(Source):
         else:
             self.ends = [handle.offsets(p)[1] for p in range(self.partitions)] if bounded else None
         self._topic: Topic | None = handle
-        self._segments: dict[int, list[Segment]] = {}
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_topic"], state["_segments"] = None, {}
+        state["_topic"] = None
         return state
 
     @property
@@ -651,9 +652,7 @@ class LogSource(Source):
         return self.partitions
 
     def readable(self, partition: int, now: float, started_at: float) -> tuple[int, int]:
-        segments = self.topic.segments(partition)
-        self._segments[partition] = segments
-        first, end = (segments[0].first, segments[-1].end) if segments else (0, 0)
+        first, end = self.topic.offsets(partition)
         if self.ends is not None:
             end = min(end, self.ends[partition])
         return first, end
@@ -675,7 +674,7 @@ class LogSource(Source):
         )
 
     def read_batch(self, partition: int, start: int, stop: int) -> tuple[pa.Table, pa.Table | None]:
-        return self.topic.read_with_dead_letters(partition, start, stop, self._segments.get(partition))
+        return self.topic.read_with_dead_letters(partition, start, stop)
 
     def read(self, partition: int, start: int, stop: int) -> pa.Table:
         return self.read_batch(partition, start, stop)[0]

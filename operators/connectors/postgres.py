@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import io
 import re
-import time
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from sluiceway.checkpoint.storage import StorageRetry, call_with_retry
 from sluiceway.operators.errors import FlowValidationError, SinkError
 from sluiceway.operators.connectors import requires
 from sluiceway.operators.sinks import Sink, SinkContext, SinkWriter
@@ -108,27 +108,15 @@ def connect(dsn: str, deadline_s: float, on_wait=None, autocommit: bool = False)
     (``on_wait`` hears "waiting" and "resumed"); past ``deadline_s`` a
     :class:`SinkError` naming the server and the cause."""
     psycopg = _psycopg()
-    started, backoff = None, 0.1
-    while True:
-        try:
-            conn = psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10)
-        except psycopg.OperationalError as exc:
-            cause = f"cannot connect to {server_name(dsn)}: {str(exc).strip().splitlines()[-1]}"
-            now = time.monotonic()
-            if started is None:
-                started = now
-                if on_wait is not None and deadline_s > 0:
-                    on_wait("waiting", cause)
-            if now - started >= deadline_s:
-                raise SinkError(f"{cause} (kept failing for {now - started:.0f} s, past the "
-                                f"{deadline_s:g} s connect deadline); check that the server runs and the DSN "
-                                "is right") from None
-            time.sleep(min(backoff, max(0.0, started + deadline_s - now)))
-            backoff = min(5.0, backoff * 2)
-            continue
-        if started is not None and on_wait is not None:
-            on_wait("resumed", f"{server_name(dsn)} answered again after {time.monotonic() - started:.1f} s")
-        return conn
+
+    def give_up(cause: str, waited_s: float) -> SinkError:
+        return SinkError(f"{cause.splitlines()[0]} (kept failing for {waited_s:.0f} s, past the {deadline_s:g} s "
+                         "connect deadline); check that the server runs and the DSN is right")
+
+    return call_with_retry("connect to", server_name(dsn),
+                           lambda: psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10),
+                           StorageRetry(deadline_s, 0.1, 5.0), on_wait,
+                           retry_on=psycopg.OperationalError, give_up=give_up)
 
 
 def _gid_statement(verb: str, gid: str):

@@ -229,3 +229,12 @@ def test_log_cli_round_trip(tmp_path, capsys, monkeypatch):
     assert usage.value.code == 2
     assert "0 must be 1 or more" in capsys.readouterr().err
     assert os.path.isdir(tmp_path / "log" / "clicks" / "partitions" / "1")
+
+
+def test_a_tombstone_has_every_column_but_the_key_null(tmp_path):
+    topic = Log(str(tmp_path)).create_topic(TopicConfig("wide", partitions=1, key="k", tombstone_delay_s=0))
+    topic.append(pa.table({"k": ["a", "b"], "v": [1, 2], "w": ["x", "y"]}), now=1000.0)
+    topic.append(pa.table({"k": ["a", "b"], "v": [None, None], "w": [None, "z"]}), now=1001.0)  # a deleted
+    topic.append(pa.table({"k": ["c"], "v": [3], "w": ["q"]}), now=1002.0)
+    topic.compact(now=1003.0)
+    assert topic.read(0, 0, 5).to_pylist() == [{"k": "b", "v": None, "w": "z"}, {"k": "c", "v": 3, "w": "q"}]
