@@ -3,30 +3,48 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# sluiceway[metrics] (ray[default]: a metrics agent on every node) for the one test that scrapes Prometheus;
+# the suite's own clusters stay on the minimal ray, which starts in half the time.
+METRICS_VENV := .venv-metrics
+METRICS_STAMP := $(METRICS_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean browser metrics-venv
 
+# Python packages with uv (several times faster than pip on a fresh machine), pip if uv cannot be had.
 $(STAMP): pyproject.toml
 	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	($(PY) -m pip install -q uv==0.13.9 && $(VENV)/bin/uv pip install -q --python $(PY) -e ".[test]") || \
+		($(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q -e ".[test]")
 	touch $(STAMP)
+
+$(METRICS_STAMP): $(STAMP)
+	test -x $(METRICS_VENV)/bin/python || $(PYTHON) -m venv $(METRICS_VENV)
+	($(VENV)/bin/uv pip install -q --python $(METRICS_VENV)/bin/python -e ".[metrics]") || \
+		$(METRICS_VENV)/bin/python -m pip install -q -e ".[metrics]"
+	touch $(METRICS_STAMP)
+
+metrics-venv: $(METRICS_STAMP)
+
+# The browser the web page's test drives (Debian's chromium).
+browser:
+	command -v chromium >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m sluiceway.jobs.demo
 
-test: $(STAMP)
+test: $(STAMP) $(METRICS_STAMP) browser
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/bench.py
 
 clean:
-	rm -rf $(VENV) .sluiceway .sluiceway-output build *.egg-info
+	rm -rf $(VENV) $(METRICS_VENV) .sluiceway .sluiceway-output build *.egg-info

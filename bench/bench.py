@@ -20,6 +20,15 @@ the same work on the same data.
    two ways to load Arrow into PostgreSQL are timed on the same rows: COPY of
    CSV written by pyarrow (what ``PostgresSink`` does) and ADBC's ingest.
 
+4. **Nexmark** (``BENCH_ONLY=nexmark``; one query: ``python bench/bench.py
+   nexmark --query q5 --events N``): the queries under ``jobs/nexmark/`` as
+   a user gets them (defaults: trigger 1 s, 1 M records per epoch,
+   checkpoints every 5 epochs, Parquet output) over ``BENCH_NEXMARK_EVENTS``
+   generated events, beside a single-process pyarrow loop that generates
+   the same events in the same 1 M-event slices and computes the same
+   query. Reported: events/s (and per core), and the epochs' latency from
+   dispatch to commit, p50 and p99.
+
 After one discarded warm-up run, the configurations run interleaved,
 ``BENCH_REPEAT`` (5) times each, and the median is reported. Events/s are measured over the processing window: from the first epoch
 being planned to the last one completing. Start-up (creating actors, reading
@@ -328,6 +337,87 @@ def sink_bench() -> None:
             print(f"   {name:<28} {rate:>12,.0f} rows/s")
 
 
+# ------------------------------------------------------------------ nexmark
+NEXMARK_EVENTS = int(os.environ.get("BENCH_NEXMARK_EVENTS", "10000000"))
+NEXMARK_QUERIES = os.environ.get("BENCH_NEXMARK_QUERIES", "q1,q2,q5,q11").split(",")
+SLICE = 1_000_000  # what an epoch reads by default
+
+
+def nexmark_loop(query: str, events: int) -> tuple[float, int]:
+    """The same query, one process, no engine: generate each 1 M-event slice
+    of each partition (as the engine's epochs do), compute, merge partial
+    window results at the end. Returns (events/s, result rows)."""
+    import numpy as np
+
+    from sluiceway.jobs.nexmark.common import DISORDER, Settings
+    from sluiceway.operators.connectors.nexmark import bids, events as generate
+
+    settings = Settings(events=events)
+    base_ms = int(Settings().source().base_ms)
+    disorder_ms = DISORDER // __import__("datetime").timedelta(milliseconds=1)
+    parts = settings.partitions
+    t0 = time.perf_counter()
+    rows, partials = 0, []
+    for p in range(parts):
+        end = -(-(events - p) // parts)
+        for start in range(0, end, SLICE // parts):
+            stop = min(end, start + SLICE // parts)
+            n = np.arange(start, stop, dtype=np.int64) * parts + p
+            b = bids(generate(n, event_rate=settings.event_rate, base_ms=base_ms, disorder_ms=disorder_ms))
+            if query == "q1":
+                rows += pc.multiply(pc.cast(b["price"], pa.float64()), EUR_PER_USD).length()
+            elif query == "q2":
+                rows += b.filter(pc.equal(pc.remainder(b["auction"], 123), 0)).num_rows
+            elif query == "q5":
+                start_us = pc.multiply(pc.divide(pc.cast(pc.cast(b["date_time"], pa.timestamp("us", tz="UTC")),
+                                                         pa.int64()), 10_000_000), 10_000_000)
+                partials.append(pa.table({"auction": b["auction"], "s": start_us}).group_by(["auction", "s"])
+                                .aggregate([([], "count_all")]))
+            elif query == "q11":
+                partials.append(b.select(["bidder", "date_time"]))
+    if query == "q5":
+        rows = pa.concat_tables(partials).group_by(["auction", "s"]).aggregate([("count_all", "sum")]).num_rows
+    elif query == "q11":  # sessions per bidder, vectorized: sort, split where the gap is 10 s or more
+        table = pa.concat_tables(partials).sort_by([("bidder", "ascending"), ("date_time", "ascending")])
+        t = pc.cast(pc.cast(table["date_time"], pa.timestamp("us", tz="UTC")), pa.int64()).to_numpy()
+        who = table["bidder"].to_numpy()
+        rows = int(1 + np.count_nonzero((who[1:] != who[:-1]) | (t[1:] - t[:-1] >= 10_000_000))) if len(t) else 0
+    return events / (time.perf_counter() - t0), rows
+
+
+def nexmark_engine(query: str, events: int, work: str) -> dict:
+    import importlib
+
+    from sluiceway.jobs.nexmark.common import Settings
+
+    module = importlib.import_module(f"sluiceway.jobs.nexmark.{query}")
+    flow = module.build(Settings(events=events, output=os.path.join(work, "out")))
+    r = engine_run(flow, work)
+    latencies = sorted(e["duration_s"] for e in r["epochs"])
+    r["p50"] = latencies[len(latencies) // 2]
+    r["p99"] = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    return r
+
+
+def nexmark_bench(queries=None, events: int | None = None) -> None:
+    events = events or NEXMARK_EVENTS
+    queries = queries or NEXMARK_QUERIES
+    repeat = max(1, REPEAT // 2 + 1)
+    print(f"\n4. Nexmark: {events:,} generated events (2 partitions), each query with the defaults a user gets, "
+          f"median of {repeat}")
+    with tempfile.TemporaryDirectory() as work:
+        nexmark_engine(queries[0], min(events, 2_000_000), os.path.join(work, "warm-up"))
+        for query in queries:
+            loop = sorted(nexmark_loop(query, events) for _ in range(repeat))[repeat // 2]
+            runs = [nexmark_engine(query, events, os.path.join(work, f"{query}-{i}")) for i in range(repeat)]
+            r = sorted(runs, key=lambda x: x["rate"])[repeat // 2]
+            print(f"   {query:<4} sluiceway {r['rate']:>12,.0f} events/s ({r['rate'] / CORES:>10,.0f} per core), "
+                  f"epoch latency p50 {r['p50']:.2f} s p99 {r['p99']:.2f} s, {len(r['epochs'])} epochs, "
+                  f"checkpoints {r['summary']['checkpoints']}")
+            print(f"   {'':<4} pyarrow loop {loop[0]:>9,.0f} events/s (one process); sluiceway / loop "
+                  f"{r['rate'] / loop[0]:.2f}")
+
+
 def main() -> int:
     from sluiceway.cluster.local import init_embedded
 
@@ -340,6 +430,8 @@ def main() -> int:
             keyed_bench()
         if os.environ.get("BENCH_ONLY") in (None, "", "sinks"):
             sink_bench()
+        if os.environ.get("BENCH_ONLY") in (None, "", "nexmark"):
+            nexmark_bench()
     finally:
         import ray
 
@@ -351,5 +443,17 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--loop-on-one-core"]:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
         print(json.dumps(loop_q1(sys.argv[2])))
+        sys.exit(0)
+    if sys.argv[1:2] == ["nexmark"]:
+        import argparse
+
+        parser = argparse.ArgumentParser(prog="bench.py nexmark", description="one Nexmark query, engine beside loop")
+        parser.add_argument("--query", default="q5", choices=["q0", "q1", "q2", "q5", "q7", "q11"])
+        parser.add_argument("--events", type=int, default=NEXMARK_EVENTS)
+        args = parser.parse_args(sys.argv[2:])
+        from sluiceway.cluster.local import init_embedded
+
+        init_embedded(num_cpus=CORES)
+        nexmark_bench([args.query], args.events)
         sys.exit(0)
     sys.exit(main())

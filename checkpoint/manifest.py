@@ -55,6 +55,7 @@ def build_manifest(
     sink_handles: dict,
     fencing: int = 0,
     savepoint: bool = False,
+    event_time: dict | None = None,
 ) -> dict:
     return {
         "format": MANIFEST_FORMAT,
@@ -68,6 +69,7 @@ def build_manifest(
         "duration_s": round(completed_at - started_at, 6),
         "offsets": offsets,
         "watermarks": watermarks,
+        "event_time": event_time or {},
         "parallelism": parallelism,
         "max_key_groups": max_key_groups,
         "fencing": fencing,

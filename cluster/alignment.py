@@ -8,12 +8,12 @@ after its barrier belongs to *e+1* and is held back.
 >>> a = BarrierAligner(["up0", "up1"], first_epoch=1)
 >>> a.handle(Data("up0", "rows-a"))
 []
->>> a.handle(BarrierEvent("up0", Barrier(1, checkpoint=False, watermark=5.0)))
+>>> a.handle(BarrierEvent("up0", Barrier(1, checkpoint=False, watermark=5)))
 []
 >>> a.handle(Data("up0", "rows-b"))  # epoch 2 arrives early on up0: held back
 []
->>> a.handle(BarrierEvent("up1", Barrier(1, checkpoint=True, watermark=3.0)))
-[Aligned(barrier=Barrier(epoch=1, checkpoint=True, watermark=3.0, savepoint=False), tables=['rows-a'])]
+>>> a.handle(BarrierEvent("up1", Barrier(1, checkpoint=True, watermark=3)))
+[Aligned(barrier=Barrier(epoch=1, checkpoint=True, watermark=3, savepoint=False, idle=False), tables=['rows-a'])]
 """
 
 from __future__ import annotations
@@ -29,12 +29,16 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True)
 class Barrier:
-    """End of an epoch on a channel. ``checkpoint``: snapshot state at it."""
+    """End of an epoch on a channel. ``checkpoint``: snapshot state at it.
+    ``watermark``: event time in microseconds since the Unix epoch, ``None``
+    while unknown; ``idle``: every input behind the channel is idle, so its
+    watermark must not hold the others back."""
 
     epoch: int
     checkpoint: bool
-    watermark: float | None = None
+    watermark: int | None = None
     savepoint: bool = False  # write state whole: the checkpoint stands alone
+    idle: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,11 +61,23 @@ class Aligned:
     tables: list
 
 
-def min_watermark(marks: list[float | None]) -> float | None:
-    """A task's watermark: the minimum over its inputs; unknown if any input's is."""
-    if not marks or any(m is None for m in marks):
-        return None
-    return min(marks)
+def min_watermark(marks: list[int | None], idle: list[bool] | None = None) -> tuple[int | None, bool]:
+    """A task's watermark: the minimum over its inputs that are not idle
+    (unknown if any of theirs is), and whether all of them are idle (then
+    the minimum over all of them).
+
+    >>> min_watermark([5, 3, None], [False, False, True])
+    (3, False)
+    >>> min_watermark([5, None], [True, True])
+    (None, True)
+    """
+    idle = idle or [False] * len(marks)
+    live = [m for m, i in zip(marks, idle) if not i]
+    all_idle = bool(marks) and not live
+    considered = marks if all_idle else live
+    if not considered or any(m is None for m in considered):
+        return None, all_idle
+    return min(considered), all_idle
 
 
 class BarrierAligner:
@@ -93,13 +109,15 @@ class BarrierAligner:
         while all(self._closed[c] for c in self.channels):
             heads = [self._closed[c].popleft() for c in self.channels]
             barriers = [b for b, _ in heads]
+            watermark, idle = min_watermark([b.watermark for b in barriers], [b.idle for b in barriers])
             out.append(
                 Aligned(
                     Barrier(
                         self.next_epoch,
                         checkpoint=any(b.checkpoint for b in barriers),
-                        watermark=min_watermark([b.watermark for b in barriers]),
+                        watermark=watermark,
                         savepoint=any(b.savepoint for b in barriers),
+                        idle=idle,
                     ),
                     [t for _, tables in heads for t in tables],
                 )

@@ -41,9 +41,11 @@ from sluiceway.checkpoint.retention import apply_retention
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.checkpoint.timeline import HistoryWriter, RecordKind, record_names
 from sluiceway.checkpoint.types import TaskId
-from sluiceway.cluster.epochs import EpochBook, EpochPlan, EpochSizer, TaskAck, Trigger, plan_epoch, sources_exhausted
+from sluiceway.cluster.epochs import (EpochBook, EpochPlan, EpochSizer, TaskAck, Trigger, plan_epoch,
+                                      sources_exhausted, watermark_marks)
 from sluiceway.cluster.errors import JobFailedError
 from sluiceway.cluster.graph import PhysicalPlan
+from sluiceway.cluster.metrics import JobMetrics, ray_metrics
 from sluiceway.cluster import records
 from sluiceway.cluster.placement import pinned, spread, worker_nodes
 from sluiceway.cluster.restart import Failure, FailureKind, GiveUp, RestartPolicy, RestartTracker, primary
@@ -97,10 +99,23 @@ class RunOptions:
             raise ValueError("; ".join(problems))
 
 
+def _stage_watermarks(acks: list[TaskAck]) -> dict[str, int | None]:
+    """Each stage's lowest task watermark after an epoch (for the epoch event)."""
+    out: dict[str, int | None] = {}
+    for a in acks:
+        stage = a.task.stage
+        if stage in out and (out[stage] is None or a.watermark is None):
+            out[stage] = None
+        else:
+            out[stage] = a.watermark if stage not in out else min(out[stage], a.watermark)
+    return out
+
+
 class Coordinator:
     """Driver-side logic of the coordinator actor (see module doc)."""
 
-    def __init__(self, plan: PhysicalPlan, storage: JobStorage, options: RunOptions, job_doc: dict, lease: Lease):
+    def __init__(self, plan: PhysicalPlan, storage: JobStorage, options: RunOptions, job_doc: dict, lease: Lease,
+                 metrics: JobMetrics | None = None):
         self.plan = plan
         self.lease = lease
         self._lease_lost: LeaseLostError | None = None
@@ -112,6 +127,8 @@ class Coordinator:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._events: list[dict] = []
         self._events_lock = threading.Lock()
+        self.metrics = metrics if metrics is not None else ray_metrics(plan.job)
+        self._metrics_failed = False
         self._stop_requested = threading.Event()
         self.savepoint_requested = False
         self._restore_chosen = options.restore_checkpoint  # the first start restores it; recoveries the latest
@@ -124,10 +141,11 @@ class Coordinator:
         self.tracker = RestartTracker(options.restart)
         self.failures: list[str] = []
         self.bad_checkpoints: set[int] = set()
-        self.stats = {"epochs": 0, "rows_in": 0, "rows_out": 0, "dead_letters": 0, "checkpoints": 0}
+        self.stats = {"epochs": 0, "rows_in": 0, "rows_out": 0, "dead_letters": 0, "late": 0, "checkpoints": 0}
         self.last_completed = 0
         self.last_checkpoint = 0
         self.stop_reason: str | None = None
+        self.unconfirmed_recovery = False
         self.sizer = EpochSizer(options.trigger_s, options.max_records_per_epoch)
         self.recent_latencies: deque[float] = deque(maxlen=20)
         self.storage_waits: dict[str, float] = {}  # who -> since when it waits for storage
@@ -173,8 +191,15 @@ class Coordinator:
         return events
 
     def _event(self, kind: str, **fields) -> None:
+        event = {"type": kind, "at": time.time(), **fields}
         with self._events_lock:
-            self._events.append({"type": kind, "at": time.time(), **fields})
+            self._events.append(event)
+        try:
+            self.metrics.on_event(event)
+        except Exception as exc:  # noqa: BLE001 - metrics never stop a job; said once
+            if not self._metrics_failed:
+                self._metrics_failed = True
+                print(f"metrics are off for job {self.plan.job!r}: {type(exc).__name__}: {exc}", flush=True)
 
     # ---------------------------------------------------------------- run
     def run(self, me) -> dict:
@@ -345,6 +370,7 @@ class Coordinator:
         self.previous_files = dict(manifest["files"]) if manifest else {}
         self.last_checkpoint_size = manifest["size_bytes"] if manifest else None
         self.replay: deque[EpochPlan] = deque(plans)
+        self.active_at = plans[-1].active_at if plans else {}  # when each source partition last had input
         self.last_completed = self.last_checkpoint = base
         self.next_epoch = base + len(plans) + 1
         if plans:
@@ -536,6 +562,7 @@ class Coordinator:
             failure, detect_s=t0 - lost_at, restore_s=time.time() - t0, delay_s=decision.delay_s,
             restored=self.last_checkpoint, replay=[p.epoch for p in self.replay],
             restarted=[str(t) for t in sorted(dead)]), t0)
+        self.unconfirmed_recovery = True  # until a checkpoint after it completes (on idle input, an empty one)
         self._event(
             "recovered",
             checkpoint=self.last_checkpoint,
@@ -563,6 +590,7 @@ class Coordinator:
         self._check_lease()
         now = time.time()
         ordered = [acks[t] for t in sorted(acks)]
+        written_bytes = None
         # 1. A checkpoint epoch: the manifest is the commit point.
         if plan.checkpoint:
             tasks = [
@@ -588,6 +616,7 @@ class Coordinator:
                 epoch=plan.epoch,
                 offsets={s: {str(p): o for p, o in parts.items()} for s, parts in plan.next_offsets().items()},
                 watermarks={str(a.task): a.watermark for a in ordered},
+                event_time=self._event_time_marks(ordered),
                 tasks=tasks,
                 state=state,
                 files=files,
@@ -603,6 +632,7 @@ class Coordinator:
             self.history.write(RecordKind.CHECKPOINT, records.checkpoint_completed(
                 plan, ordered, manifest, self.last_checkpoint_size, now), now)
             self.last_checkpoint_size = manifest["size_bytes"]
+            written_bytes = manifest["written_bytes"]
             self.previous_files = files
             self.last_checkpoint = plan.epoch
             if plan.savepoint:
@@ -616,6 +646,7 @@ class Coordinator:
         rows_in = sum(a.rows_in for a in ordered)
         rows_out = sum(a.rows_out for a in ordered)
         dead_letters = sum(a.dead_letters for a in ordered)
+        late = sum(a.late for a in ordered)
         duration = self.book.latency(plan.epoch, now)  # from dispatch: a replay's plan is older than its run
         self.recent_latencies.append(duration)
         if plan.epoch > self.high_water:
@@ -628,6 +659,8 @@ class Coordinator:
             "rows_in": rows_in,
             "rows_out": rows_out,
             "dead_letters": dead_letters,
+            "late": late,
+            "waiting": plan.waiting,  # source lag when it was planned: records readable and left for later
             "checkpoint": plan.checkpoint,
             "generation": self.generation,
             "fencing": self.lease.fencing,
@@ -649,6 +682,7 @@ class Coordinator:
             self.stats["rows_in"] += rows_in
             self.stats["rows_out"] += rows_out
             self.stats["dead_letters"] += dead_letters
+            self.stats["late"] += late
         else:
             self.replayed += 1
         # 4. Retention, after the new checkpoint is safe.
@@ -659,6 +693,8 @@ class Coordinator:
             rows_in=rows_in,
             rows_out=rows_out,
             dead_letters=dead_letters,
+            late=late,
+            watermark=_stage_watermarks(ordered),
             duration_s=round(duration, 4),
             rows_per_s=round(rows_in / duration, 1) if duration > 0 else None,
             checkpoint=plan.epoch if plan.checkpoint else None,
@@ -678,8 +714,23 @@ class Coordinator:
             sources={s: {str(p): list(span) for p, span in parts.items()} for s, parts in plan.ranges.items()},
             waiting=plan.waiting,
             state_bytes=self.last_checkpoint_size,
+            checkpoint_s=round(now - plan.planned_at, 6) if plan.checkpoint else None,  # as its history record
+            checkpoint_bytes=written_bytes,
+            input_ended=sources_exhausted(self.sources, plan.next_offsets()),  # every bounded input row planned
         )
         return None
+
+    def _event_time_marks(self, acks: list[TaskAck]) -> dict:
+        """Per event-time step, each partition's largest event time and each
+        source task's watermark floor: what a restore gives the source tasks."""
+        marks: dict[str, dict] = {}
+        for a in acks:
+            for step, m in a.event_time.items():
+                entry = marks.setdefault(step, {"partitions": {}, "floors": {},
+                                                "parallelism": self.plan.stages[a.task.stage].parallelism})
+                entry["partitions"].update(m["partitions"])
+                entry["floors"][str(a.task.subtask)] = m["floor"]
+        return marks
 
     def _tell_sources(self, plan: EpochPlan) -> None:
         """Each source hears the offsets a completed checkpoint covers (a log
@@ -753,6 +804,10 @@ class Coordinator:
         if ranges is None:
             if self.options.until_idle and sources_exhausted(self.sources, self.next_offsets):
                 self.stop_reason = "idle"
+            elif self.unconfirmed_recovery and self.book.in_flight == 0:
+                # No input to carry a checkpoint: an empty epoch checkpoints the recovered state, so the restart
+                # policy sees the recovery complete (and forgives it) on idle input too.
+                self._write_and_dispatch(self._empty_ranges(), checkpoint=True, now=now)
             return
         self.epochs_planned_this_run += 1
         after = {s: {p: stop for p, (_, stop) in parts.items()} for s, parts in ranges.items()}
@@ -771,7 +826,10 @@ class Coordinator:
 
     def _write_and_dispatch(self, ranges, *, checkpoint: bool, now: float, waiting: int = 0,
                             savepoint: bool = False, gaps=None) -> None:
-        plan = EpochPlan(self.next_epoch, ranges, checkpoint, now, waiting, savepoint, gaps or {})
+        active_at, ended = watermark_marks(self.sources, ranges, self.active_at, now)
+        plan = EpochPlan(self.next_epoch, ranges, checkpoint, now, waiting, savepoint, gaps or {}, active_at, ended)
+        if checkpoint:
+            self.unconfirmed_recovery = False
         self._check_lease()
         try:
             self.storage.write_offsets(plan.epoch, {**plan.to_json(), "fencing": self.lease.fencing})  # first
@@ -783,6 +841,7 @@ class Coordinator:
             self._event("adopted_plan", epoch=plan.epoch)
         self.next_epoch += 1
         self.next_offsets = plan.next_offsets()
+        self.active_at = plan.active_at
         self._plan_s[plan.epoch] = time.time() - now
         for step, parts in plan.gaps.items():
             for partition, (expected, skipped_to) in parts.items():

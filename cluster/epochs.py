@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sluiceway.checkpoint.types import TaskId
+from sluiceway.operators.event_time import SourceEpoch
 from sluiceway.operators.sources import Source
 
 Ranges = dict[str, dict[int, tuple[int, int]]]  # source step -> partition -> [start, stop)
@@ -27,6 +28,14 @@ class EpochPlan:
     waiting: int = 0  # records readable but left for later epochs when this one was planned
     savepoint: bool = False  # a checkpoint written whole, kept until a user deletes it
     gaps: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)  # offsets skipped: never readable
+    # For watermarks, the same on every replay: when each partition last had
+    # something to read (idle partitions), and which are read to their end.
+    active_at: dict[str, dict[int, float]] = field(default_factory=dict)
+    ended: dict[str, list[int]] = field(default_factory=dict)
+
+    def source_epoch(self, step: str) -> SourceEpoch:
+        """What the tasks of source ``step`` need to know for watermarks."""
+        return SourceEpoch(self.planned_at, self.active_at.get(step, {}), frozenset(self.ended.get(step, ())))
 
     @property
     def rows(self) -> int:
@@ -45,6 +54,9 @@ class EpochPlan:
             "ranges": {s: {str(p): [a, b] for p, (a, b) in parts.items()} for s, parts in self.ranges.items()},
             **({"gaps": {s: {str(p): [a, b] for p, (a, b) in parts.items()} for s, parts in self.gaps.items()}}
                if self.gaps else {}),
+            **({"active_at": {s: {str(p): t for p, t in parts.items()} for s, parts in self.active_at.items()}}
+               if self.active_at else {}),
+            **({"ended": self.ended} if self.ended else {}),
         }
 
     @classmethod
@@ -77,8 +89,11 @@ class EpochPlan:
         if not isinstance(savepoint, bool) or (savepoint and not doc["checkpoint"]):
             raise ValueError(f"its 'savepoint' is {savepoint!r} (a savepoint must be a checkpoint)")
         gaps = {step: {int(p): (a, b) for p, (a, b) in parts.items()} for step, parts in doc.get("gaps", {}).items()}
+        active_at = {step: {int(p): float(t) for p, t in parts.items()}
+                     for step, parts in doc.get("active_at", {}).items()}
+        ended = {step: [int(p) for p in parts] for step, parts in doc.get("ended", {}).items()}
         return cls(doc["epoch"], ranges, doc["checkpoint"], doc["planned_at"], int(doc.get("waiting", 0)), savepoint,
-                   gaps)
+                   gaps, active_at, ended)
 
 
 @dataclass
@@ -97,8 +112,10 @@ class TaskAck:
     snapshot_s: float = 0.0
     alignment_s: float = 0.0  # first barrier of the epoch received to the last one
     sink_handles: dict[str, dict] = field(default_factory=dict)
-    watermark: float | None = None
+    watermark: int | None = None
     dead_letters: int = 0  # records or files the source task could not decode
+    late: int = 0  # events that came after their window closed (sent to late())
+    event_time: dict[str, dict] = field(default_factory=dict)  # event-time step -> its marks, at checkpoints
 
 
 @dataclass(frozen=True)
@@ -210,6 +227,29 @@ class EpochSizer:
         if self.trigger_s <= 0 or self.rate is None:
             return self.max_records
         return max(floor, min(self.max_records, int(self.rate * self.trigger_s)))
+
+
+def watermark_marks(sources: dict[str, Source], ranges: Ranges, active_at: dict[str, dict[int, float]],
+                    now: float) -> tuple[dict[str, dict[int, float]], dict[str, list[int]]]:
+    """For the plan of an epoch: when each partition last had something to
+    read (this epoch counts), and which bounded partitions it reads to their end.
+
+    >>> from sluiceway.operators.sources import ListSource
+    >>> watermark_marks({"s": ListSource([{"x": 1}], partitions=2)}, {"s": {0: (0, 1), 1: (0, 0)}}, {}, now=5.0)
+    ({'s': {0: 5.0, 1: 5.0}}, {'s': [0, 1]})
+    """
+    active: dict[str, dict[int, float]] = {}
+    ended: dict[str, list[int]] = {}
+    for step, source in sources.items():
+        parts = ranges.get(step, {})
+        known = active_at.get(step, {})
+        active[step] = {p: now if stop > start or p not in known else known[p]
+                        for p, (start, stop) in sorted(parts.items())}
+        done = [p for p, (_, stop) in sorted(parts.items())
+                if source.end_offset(p) is not None and stop >= source.end_offset(p)]
+        if done:
+            ended[step] = done
+    return active, ended
 
 
 def sources_exhausted(sources: dict[str, Source], next_offsets: dict[str, dict[int, int]]) -> bool:

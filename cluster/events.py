@@ -7,6 +7,18 @@ from __future__ import annotations
 import glob
 import os
 
+from sluiceway.operators.event_time import format_watermark
+
+
+def lowest_watermark(event: dict) -> int | None:
+    """The lowest watermark any stage had after an epoch (``None``: no event time, or none yet).
+
+    >>> lowest_watermark({"watermark": {"readings": 5_000_000, "by_sensor": None, "sink": 3_000_000}})
+    3000000
+    """
+    marks = [m for m in (event.get("watermark") or {}).values() if m is not None]
+    return min(marks) if marks else None
+
 
 def format_event(event: dict) -> str | None:
     kind = event["type"]
@@ -18,8 +30,11 @@ def format_event(event: dict) -> str | None:
     if kind == "epoch":
         ckpt = f"checkpoint {event['checkpoint']} complete" if event["checkpoint"] else f"last checkpoint {event['last_checkpoint']}"
         rate = f"{event['rows_per_s']:>12,.0f} rows/s" if event["rows_per_s"] else f"{'-':>12} rows/s"
+        late = f"  late {event['late']:,}" if event.get("late") else ""
+        mark = lowest_watermark(event)
+        watermark = f"  watermark {format_watermark(mark)}" if mark is not None else ""
         return (f"epoch {event['epoch']:>5}  in {event['rows_in']:>9,}  out {event['rows_out']:>9,}  {rate}  "
-                f"{event['duration_s']:6.3f} s  {ckpt}")
+                f"{event['duration_s']:6.3f} s  {ckpt}{late}{watermark}")
     if kind == "failure":
         if event.get("delay_s") is None:
             return f"FAILURE: {event['error']}"

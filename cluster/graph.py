@@ -60,6 +60,15 @@ class JobGraph:
         self.steps[step.id] = step
         return step
 
+    def upstream_event_time(self, step_id: str) -> Step | None:
+        """The nearest ``event_time`` step at or above ``step_id``."""
+        step = self.steps.get(step_id)
+        while step is not None:
+            if step.kind == "event_time":
+                return step
+            step = self.steps.get(step.upstream) if step.upstream else None
+        return None
+
     def children(self, step_id: str) -> list[Step]:
         return [s for s in self.steps.values() if s.upstream == step_id]
 
@@ -166,6 +175,12 @@ def plan(graph: JobGraph, parallelism: int | None = None) -> PhysicalPlan:
             up_stage.children[step.upstream].append(step.id)
             up_stage.children[step.id] = []
             step_stage[step.id] = up_stage.id
+    for step in graph.steps.values():
+        if step.kind == "event_time" and stages[step_stage[step.id]].source is None:
+            raise FlowDefinitionError(
+                f"event time step {step.id!r} runs after an exchange (key_by or a change of parallelism); "
+                "declare event time on the source's stream, before key_by: watermarks are tracked per source partition"
+            )
     for stage in stages.values():
         if stage.parallelism < 1:
             raise FlowDefinitionError(f"stage {stage.id!r} has parallelism {stage.parallelism}; it must be >= 1")

@@ -19,9 +19,10 @@ from sluiceway.checkpoint.state import MAX_CHAIN, read_key_groups, write_key_gro
 from sluiceway.checkpoint.errors import StorageError
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.checkpoint.types import TaskId, key_group_range
-from sluiceway.cluster.alignment import Barrier
+from sluiceway.cluster.alignment import Barrier, min_watermark
 from sluiceway.cluster.graph import Exchange, PhysicalPlan
-from sluiceway.operators.base import OperatorContext, OperatorLogic
+from sluiceway.operators.base import OperatorContext, OperatorLogic, Outputs
+from sluiceway.operators.event_time import EventTimeLogic, SourceEpoch, restored_marks
 from sluiceway.operators.errors import FlowValidationError, UserCodeError, missing_columns
 from sluiceway.operators.keys import key_groups
 from sluiceway.operators.sinks import SinkContext, SinkWriter
@@ -29,23 +30,31 @@ from sluiceway.operators.state import apply_chain
 from sluiceway.operators.stateless import Identity
 
 
+SIDE_PORTS = {"dead_letters": "dead_letters", "late": "late"}  # step kind -> the side output it reads
+
+
 @dataclass
 class EpochOutput:
-    """What leaves a task for one epoch: per exchange, one table (or None) per downstream subtask."""
+    """What leaves a task for one epoch: per exchange, one table (or None)
+    per downstream subtask, and the watermark (and idleness) its barrier carries."""
 
     epoch: int
     exchanges: dict[Exchange, list[pa.Table | None]]
     rows_in: int
     started: float
+    barriers: dict[Exchange, tuple[int | None, bool]] = field(default_factory=dict)
+    watermark: int | None = None  # this task's watermark after the epoch (recorded in checkpoints)
+    late: int = 0  # events windows sent to late()
 
 
 @dataclass
 class SourceInput:
-    """What a source task read for one epoch."""
+    """What a source task read for one epoch: a table per partition read."""
 
     tables: list[pa.Table]
     rows: int
     dead_letters: pa.Table | None  # what the source could not decode, for the dead_letters() streams
+    partitions: list[int] = field(default_factory=list)  # the partition of each table
 
 
 @dataclass
@@ -55,6 +64,7 @@ class EpochResult:
     state_files: list[dict] = field(default_factory=list)  # files written at this checkpoint
     state: dict[str, dict[str, list]] = field(default_factory=dict)  # step -> key group -> chain of [file, batch]
     snapshot_s: float = 0.0
+    event_time: dict[str, dict] = field(default_factory=dict)  # event-time step -> marks, at a checkpoint
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table | None:
@@ -74,6 +84,19 @@ def _write_whole(chain: list | None, changes, kg: int) -> bool:
         or len(chain) > MAX_CHAIN
         or 2 * delta.num_rows >= changes.full[kg].num_rows
     )
+
+
+def stage_watermark(manifest: dict | None, stage: str) -> int | None:
+    """The watermark the tasks of ``stage`` had at a checkpoint (the same for
+    every task behind an all-to-all exchange; the lowest after a rescale).
+
+    >>> stage_watermark({"watermarks": {"w[0]": 7, "w[1]": 7, "s[0]": 9}}, "w")
+    7
+    """
+    marks = [m for task, m in (manifest or {}).get("watermarks", {}).items() if task.startswith(f"{stage}[")]
+    if not marks or any(m is None for m in marks):
+        return None
+    return min(marks)
 
 
 def partition_by_key(table: pa.Table, key: str, parallelism: int, max_key_groups: int) -> list[pa.Table | None]:
@@ -107,6 +130,9 @@ class TaskRuntime:
         self.sink_writers: dict[str, SinkWriter] = {}
         self._buffers: dict[str, list[pa.Table]] = {}
         self.committed_through = 0
+        self.event_logic: dict[str, EventTimeLogic] = {}
+        self.partitions: list[int] = []
+        self._late = 0
 
     # -------------------------------------------------------------- restore
     def restore(self, manifest: dict | None, attempt: str = "f0g0", committed_through: int = 0) -> None:
@@ -118,10 +144,13 @@ class TaskRuntime:
         self.committed_through = committed_through
         graph, stage = self.plan.graph, self.stage
         owned = key_group_range(self.task.subtask, stage.parallelism, self.plan.max_key_groups)
-        self.logic, self.sink_writers, self.state_index = {}, {}, {}
+        self.logic, self.sink_writers, self.state_index, self.event_logic = {}, {}, {}, {}
+        self.partitions = self.plan.source_partitions(self.task) if stage.source is not None else []
+        watermark = stage_watermark(manifest, stage.id) if stage.source is None else None
         for step_id in stage.steps:
             step = graph.steps[step_id]
-            context = OperatorContext(step_id, self.task.subtask, stage.parallelism, self.plan.max_key_groups)
+            context = OperatorContext(step_id, self.task.subtask, stage.parallelism, self.plan.max_key_groups,
+                                      watermark)
             if step.source is not None:
                 self._user_call(step_id, "source", step.source.bind, self.storage, step_id)
             if step.sink is not None:
@@ -132,6 +161,9 @@ class TaskRuntime:
                 continue
             operator = step.operator or Identity()
             restored = None
+            if step.kind == "event_time":
+                record = (manifest or {}).get("event_time", {}).get(step_id)
+                restored = restored_marks(record, self.partitions, self.task.subtask, stage.parallelism)
             if operator.stateful:
                 step_map = (manifest or {}).get("state", {}).get(step_id, {})
                 self.state_index[step_id] = {kg: ref for kg, ref in step_map.items() if int(kg) in owned}
@@ -139,6 +171,8 @@ class TaskRuntime:
                     chains = read_key_groups(self.storage, step_map, manifest["files"], owned)
                     restored = {kg: apply_chain(chain, operator.state_key) for kg, chain in chains.items()}
             self.logic[step_id] = self._user_call(step_id, operator.kind, operator.build, context, restored)
+            if isinstance(self.logic[step_id], EventTimeLogic):
+                self.event_logic[step_id] = self.logic[step_id]
         self._reset_buffers()
 
     def _reset_buffers(self) -> None:
@@ -156,47 +190,90 @@ class TaskRuntime:
         except Exception as exc:  # noqa: BLE001 - carried to the coordinator with the user's traceback
             raise UserCodeError.from_exception(step_id, kind, exc) from None
 
-    def _emit(self, step_id: str, table: pa.Table | None, dead_letters: bool = False) -> None:
-        """Send ``table`` to the children of ``step_id``: its output, or with
-        ``dead_letters`` the source's dead letters, which go only to the
-        ``dead_letters()`` steps (and they get nothing else)."""
+    def _emit(self, step_id: str, table: pa.Table | None, port: str = "main") -> None:
+        """Send ``table`` to the children of ``step_id`` that read ``port``:
+        its output (``main``), or a side output (the source's ``dead_letters``,
+        a window's ``late`` events), which only the steps made for it get."""
         if table is None or table.num_rows == 0:
             return
         for child in self.stage.children[step_id]:
-            if (self.plan.graph.steps[child].kind == "dead_letters") != dead_letters:
+            if SIDE_PORTS.get(self.plan.graph.steps[child].kind, "main") != port:
                 continue
             if child in self.sink_writers:
                 self._buffers[child].append(table)
             else:
                 self._push(child, table)
         for exchange in self.stage.exchanges:
-            if exchange.from_step == step_id and not dead_letters:
+            if exchange.from_step == step_id and port == "main":
                 self._exchange_buffers[exchange].append(table)
+
+    def _deliver(self, step_id: str, result) -> None:
+        if isinstance(result, Outputs):
+            self._emit(step_id, result.main)
+            for port, table in result.side.items():
+                if port == "late":
+                    self._late += table.num_rows
+                self._emit(step_id, table, port)
+        else:
+            self._emit(step_id, result)
 
     def _push(self, step_id: str, table: pa.Table) -> None:
         kind = self.plan.graph.steps[step_id].kind
-        self._emit(step_id, self._user_call(step_id, kind, self.logic[step_id].process, table))
+        self._deliver(step_id, self._user_call(step_id, kind, self.logic[step_id].process, table))
+
+    def _watermarks(self, barrier: Barrier, source: SourceEpoch | None) -> dict[str, tuple[int | None, bool]]:
+        """Each step's watermark (and idleness): an event-time step's own, or
+        its upstream's in the chain, or the one the aligned barrier brought."""
+        marks: dict[str, tuple[int | None, bool]] = {}
+        for step_id in self.stage.steps:
+            logic = self.event_logic.get(step_id)
+            if logic is not None and source is not None:
+                marks[step_id] = logic.advance(source, self.partitions)
+            else:
+                upstream = self.plan.graph.steps[step_id].upstream
+                marks[step_id] = marks.get(upstream, (barrier.watermark, barrier.idle))
+        return marks
 
     def process_epoch(self, epoch: int, barrier: Barrier, inputs: list[pa.Table | None], rows_in: int,
-                      dead_letters: pa.Table | None = None) -> EpochOutput:
+                      dead_letters: pa.Table | None = None, partitions: list[int] | None = None,
+                      source: SourceEpoch | None = None) -> EpochOutput:
         """Run one epoch's input (and, in a source task, the source's dead
-        letters) through the chain and fire end-of-epoch hooks.
+        letters) through the chain and fire end-of-epoch hooks with each
+        step's watermark. A source task with event time passes each
+        partition's table (``partitions``) on its own, so the event-time
+        step knows where each row came from, and what the plan says about
+        the partitions (``source``).
         Returns what to send downstream; call :meth:`finish_epoch` after sending."""
         started = time.time()
+        self._late = 0
         root = self.stage.steps[0]
-        table = _concat(inputs)
-        if table is not None:
+        if self.event_logic and partitions is not None:
+            for logic in self.event_logic.values():
+                logic.planned_at = source.planned_at
+            batches = list(zip(partitions, inputs))
+        else:
+            batches = [(None, _concat(inputs))]
+        for partition, table in batches:
+            if table is None or table.num_rows == 0:
+                continue
+            for logic in self.event_logic.values():
+                logic.partition = partition
             if root in self.sink_writers:
                 self._buffers[root].append(table)
             else:
                 self._push(root, table)
         if dead_letters is not None:
-            self._emit(root, dead_letters, dead_letters=True)
+            self._emit(root, dead_letters, "dead_letters")
+        marks = self._watermarks(barrier, source)
         for step_id in self.stage.steps:
             logic = self.logic.get(step_id)
             if logic is not None:
                 kind = self.plan.graph.steps[step_id].kind
-                self._emit(step_id, self._user_call(step_id, kind, logic.on_epoch_end, epoch, barrier.watermark))
+                self._deliver(step_id, self._user_call(step_id, kind, logic.on_epoch_end, epoch, marks[step_id][0]))
+        if self.event_logic:
+            watermark = min_watermark([marks[s][0] for s in self.event_logic])[0]
+        else:
+            watermark = barrier.watermark
         out: dict[Exchange, list[pa.Table | None]] = {}
         for exchange, tables in self._exchange_buffers.items():
             n = self.plan.stages[exchange.to_stage].parallelism
@@ -210,7 +287,8 @@ class TaskRuntime:
                     exchange.to_stage, "key_by", partition_by_key, data, exchange.key, n, self.plan.max_key_groups
                 )
             tables.clear()
-        return EpochOutput(epoch, out, rows_in, started)
+        barriers = {x: marks[x.from_step] for x in self.stage.exchanges}
+        return EpochOutput(epoch, out, rows_in, started, barriers, watermark, self._late)
 
     def finish_epoch(self, epoch: int, barrier: Barrier) -> EpochResult:
         """Pre-commit sink output, and snapshot state at a checkpoint epoch."""
@@ -244,6 +322,7 @@ class TaskRuntime:
                         ref = [entry["path"], batch]
                         index[kg_text] = [ref] if int(kg_text) in whole else index[kg_text] + [ref]
                 result.state[step_id] = dict(index)  # chains are replaced, never changed in place
+            result.event_time = {s: logic.marks(self.partitions) for s, logic in self.event_logic.items()}
             result.snapshot_s = time.time() - t0
         return result
 
@@ -259,6 +338,7 @@ class TaskRuntime:
             if stop > start:
                 table, bad = self._user_call(step_id, "source", source.read_batch, partition, start, stop)
                 read.tables.append(table)
+                read.partitions.append(partition)
                 read.rows += table.num_rows
                 if bad is not None and bad.num_rows:
                     dead.append(bad)

@@ -33,7 +33,8 @@ from sluiceway.checkpoint.storage import JobStorage, StorageRetry
 from sluiceway.checkpoint.timeline import RecordKind, read_history
 from sluiceway.cluster.coordinator import Coordinator, RunOptions
 from sluiceway.cluster.errors import JobFailedError
-from sluiceway.cluster.events import format_event
+from sluiceway.cluster.events import format_event, lowest_watermark
+from sluiceway.operators.event_time import format_watermark
 from sluiceway.cluster.graph import plan as physical_plan
 from sluiceway.cluster.launch import open_job, release_job
 from sluiceway.cluster.placement import default_parallelism
@@ -103,6 +104,8 @@ def progress_entry(job: str, run_id: str, event: dict, previous_at: float | None
         "replay": event["replay"],
         "stateBytes": event["state_bytes"],
         "sourceLag": event["waiting"],
+        "numLateRows": event.get("late", 0),
+        "eventTime": {"watermark": format_watermark(lowest_watermark(event))},
         "sources": [
             {
                 "description": step,

@@ -10,6 +10,7 @@ generation that are still in flight are dropped on arrival.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import ray
 
@@ -85,10 +86,10 @@ class TaskActor:
 
     def _run_source(self, plan: EpochPlan) -> None:
         self.current_epoch = plan.epoch
-        ranges = plan.ranges.get(self.runtime.stage.source, {})
-        read = self.runtime.read_source(ranges)
+        step = self.runtime.stage.source
+        read = self.runtime.read_source(plan.ranges.get(step, {}))
         self._run_epoch(Barrier(plan.epoch, plan.checkpoint, None, plan.savepoint), read.tables, read.rows,
-                        read.dead_letters)
+                        read.dead_letters, read.partitions, plan.source_epoch(step))
 
     def deliver(self, generation: int, channel: TaskId, table, barrier: Barrier) -> None:
         if generation != self.generation or self.failed:
@@ -103,15 +104,19 @@ class TaskActor:
             for aligned in self.aligner.handle(event):
                 self._run_epoch(aligned.barrier, aligned.tables, 0)
 
-    def _run_epoch(self, barrier: Barrier, tables: list, rows_in: int, dead_letters=None) -> None:
+    def _run_epoch(self, barrier: Barrier, tables: list, rows_in: int, dead_letters=None, partitions=None,
+                   source=None) -> None:
         t0 = time.time()
         self.current_epoch = barrier.epoch
         alignment_s = t0 - self._first_barrier_at.pop(barrier.epoch, t0)
-        out = self.runtime.process_epoch(barrier.epoch, barrier, tables, rows_in, dead_letters)
-        # 1. Forward data and barrier first, so downstream starts while we write.
+        out = self.runtime.process_epoch(barrier.epoch, barrier, tables, rows_in, dead_letters, partitions, source)
+        # 1. Forward data and barrier (with the watermark of the step feeding
+        #    each exchange) first, so downstream starts while we write.
         for exchange, parts in out.exchanges.items():
+            watermark, idle = out.barriers[exchange]
+            sent = replace(barrier, watermark=watermark, idle=idle)
             for j, handle in enumerate(self.downstream[exchange.to_stage]):
-                handle.deliver.remote(self.generation, self.task, parts[j], barrier)
+                handle.deliver.remote(self.generation, self.task, parts[j], sent)
         # 2. Pre-commit sink output; snapshot state at a checkpoint epoch.
         result = self.runtime.finish_epoch(barrier.epoch, barrier)
         # 3. Acknowledge to the coordinator.
@@ -128,8 +133,10 @@ class TaskActor:
                 snapshot_s=result.snapshot_s,
                 alignment_s=alignment_s,
                 sink_handles=result.sink_handles,
-                watermark=barrier.watermark,
+                watermark=out.watermark,
                 dead_letters=0 if dead_letters is None else dead_letters.num_rows,
+                late=out.late,
+                event_time=result.event_time,
             )
         )
 

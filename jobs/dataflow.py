@@ -7,6 +7,7 @@ in-process runner for tests; ``sluiceway.jobs.run`` runs the same flow on Ray.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Callable
 
 import pyarrow as pa
@@ -15,6 +16,8 @@ from sluiceway.checkpoint.types import DEFAULT_MAX_KEY_GROUPS
 from sluiceway.cluster.graph import JobGraph, Step
 from sluiceway.operators.aggregate import Aggregate
 from sluiceway.operators.errors import FlowDefinitionError
+from sluiceway.operators.event_time import DEFAULT_IDLE_TIMEOUT, EventTime
+from sluiceway.operators.windows import Hopping, Tumbling, Window
 from sluiceway.operators.sinks import Sink
 from sluiceway.operators.sources import Source
 from sluiceway.operators.stateless import Filter, MapBatches, MapRecords
@@ -159,6 +162,51 @@ class Stream:
         )
         return KeyedStream(self.flow, step.id, column)
 
+    def _check_event_time_place(self, what: str) -> None:
+        step = self.flow.graph.steps[self.step_id]
+        while step is not None:
+            if step.kind in ("key_by", "aggregate", "window", "event_time"):
+                raise FlowDefinitionError(
+                    f"{what} must come before key_by, windows and aggregates, on the source's stream "
+                    f"(it follows a {step.kind} step {step.id!r}): watermarks are tracked per source partition"
+                )
+            step = self.flow.graph.steps.get(step.upstream) if step.upstream else None
+
+    def with_event_time(self, column: str, *, max_out_of_orderness: timedelta = timedelta(0),
+                        idle_timeout: timedelta = DEFAULT_IDLE_TIMEOUT, name: str | None = None) -> "Stream":
+        """Declare the column (a timestamp) saying when each event happened.
+        Each source partition's watermark is its largest event time minus
+        ``max_out_of_orderness``; a partition with nothing to read for
+        ``idle_timeout`` stops holding the watermark back; a bounded source
+        read to its end lets every window close. Call it on the source's
+        stream (maps and filters may come first), before ``key_by``.
+
+        >>> from datetime import datetime, timedelta, timezone
+        >>> from sluiceway.operators.sources import ListSource
+        >>> from sluiceway.operators.windows import Tumbling
+        >>> from sluiceway.jobs.testing import run_local, CollectSink
+        >>> t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        >>> rows = [{"user": "a", "ts": t0 + timedelta(seconds=s)} for s in (1, 3, 12)]
+        >>> flow, out = Dataflow("doc_event_time"), CollectSink()
+        >>> (flow.source(ListSource(rows)).with_event_time("ts", max_out_of_orderness=timedelta(seconds=5))
+        ...      .key_by("user").window(Tumbling(timedelta(seconds=10))).aggregate([([], "count_all")]).sink(out))
+        >>> epochs = run_local(flow)
+        >>> [(r["window_start"].second, r["count_all"]) for r in out.rows()]
+        [(0, 2), (10, 1)]
+        """
+        self._check_event_time_place("with_event_time")
+        operator = EventTime(column, max_out_of_orderness=max_out_of_orderness, idle_timeout=idle_timeout)
+        return self._then("event_time", operator, name)
+
+    def with_ingestion_time(self, column: str = "ingested_at", *, name: str | None = None) -> "Stream":
+        """Stamp each row with the time its epoch was planned (``column``, a
+        UTC timestamp) and use it as event time: "processing time" windows
+        that a replay rebuilds exactly, since the offsets log keeps the time."""
+        self._check_event_time_place("with_ingestion_time")
+        if not isinstance(column, str) or not column:
+            raise FlowDefinitionError(f"with_ingestion_time needs a column name, got {column!r}")
+        return self._then("event_time", EventTime(None, ingestion_column=column), name)
+
     def dead_letters(self, *, name: str | None = None) -> "Stream":
         """What this stream's source could not decode (a corrupt file, an
         unreadable log segment), one row per bad input with its location and
@@ -218,3 +266,95 @@ class KeyedStream(Stream):
         [{'user': 'a', 'amount_sum': 6, 'amount_mean': 3.0}, {'user': 'b', 'amount_sum': 5, 'amount_mean': 5.0}]
         """
         return self._then("aggregate", Aggregate(self.key, pairs), name)
+
+    def window(self, spec, *, allowed_lateness: timedelta = timedelta(0), emit: str = "final") -> "WindowedStream":
+        """Event-time windows per key: ``Tumbling(size)``, ``Hopping(size, hop)``,
+        ``Sliding(size)`` or ``Session(gap)`` from
+        :mod:`sluiceway.operators.windows`; reduce them with ``aggregate``,
+        ``reduce`` or ``fold``. A window fires when the watermark passes its end
+        plus ``allowed_lateness`` (``emit="final"``), or emits its current
+        result every epoch it changes (``emit="updates"``); events after it
+        fired go to ``late()``. Needs ``with_event_time`` upstream.
+        """
+        event_time = self.flow.graph.upstream_event_time(self.step_id)
+        if event_time is None:
+            raise FlowDefinitionError(
+                "window needs event time: call with_event_time(column, ...) or with_ingestion_time() "
+                "on the source's stream, before key_by"
+            )
+        return WindowedStream(self, event_time.operator.column, spec, allowed_lateness, emit)
+
+    def rolling_mean(self, column: str, size: timedelta, hop: timedelta, *, name: str | None = None) -> "WindowResult":
+        """The mean of ``column`` over the last ``size``, every ``hop``: a hopping window's mean per key."""
+        return self.window(Hopping(size, hop)).aggregate([(column, "mean")], name=name)
+
+    def event_rate(self, size: timedelta, *, name: str | None = None) -> "WindowResult":
+        """Events per key in tumbling windows of ``size``: ``count_all`` and ``events_per_s``."""
+        return self.window(Tumbling(size))._add(dict(aggregate=[([], "count_all")], rate=True), name)
+
+
+class WindowedStream:
+    """A keyed stream cut into windows, waiting for how to reduce them."""
+
+    def __init__(self, keyed: KeyedStream, time_column: str, spec, allowed_lateness: timedelta, emit: str):
+        self.keyed, self.time_column, self.spec = keyed, time_column, spec
+        self.allowed_lateness, self.emit = allowed_lateness, emit
+        self.result: WindowResult | None = None
+
+    def _add(self, how: dict, name: str | None) -> "WindowResult":
+        if self.result is not None:
+            raise FlowDefinitionError("this window already has a reducer; call window(...) again for another")
+        op = Window(self.keyed.key, self.time_column, self.spec, allowed_lateness=self.allowed_lateness,
+                    emit=self.emit, **how)
+        self.result = self.keyed._then("window", op, name, cls=WindowResult)
+        return self.result
+
+    def aggregate(self, pairs, *, name: str | None = None) -> "WindowResult":
+        """Aggregates per key and window, as ``pyarrow.TableGroupBy.aggregate``
+        takes them (count, count_all, sum, min, max, mean): the key,
+        ``window_start``, ``window_end`` and ``<column>_<function>`` columns."""
+        return self._add({"aggregate": pairs}, name)
+
+    def reduce(self, fn: Callable[[pa.Table], dict], *, name: str | None = None) -> "WindowResult":
+        """``fn(rows)`` once per key and window, with the window's events (a
+        pyarrow Table in event-time order): a dict of output columns, a list
+        of them, or a table."""
+        return self._add({"reduce": fn}, name)
+
+    def fold(self, init, fn: Callable[[dict, dict], dict], *, name: str | None = None) -> "WindowResult":
+        """``acc = fn(acc, record)`` over each window's events in event-time
+        order, from ``init`` (a dict, or a function returning one); the final
+        ``acc`` is the window's row. The per-record slow path."""
+        return self._add({"fold": (init, fn)}, name)
+
+    def late(self, *, name: str | None = None) -> Stream:
+        """The events that came after their window fired (see :meth:`WindowResult.late`)."""
+        if self.result is None:
+            raise FlowDefinitionError("late() follows the window's reducer: call aggregate/reduce/fold first")
+        return self.result.late(name=name)
+
+
+class WindowResult(Stream):
+    """What a window emits; :meth:`late` is its side stream of late events."""
+
+    def late(self, *, name: str | None = None) -> Stream:
+        """Events that arrived after a window they belong to had fired (and
+        events without an event time), as they came in: sink them like any
+        stream. Counted per epoch in the job's metrics (``late``).
+
+        >>> from datetime import datetime, timedelta, timezone
+        >>> from sluiceway.operators.sources import ListSource
+        >>> from sluiceway.operators.windows import Tumbling
+        >>> from sluiceway.jobs.testing import run_local, CollectSink
+        >>> t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        >>> rows = [{"k": "a", "ts": t0 + timedelta(seconds=s)} for s in (1, 15, 2)]  # 2 comes after 15
+        >>> flow, out, late = Dataflow("doc_late"), CollectSink(), CollectSink()
+        >>> windows = (flow.source(ListSource(rows)).with_event_time("ts").key_by("k")
+        ...                .window(Tumbling(timedelta(seconds=10))).aggregate([([], "count_all")]))
+        >>> windows.sink(out)
+        >>> windows.late().sink(late)
+        >>> epochs = run_local(flow, max_records_per_epoch=1)
+        >>> [r["count_all"] for r in out.rows()], [r["ts"].second for r in late.rows()]
+        ([1, 1], [2])
+        """
+        return self._then("late", None, name)

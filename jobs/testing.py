@@ -35,7 +35,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.cluster.alignment import Barrier, BarrierAligner, BarrierEvent, Data
-from sluiceway.cluster.epochs import plan_epoch, sources_exhausted
+from sluiceway.cluster.epochs import EpochPlan, plan_epoch, sources_exhausted, watermark_marks
 from sluiceway.cluster.graph import plan as physical_plan
 from sluiceway.cluster.runtime import TaskRuntime
 from sluiceway.operators.sinks import Sink, SinkContext, SinkWriter
@@ -81,9 +81,11 @@ class CollectSink(Sink):
 
 
 def run_local(flow, *, parallelism: int | None = None, max_records_per_epoch: int = 1_000_000,
-              max_epochs: int = 10_000) -> int:
+              max_epochs: int = 10_000, start_time: float = 0.0, trigger_s: float = 1.0) -> int:
     """Run ``flow`` in this process until its bounded sources are exhausted.
-    Returns the number of epochs run. Sources must be bounded."""
+    Returns the number of epochs run. Sources must be bounded. Epoch ``n``
+    counts as planned at ``start_time + n * trigger_s`` (seconds since the
+    Unix epoch): what ingestion time and idle partitions go by."""
     plan = physical_plan(flow.graph, parallelism)
     storage = JobStorage(f"memory://run-local-{uuid.uuid4().hex}", plan.job)
     tasks = {t: TaskRuntime(plan, t, storage) for t in plan.tasks()}
@@ -94,6 +96,7 @@ def run_local(flow, *, parallelism: int | None = None, max_records_per_epoch: in
     }
     sources = plan.sources()
     offsets: dict = {}
+    active_at: dict = {}
     epoch = 0
     while not sources_exhausted(sources, offsets) and epoch < max_epochs:
         ranges = plan_epoch(
@@ -102,7 +105,10 @@ def run_local(flow, *, parallelism: int | None = None, max_records_per_epoch: in
         if ranges is None:
             raise RuntimeError("run_local needs bounded sources; a source has nothing to read yet")
         epoch += 1
-        offsets = {s: {p: stop for p, (_, stop) in parts.items()} for s, parts in ranges.items()}
+        planned_at = start_time + epoch * trigger_s
+        active_at, ended = watermark_marks(sources, ranges, active_at, planned_at)
+        epoch_plan = EpochPlan(epoch, ranges, False, planned_at, active_at=active_at, ended=ended)
+        offsets = epoch_plan.next_offsets()
         barrier = Barrier(epoch, checkpoint=False, watermark=None)
         handles: dict[str, list[dict]] = {}
         inbox: dict = {t: [] for t in tasks}
@@ -110,18 +116,21 @@ def run_local(flow, *, parallelism: int | None = None, max_records_per_epoch: in
             stage = plan.stages[task.stage]
             if stage.source is not None:
                 read = runtime.read_source(ranges[stage.source])
-                runnable = [(barrier, read.tables, read.rows, read.dead_letters)]
+                runnable = [(barrier, read.tables, read.rows, read.dead_letters, read.partitions,
+                             epoch_plan.source_epoch(stage.source))]
             else:
                 runnable = []
-                for channel, table in inbox[task]:
-                    events = ([Data(channel, table)] if table is not None else []) + [BarrierEvent(channel, barrier)]
+                for channel, table, sent in inbox[task]:
+                    events = ([Data(channel, table)] if table is not None else []) + [BarrierEvent(channel, sent)]
                     for event in events:
-                        runnable += [(a.barrier, a.tables, 0, None) for a in aligners[task].handle(event)]
-            for b, tables, rows, dead in runnable:
-                out = runtime.process_epoch(b.epoch, b, tables, rows, dead)
+                        runnable += [(a.barrier, a.tables, 0, None, None, None) for a in aligners[task].handle(event)]
+            for b, tables, rows, dead, partitions, source_epoch in runnable:
+                out = runtime.process_epoch(b.epoch, b, tables, rows, dead, partitions, source_epoch)
                 for exchange, parts in out.exchanges.items():
+                    watermark, idle = out.barriers[exchange]
+                    sent = Barrier(b.epoch, checkpoint=False, watermark=watermark, idle=idle)
                     for downstream, part in zip(plan.stages[exchange.to_stage].tasks(), parts):
-                        inbox[downstream].append((task, part))
+                        inbox[downstream].append((task, part, sent))
                 for step, handle in runtime.finish_epoch(b.epoch, b).sink_handles.items():
                     handles.setdefault(step, []).append(handle)
         for step, sink in plan.sinks().items():

@@ -43,10 +43,11 @@ def _probe_keys_first() -> bool:
 _KEYS_FIRST = _probe_keys_first()
 
 
-def _group(table: pa.Table, key: str, specs: list, names: list[str]) -> pa.Table:
-    """Group-by with output columns named ``[key] + names``, whatever pyarrow's order."""
-    out = table.group_by(key, use_threads=False).aggregate(specs)
-    return out.rename_columns([key] + names if _KEYS_FIRST else names + [key])
+def _group(table: pa.Table, keys: str | list[str], specs: list, names: list[str]) -> pa.Table:
+    """Group-by with output columns named ``keys + names``, whatever pyarrow's order."""
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    out = table.group_by(keys, use_threads=False).aggregate(specs)
+    return out.rename_columns(keys + names if _KEYS_FIRST else names + keys)
 
 
 @dataclass(frozen=True)
@@ -104,19 +105,87 @@ def _normalize_pairs(pairs) -> list[tuple[str | None, str]]:
     return out
 
 
+class Accumulators:
+    """The state columns behind ``(column, function)`` pairs and the three
+    things done with them, all as Arrow group-bys: aggregate rows
+    (:meth:`partial`), combine accumulators (:meth:`merge`), and turn them into
+    the output columns (:meth:`finalize`). The keyed aggregate and the
+    windows share it.
+
+    >>> acc = Accumulators([("v", "sum"), ("v", "mean")])
+    >>> part = acc.partial(pa.table({"k": ["a", "a", "b"], "v": [1, 2, 4]}), ["k"])
+    >>> acc.finalize(acc.merge(pa.concat_tables([part, part]), ["k"]), ["k"]).to_pylist()
+    [{'k': 'a', 'v_sum': 6, 'v_mean': 1.5}, {'k': 'b', 'v_sum': 8, 'v_mean': 4.0}]
+    """
+
+    def __init__(self, pairs):
+        self.pairs = _normalize_pairs(pairs)
+        self.output_names = [fn if col is None else f"{col}_{fn}" for col, fn in self.pairs]
+        if len(set(self.output_names)) != len(self.output_names):
+            raise FlowDefinitionError(f"aggregate pairs repeat an output column: {self.output_names}")
+        self.columns = [a for i, (c, f) in enumerate(self.pairs) for a in _accumulators(i, c, f)]
+        self.names = [a.name for a in self.columns]
+
+    @property
+    def inputs(self) -> list[str]:
+        """The input columns the pairs read."""
+        return list(dict.fromkeys(c for c, _ in self.pairs if c is not None))
+
+    def partial(self, table: pa.Table, keys: list[str]) -> pa.Table:
+        """One row of accumulators per distinct ``keys`` in ``table``."""
+        specs = [([], "count_all") if a.partial == "count_all" else (a.column, a.partial) for a in self.columns]
+        return _group(table, keys, specs, self.names)
+
+    def merge(self, table: pa.Table, keys: list[str], extra: list | None = None) -> pa.Table:
+        """Accumulator rows combined per distinct ``keys`` (``extra``: more
+        ``(column, function, name)`` aggregations to carry along)."""
+        extra = extra or []
+        specs = [(a.name, a.merge) for a in self.columns] + [(c, f) for c, f, _ in extra]
+        return _group(table, keys, specs, self.names + [n for _, _, n in extra])
+
+    def per_row(self, table: pa.Table) -> dict[str, pa.Array]:
+        """Accumulators of each row on its own (what :meth:`partial` gives a
+        group of one row), as columns: for windows that merge rows later."""
+        out = {}
+        for a in self.columns:
+            if a.partial == "count_all":
+                out[a.name] = pa.repeat(pa.scalar(1, pa.int64()), table.num_rows)
+                continue
+            values = table.column(a.column)
+            if a.partial == "count":
+                out[a.name] = pc.cast(pc.is_valid(values), pa.int64())
+            elif a.partial == "sum" and pa.types.is_integer(values.type):
+                out[a.name] = pc.cast(values, pa.uint64() if pa.types.is_unsigned_integer(values.type) else pa.int64())
+            elif a.partial == "sum" and pa.types.is_floating(values.type):
+                out[a.name] = pc.cast(values, pa.float64())
+            else:
+                out[a.name] = values
+        return out
+
+    def finalize(self, merged: pa.Table, keys: list[str]) -> pa.Table:
+        """``keys`` then one column per pair, named as pyarrow names it."""
+        columns = {k: merged.column(k) for k in keys}
+        for i, ((_, function), name) in enumerate(zip(self.pairs, self.output_names)):
+            if function == "mean":
+                total = pc.cast(merged.column(f"__acc{i}_sum"), pa.float64())
+                n = merged.column(f"__acc{i}_n")
+                columns[name] = pc.if_else(pc.equal(n, 0), pa.scalar(None, pa.float64()), pc.divide(total, n))
+            else:
+                columns[name] = merged.column(f"__acc{i}")
+        return pa.table(columns)
+
+
 class Aggregate(Operator):
     kind = "aggregate"
     stateful = True
 
     def __init__(self, key: str, pairs):
         self.key = key
-        self.pairs = _normalize_pairs(pairs)
-        self.output_names = [fn if col is None else f"{col}_{fn}" for col, fn in self.pairs]
-        if len(set(self.output_names)) != len(self.output_names):
-            raise FlowDefinitionError(f"aggregate pairs repeat an output column: {self.output_names}")
+        self.acc = Accumulators(pairs)
+        self.pairs = self.acc.pairs
+        self.output_names = self.acc.output_names
         if key in self.output_names:
             raise FlowDefinitionError(f"aggregate output column {key!r} collides with the key column")
-        self.accumulators = [a for i, (c, f) in enumerate(self.pairs) for a in _accumulators(i, c, f)]
 
     @property
     def state_key(self) -> str:
@@ -137,13 +206,12 @@ class AggregateLogic(OperatorLogic):
 
     def _partial(self, table: pa.Table) -> pa.Table:
         op = self.op
-        wanted = [op.key] + [c for c, _ in op.pairs if c is not None]
+        wanted = [op.key] + op.acc.inputs
         if any(c not in table.column_names for c in wanted):
             raise missing_columns(
                 self.context.step, "aggregate", wanted, table.column_names, "fix the column names in aggregate(...)"
             )
-        specs = [([], "count_all") if a.partial == "count_all" else (a.column, a.partial) for a in op.accumulators]
-        return _group(table, op.key, specs, [a.name for a in op.accumulators])
+        return op.acc.partial(table, [op.key])
 
     def process(self, table: pa.Table) -> pa.Table | None:
         if table.num_rows == 0:
@@ -167,8 +235,7 @@ class AggregateLogic(OperatorLogic):
         #    (not with chunked input), so the merged keys are grouped anew.
         if previous:
             combined = pa.concat_tables([partial] + previous, promote_options="permissive")
-            names = [a.name for a in op.accumulators]
-            merged = _group(combined, key, [(a.name, a.merge) for a in op.accumulators], names)
+            merged = op.acc.merge(combined, [key])
             parts = split_by_key_group(merged, key_groups(merged.column(key), self.context.max_key_groups))
         else:
             merged = partial
@@ -177,18 +244,7 @@ class AggregateLogic(OperatorLogic):
             {kg: _append(rest.get(kg), part) for kg, part in parts.items()},
             changed={kg: part.column(key).combine_chunks() for kg, part in parts.items()},
         )
-        return self._finalize(merged)
-
-    def _finalize(self, merged: pa.Table) -> pa.Table:
-        columns = {self.op.key: merged.column(self.op.key)}
-        for i, ((_, function), name) in enumerate(zip(self.op.pairs, self.op.output_names)):
-            if function == "mean":
-                total = pc.cast(merged.column(f"__acc{i}_sum"), pa.float64())
-                n = merged.column(f"__acc{i}_n")
-                columns[name] = pc.if_else(pc.equal(n, 0), pa.scalar(None, pa.float64()), pc.divide(total, n))
-            else:
-                columns[name] = merged.column(f"__acc{i}")
-        return pa.table(columns)
+        return op.acc.finalize(merged, [key])
 
     def snapshot(self) -> dict[int, pa.Table]:
         return self.store.full()

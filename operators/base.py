@@ -11,7 +11,7 @@ returns the key groups changed since the last checkpoint, as data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -20,23 +20,38 @@ from sluiceway.operators.state import StateChanges
 
 @dataclass(frozen=True)
 class OperatorContext:
-    """Where a logic instance runs."""
+    """Where a logic instance runs. ``watermark``: the event-time watermark
+    (microseconds since the Unix epoch) in force when it was built, restored
+    from the checkpoint; ``None`` before any."""
 
     step: str
     subtask: int
     parallelism: int
     max_key_groups: int
+    watermark: int | None = None
+
+
+@dataclass
+class Outputs:
+    """What one call of an operator emits: rows on its main stream and on
+    named side streams (``late``: events that came after their window closed)."""
+
+    main: pa.Table | None
+    side: dict[str, pa.Table] = field(default_factory=dict)
 
 
 class OperatorLogic:
     """Live state of one operator in one task."""
 
-    def process(self, table: pa.Table) -> pa.Table | None:
-        """Transform one epoch's input. Return ``None`` or an empty table for nothing."""
+    def process(self, table: pa.Table) -> pa.Table | Outputs | None:
+        """Transform one epoch's input. Return ``None`` or an empty table for
+        nothing, :class:`Outputs` to emit on side streams too."""
         raise NotImplementedError
 
-    def on_epoch_end(self, epoch: int, watermark: float | None) -> pa.Table | None:
-        """Called once per epoch after ``process``; window operators fire here."""
+    def on_epoch_end(self, epoch: int, watermark: int | None) -> pa.Table | Outputs | None:
+        """Called once per epoch after ``process`` with the epoch's watermark
+        (microseconds since the Unix epoch, ``None`` while unknown); window
+        operators fire here."""
         return None
 
     def snapshot(self) -> dict[int, pa.Table] | None:

@@ -252,7 +252,9 @@ def read_committed(url: str, include_epoch: bool = False) -> pa.Table:
     for epoch in layout.committed_epochs():
         for entry in layout.read_marker(epoch)["files"]:
             with layout.fs.open(posixpath.join(layout.base, entry["path"]), "rb") as f:
-                table = pq.read_table(f)
+                # Whole, then parsed: Arrow's reader threads never call back into a Python file
+                # object (such a read still in flight when the interpreter exits aborts it).
+                table = pq.read_table(pa.py_buffer(f.read()))
             if include_epoch:
                 table = table.append_column("epoch", pa.array([epoch] * table.num_rows, pa.int64()))
             tables.append(table)

@@ -221,4 +221,5 @@ __getattr__ = lazy_exports(__name__, {
     "ParquetFilesSource": "sluiceway.operators.connectors.files",
     "FileSource": "sluiceway.operators.connectors.files",
     "LogSource": "sluiceway.operators.connectors.log",
+    "NexmarkSource": "sluiceway.operators.connectors.nexmark",
 })

@@ -8,6 +8,7 @@ import json
 from sluiceway.checkpoint.history import CheckpointHistory
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.jobs.cli.common import job_command, when
+from sluiceway.operators.event_time import format_watermark
 
 
 def register(sub) -> None:
@@ -79,6 +80,12 @@ def cmd_checkpoints_show(args) -> int:
     print(f"  started {when(manifest['started_at'])}, took {manifest['duration_s']:.3f} s, "
           f"{manifest['size_bytes']:,} bytes of state, {manifest['written_bytes']:,} written by this checkpoint")
     print(f"  offsets: {json.dumps(manifest['offsets'])}")
+    marks = {t: m for t, m in manifest.get("watermarks", {}).items() if m is not None}
+    if marks:
+        print(f"  watermarks: {', '.join(f'{t} {format_watermark(m)}' for t, m in sorted(marks.items()))}")
+    for step, record in manifest.get("event_time", {}).items():
+        largest = ", ".join(f"{p}: {format_watermark(v)}" for p, v in sorted(record["partitions"].items()))
+        print(f"  event time of {step}: largest per partition {{{largest}}}")
     for task in manifest["tasks"]:
         print(f"  task {task['task']}: snapshot {task['snapshot_s']:.3f} s, epoch {task['duration_s']:.3f} s, "
               f"wrote {task['written_bytes']:,} bytes")

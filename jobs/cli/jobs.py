@@ -118,6 +118,7 @@ def format_status(s: dict) -> str:
         d = p["durationMs"]
         mark = f"  {'savepoint' if p['savepoint'] else 'checkpoint'} {p['checkpoint']}" if p["checkpoint"] else ""
         mark += "  (replay)" if p["replay"] else ""
+        mark += f"  late {p['numLateRows']:,}" if p.get("numLateRows") else ""
         lines.append(f"{p['batchId']:>6} {p['numInputRows']:>9,} {p['numOutputRows']:>9,} "
                      f"{_rate(p['inputRowsPerSecond']):>10} {_rate(p['processedRowsPerSecond']):>11} "
                      f"{d['plan']:>6.0f} {d['process']:>8.0f} {d['align']:>6.0f} {d['checkpoint']:>6.0f} "

@@ -148,7 +148,7 @@ class DeltaSink(Sink):
         parts = []
         for f in files:
             with fs.open(posixpath.join(base, f["path"]), "rb") as handle:
-                parts.append(pq.read_table(handle))
+                parts.append(pq.read_table(pa.py_buffer(handle.read())))  # see read_committed
         rows = pa.concat_tables(parts, promote_options="permissive")
         missing = [k for k in self.key if k not in rows.column_names]
         if missing:

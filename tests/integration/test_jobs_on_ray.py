@@ -110,16 +110,16 @@ def test_unusable_checkpoint_dir_is_a_clear_error(tmp_path):
         run(flow, str(blocker))
 
 
-def test_backlog_with_default_trigger_is_planned_back_to_back(tmp_path):
-    """Default trigger (1 s), 5 epochs' worth waiting: the offsets log shows
-    each epoch planned while records waited, and the run does not spend a
-    trigger interval per epoch."""
+def test_backlog_is_planned_back_to_back_not_one_epoch_per_trigger(tmp_path):
+    """A 3 s trigger and 5 epochs' worth waiting: the offsets log shows each
+    epoch planned while records waited, and the run does not spend a trigger
+    interval per epoch (that would be 12 s or more)."""
     rows = 10_000
     ckpt = str(tmp_path / "ckpt")
     flow = example.build(output=str(tmp_path / "out"), rows_per_partition=rows, rows_per_second=1e9)
-    summary = run(flow, ckpt, max_records_per_epoch=4000, checkpoint_every=1, keep_checkpoints=10)
+    summary = run(flow, ckpt, max_records_per_epoch=4000, checkpoint_every=1, keep_checkpoints=10, trigger_s=3.0)
     assert summary["epochs"] == 5 and summary["rows_in"] == 2 * rows
     storage = JobStorage(ckpt, "clicks")
-    waiting = [storage.read_offsets(e)["waiting"] for e in storage.offset_epochs()]
-    assert waiting[:4] == [16000, 12000, 8000, 4000] and waiting[4] == 0
-    assert summary["duration_s"] < 4.0  # five epochs back to back, not one per second
+    plans = [storage.read_offsets(e) for e in storage.offset_epochs()]
+    assert [p["waiting"] for p in plans] == [16000, 12000, 8000, 4000, 0]
+    assert summary["duration_s"] < 9.0  # five epochs back to back, not one per 3 s trigger

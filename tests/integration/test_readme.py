@@ -22,6 +22,17 @@ def test_readme_example_job_runs_as_written(tmp_path, monkeypatch):
     assert rows.num_rows == len(kept)
 
 
+def test_readme_window_example_runs_as_written(tmp_path, monkeypatch):
+    code = re.search(r"## Event time and windows\n.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    summary, windows = namespace["summary"], namespace["windows"]
+    assert summary["stopped"] == "idle" and summary["late"] == 0
+    assert sum(windows["count_all"].to_pylist()) == 200_000 * 46 // 50  # every bid in exactly one window
+    assert windows.column_names == ["auction", "window_start", "window_end", "count_all", "price_max"]
+
+
 def test_readme_example_sink_commits_each_epoch_once(tmp_path):
     from sluiceway.jobs import Dataflow
     from sluiceway.jobs.testing import run_local
