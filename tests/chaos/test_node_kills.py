@@ -41,7 +41,7 @@ work = tempfile.mkdtemp()
 rows = {rows}
 flow = w.build(work + "/out", rows, rate={rate})
 r = kill_nodes_during(flow, work + "/ckpt", kill_after_epoch=3, log=lambda l: print(l, file=sys.stderr),
-                      kills={kills}, checkpoint_every=2, trigger_s=0.5, parallelism=2)
+                      kills={kills}, checkpoint_every=1, trigger_s=0.5, parallelism=1)
 if "error" not in r:
     windows, late = w.expected(rows)
     cols = ["sensor", "window_start", "window_end", "count_all", "value_sum"]
