@@ -45,7 +45,7 @@ from sluiceway.cluster.epochs import (EpochBook, EpochPlan, EpochSizer, TaskAck,
                                       sources_exhausted, watermark_marks)
 from sluiceway.cluster.errors import JobFailedError
 from sluiceway.cluster.graph import PhysicalPlan
-from sluiceway.cluster.metrics import JobMetrics, ray_metrics
+from sluiceway.cluster.metrics import ray_metrics
 from sluiceway.cluster import records
 from sluiceway.cluster.placement import pinned, spread, worker_nodes
 from sluiceway.cluster.restart import Failure, FailureKind, GiveUp, RestartPolicy, RestartTracker, primary
@@ -101,21 +101,16 @@ class RunOptions:
 
 def _stage_watermarks(acks: list[TaskAck]) -> dict[str, int | None]:
     """Each stage's lowest task watermark after an epoch (for the epoch event)."""
-    out: dict[str, int | None] = {}
+    by_stage: dict[str, list[int | None]] = {}
     for a in acks:
-        stage = a.task.stage
-        if stage in out and (out[stage] is None or a.watermark is None):
-            out[stage] = None
-        else:
-            out[stage] = a.watermark if stage not in out else min(out[stage], a.watermark)
-    return out
+        by_stage.setdefault(a.task.stage, []).append(a.watermark)
+    return {stage: None if None in marks else min(marks) for stage, marks in by_stage.items()}
 
 
 class Coordinator:
     """Driver-side logic of the coordinator actor (see module doc)."""
 
-    def __init__(self, plan: PhysicalPlan, storage: JobStorage, options: RunOptions, job_doc: dict, lease: Lease,
-                 metrics: JobMetrics | None = None):
+    def __init__(self, plan: PhysicalPlan, storage: JobStorage, options: RunOptions, job_doc: dict, lease: Lease):
         self.plan = plan
         self.lease = lease
         self._lease_lost: LeaseLostError | None = None
@@ -127,7 +122,7 @@ class Coordinator:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._events: list[dict] = []
         self._events_lock = threading.Lock()
-        self.metrics = metrics if metrics is not None else ray_metrics(plan.job)
+        self.metrics = ray_metrics(plan.job)
         self._metrics_failed = False
         self._stop_requested = threading.Event()
         self.savepoint_requested = False

@@ -40,6 +40,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from sluiceway.cluster.events import lowest_watermark
+from sluiceway.operators.event_time import MAX_WATERMARK
+
 Recorder = Callable[[str, float], None]
 
 #: Histogram buckets in seconds: from a fast epoch to a slow recovery.
@@ -69,7 +72,7 @@ METRICS = (
     Metric("sluiceway_restarts_total", "counter", "Failures the job restarted from (a task, a node, storage)."),
     Metric("sluiceway_recovery_duration_seconds", "histogram", "From noticing a failure to running again."),
 )
-KINDS = {m.name: m.kind for m in METRICS}
+SPECS = {m.name: m for m in METRICS}
 
 
 class JobMetrics:
@@ -100,9 +103,9 @@ class JobMetrics:
         self.record("sluiceway_epoch_latency_seconds", e["duration_s"])
         if e.get("waiting") is not None:
             self.record("sluiceway_source_lag_rows", e["waiting"])
-        marks = [m for m in (e.get("watermark") or {}).values() if m is not None]
-        if marks and min(marks) < 2**62:  # an ended input's watermark is infinite: no lag to show
-            self.record("sluiceway_event_time_lag_seconds", max(0.0, e["at"] - min(marks) / 1e6))
+        mark = lowest_watermark(e)
+        if mark is not None and mark != MAX_WATERMARK:  # an ended input's watermark is infinite: no lag to show
+            self.record("sluiceway_event_time_lag_seconds", max(0.0, e["at"] - mark / 1e6))
         if e.get("checkpoint"):
             self.record("sluiceway_checkpoints_total", 1)
             if e.get("checkpoint_s") is not None:
@@ -125,7 +128,7 @@ class RayRecorder:
         if metric is None:
             metric = self._metrics[name] = self._make(name)
         tags = {"job": self.job}
-        kind = KINDS[name]
+        kind = SPECS[name].kind
         if kind == "counter":
             metric.inc(value, tags=tags)
         elif kind == "gauge":
@@ -137,7 +140,7 @@ class RayRecorder:
     def _make(name: str):
         from ray.util import metrics as ray_metrics
 
-        spec = next(m for m in METRICS if m.name == name)
+        spec = SPECS[name]
         if spec.kind == "counter":
             return ray_metrics.Counter(name, spec.description, tag_keys=("job",))
         if spec.kind == "gauge":
