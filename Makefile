@@ -11,7 +11,7 @@ METRICS_STAMP := $(METRICS_VENV)/.installed-$(shell cat pyproject.toml | cksum |
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 
-.PHONY: demo test bench install clean browser metrics-venv
+.PHONY: demo test bench install clean browser servers metrics-venv
 
 # Python packages with uv (several times faster than pip on a fresh machine), pip if uv cannot be had.
 $(STAMP): pyproject.toml
@@ -30,6 +30,15 @@ $(METRICS_STAMP): $(STAMP)
 
 metrics-venv: $(METRICS_STAMP)
 
+# The brokers the connector tests start themselves (Debian's packages; none is started as a service).
+# PostgreSQL's wal2json output plugin for change data capture, for the installed server's version.
+servers:
+	command -v redis-server >/dev/null && command -v nats-server >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server nats-server >/dev/null)
+	ls /usr/lib/postgresql/*/lib/wal2json.so >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			postgresql-$$(ls /usr/lib/postgresql | sort -n | tail -1)-wal2json >/dev/null)
+
 # The browser the web page's test drives (Debian's chromium).
 browser:
 	command -v chromium >/dev/null || \
@@ -40,7 +49,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m sluiceway.jobs.demo
 
-test: $(STAMP) $(METRICS_STAMP) browser
+test: $(STAMP) $(METRICS_STAMP) browser servers
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

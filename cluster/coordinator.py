@@ -51,6 +51,7 @@ from sluiceway.cluster.placement import pinned, spread, worker_nodes
 from sluiceway.cluster.restart import Failure, FailureKind, GiveUp, RestartPolicy, RestartTracker, primary
 from sluiceway.cluster.task import TaskActor
 from sluiceway.operators.sinks import SinkContext
+from sluiceway.operators.sources import Lag
 
 PING_INTERVAL_S = 0.5
 STUCK_FLOOR_S = 60.0
@@ -146,6 +147,7 @@ class Coordinator:
         self.storage_waits: dict[str, float] = {}  # who -> since when it waits for storage
         self.storage.on_wait = lambda kind, message: self.storage_event("coordinator", kind, message)
         self.waiting = 0  # records readable but not yet planned, as of the last plan
+        self.lag: dict[str, Lag] = {}  # per source step, as of the last plan
         self.epochs_planned_this_run = 0
         self.high_water = 0  # highest epoch ever completed; stats count only newer ones
         self._pings: dict[TaskId, tuple[object | None, float]] = {}
@@ -698,6 +700,7 @@ class Coordinator:
             generation=self.generation,
             savepoint=plan.epoch if plan.savepoint else None,
             replay=plan_s is None,
+            lag={step: {"records": lag.records, "oldest_s": lag.oldest_s} for step, lag in self.lag.items()},
             phases={
                 "plan": round(plan_s or 0.0, 6),
                 "process": round(max((a.duration_s - a.snapshot_s for a in ordered), default=0.0), 6),
@@ -795,7 +798,7 @@ class Coordinator:
             started_at=self.job_doc["sources_started_at"],
             max_records_per_epoch=self.sizer.size(),
         )
-        ranges, self.waiting = planned.ranges, planned.waiting
+        ranges, self.waiting, self.lag = planned.ranges, planned.waiting, planned.lag
         if ranges is None:
             if self.options.until_idle and sources_exhausted(self.sources, self.next_offsets):
                 self.stop_reason = "idle"

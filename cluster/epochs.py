@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from sluiceway.checkpoint.types import TaskId
 from sluiceway.operators.event_time import SourceEpoch
-from sluiceway.operators.sources import Source
+from sluiceway.operators.sources import Lag, Source
 
 Ranges = dict[str, dict[int, tuple[int, int]]]  # source step -> partition -> [start, stop)
 
@@ -126,6 +126,7 @@ class Planned:
     ranges: Ranges | None
     waiting: int
     gaps: Ranges = field(default_factory=dict)  # offsets no longer readable, skipped by the source's choice
+    lag: dict[str, Lag] = field(default_factory=dict)  # per source step: what is left after these ranges
 
 
 def plan_epoch(
@@ -142,10 +143,11 @@ def plan_epoch(
     >>> from sluiceway.operators.sources import ListSource
     >>> plan_epoch(1, {"s": ListSource([{"x": i} for i in range(10)])}, {}, now=0, started_at=0,
     ...            max_records_per_epoch=4)
-    Planned(ranges={'s': {0: (0, 4)}}, waiting=6, gaps={})
+    Planned(ranges={'s': {0: (0, 4)}}, waiting=6, gaps={}, lag={'s': Lag(records=6, oldest_s=None)})
     """
     ranges: Ranges = {}
     gaps: Ranges = {}
+    lags: dict[str, Lag] = {}
     any_rows = False
     waiting = 0
     for step, source in sources.items():
@@ -162,12 +164,14 @@ def plan_epoch(
                 gaps.setdefault(step, {})[p] = (start, skipped_to)
                 start = skipped_to
             latest = max(start, latest)
-            stop = min(latest, start + cap)
+            stop = max(start, min(latest, source.plan_stop(p, start, latest, cap)))
             parts[p] = (start, stop)
-            waiting += latest - stop
+            lag = source.lag(p, stop, latest, now) if stop < latest else Lag()
+            lags[step] = lags.get(step, Lag()) + lag
+            waiting += lag.records
             any_rows = any_rows or stop > start or p in gaps.get(step, {})
         ranges[step] = parts
-    return Planned(ranges if any_rows else None, waiting, gaps)
+    return Planned(ranges if any_rows else None, waiting, gaps, lags)
 
 
 @dataclass

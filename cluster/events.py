@@ -44,9 +44,9 @@ def format_event(event: dict) -> str | None:
         return (f"recovered in {event['duration_s']:.2f} s: restarted {event['restarted_tasks'] or 'no'} task(s), "
                 f"restored checkpoint {event['checkpoint']}, replaying epochs {event['replay_epochs']}")
     if kind == "storage_waiting":
-        return f"WAITING FOR STORAGE ({event['who']}): {event['error']}; retrying for up to {event['deadline_s']:g} s"
-    if kind == "storage_resumed":
-        return f"storage is back ({event['who']}): {event['message']}"
+        return f"WAITING ({event['who']}): {event['error']}; retrying for up to {event['deadline_s']:g} s"
+    if kind == "storage_resumed":  # storage, or a source's or sink's server
+        return f"back ({event['who']}): {event['message']}"
     if kind == "adopted_plan":
         return f"epoch {event['epoch']} was planned by another run; running that plan"
     if kind == "corrupt_checkpoint":

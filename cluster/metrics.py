@@ -14,12 +14,12 @@ and hands them to a recorder. :class:`RayRecorder` is the Ray edge.
 >>> metrics.on_event({"type": "epoch", "at": 10.0, "rows_in": 4000, "rows_out": 2, "late": 0,
 ...                   "dead_letters": 0, "duration_s": 0.25, "waiting": 1200, "checkpoint": 3,
 ...                   "checkpoint_s": 0.2, "checkpoint_bytes": 2048, "state_bytes": 8192, "replay": False,
-...                   "watermark": {}})
+...                   "watermark": {}, "lag": {"orders": {"records": 1200, "oldest_s": 0.8}}})
 >>> seen[:4]
 [('sluiceway_epochs_total', 1), ('sluiceway_rows_in_total', 4000), ('sluiceway_rows_out_total', 2), \
 ('sluiceway_epoch_latency_seconds', 0.25)]
 >>> [name for name, _ in seen[4:]]  # doctest: +NORMALIZE_WHITESPACE
-['sluiceway_source_lag_rows', 'sluiceway_checkpoints_total', 'sluiceway_checkpoint_duration_seconds',
+['sluiceway_source_lag_rows', 'sluiceway_source_oldest_unread_seconds', 'sluiceway_checkpoints_total', 'sluiceway_checkpoint_duration_seconds',
  'sluiceway_checkpoint_size_bytes', 'sluiceway_state_size_bytes']
 
 A failure the job restarts from, its recovery, and a replayed epoch (its
@@ -64,6 +64,8 @@ METRICS = (
     Metric("sluiceway_dead_letters_total", "counter", "Malformed rows set aside as dead letters."),
     Metric("sluiceway_epoch_latency_seconds", "histogram", "From planning an epoch to committing it."),
     Metric("sluiceway_source_lag_rows", "gauge", "Rows readable in the sources but not yet planned."),
+    Metric("sluiceway_source_oldest_unread_seconds", "gauge",
+           "Age of the oldest record readable in any source and not yet planned (sources that know it)."),
     Metric("sluiceway_event_time_lag_seconds", "gauge", "Wall clock minus the lowest watermark of any step."),
     Metric("sluiceway_checkpoints_total", "counter", "Checkpoints completed."),
     Metric("sluiceway_checkpoint_duration_seconds", "histogram", "From triggering a checkpoint to its manifest."),
@@ -103,6 +105,9 @@ class JobMetrics:
         self.record("sluiceway_epoch_latency_seconds", e["duration_s"])
         if e.get("waiting") is not None:
             self.record("sluiceway_source_lag_rows", e["waiting"])
+        ages = [lag["oldest_s"] for lag in (e.get("lag") or {}).values() if lag.get("oldest_s") is not None]
+        if e.get("lag") is not None:
+            self.record("sluiceway_source_oldest_unread_seconds", max(ages, default=0.0))
         mark = lowest_watermark(e)
         if mark is not None and mark != MAX_WATERMARK:  # an ended input's watermark is infinite: no lag to show
             self.record("sluiceway_event_time_lag_seconds", max(0.0, e["at"] - mark / 1e6))

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -312,7 +313,8 @@ class PostgresServer:
 
     def start(self) -> "PostgresServer":
         options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   f"-c max_prepared_transactions={self.max_prepared_transactions}")
+                   f"-c max_prepared_transactions={self.max_prepared_transactions} "
+                   "-c wal_level=logical -c max_replication_slots=20 -c max_wal_senders=20")
         _as_postgres("pg_ctl", "-D", self.data, "-o", options, "-l", os.path.join(self.folder, "log"), "-w", "start")
         return self
 
@@ -334,3 +336,108 @@ def postgres_server(max_prepared_transactions: int = 64):
         yield server.start()
     finally:
         server.remove()
+
+
+# ------------------------------------------------ brokers: Redis, NATS
+class ServerProcess:
+    """A server program of its own on a free loopback port, in a temporary
+    folder: ``start()``, ``stop()`` (and start again: the same folder, the
+    same port, so the same data), ``remove()``. ``command(port, folder)``
+    makes its command line."""
+
+    def __init__(self, name: str, program: str, command, package: str):
+        if shutil.which(program) is None:
+            raise RuntimeError(f"{program} is not installed: `make test` installs it (apt-get install {package})")
+        self.name, self.command = name, command
+        self.folder = tempfile.mkdtemp(prefix=f"sluiceway-{name}-")
+        self.port = _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 30.0) -> "ServerProcess":
+        log = open(os.path.join(self.folder, "log"), "ab")
+        self.proc = subprocess.Popen(self.command(self.port, self.folder), stdout=log, stderr=subprocess.STDOUT,
+                                     cwd=self.folder, start_new_session=True,
+                                     env={**os.environ, **getattr(self, "env", {})})
+        deadline = time.time() + timeout_s
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            if self.proc.poll() is not None or time.time() > deadline:
+                with open(os.path.join(self.folder, "log"), "rb") as f:
+                    tail = f.read()[-2000:].decode(errors="replace")
+                raise RuntimeError(f"{self.name} did not start on port {self.port}: {tail}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the server and what it started (Erlang's children)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def redis_process() -> ServerProcess:
+    """``redis-server`` with its data (an append-only file) in its folder."""
+    server = ServerProcess("redis", "redis-server", lambda port, folder: [
+        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", folder, "--appendonly", "yes",
+        "--appendfsync", "no", "--save", "", "--protected-mode", "no"], "redis-server")
+    server.url = f"redis://127.0.0.1:{server.port}/0"
+    return server
+
+
+def nats_process() -> ServerProcess:
+    """``nats-server -js`` with its JetStream store in its folder."""
+    server = ServerProcess("nats", "nats-server", lambda port, folder: [
+        "nats-server", "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", folder], "nats-server")
+    server.url = f"nats://127.0.0.1:{server.port}"
+    return server
+
+
+@contextlib.contextmanager
+def running(server: ServerProcess):
+    """``with running(redis_process()) as server:`` started, then removed."""
+    try:
+        yield server.start()
+    finally:
+        server.remove()
+
+
+class StopWhen:
+    """Stops a job (``on_started=stopper.started``) once ``ready()`` holds,
+    checked every ``every_s`` after ``after`` is set (a producer that
+    finished), or at ``deadline_s`` after that regardless, so that a job on
+    unbounded input ends either way and the test's own checks decide."""
+
+    def __init__(self, ready, after: threading.Event, every_s: float = 0.3, deadline_s: float = 90.0):
+        self.ready, self.after, self.every_s, self.deadline_s = ready, after, every_s, deadline_s
+        self.coordinators: list = []
+        self.met: bool | None = None
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def started(self, coordinator) -> None:
+        self.coordinators.append(coordinator)
+        if not self._thread.is_alive() and self.met is None:
+            self._thread.start()
+
+    def _watch(self) -> None:
+        self.after.wait()
+        deadline = time.time() + self.deadline_s
+        while time.time() < deadline:
+            try:
+                if self.ready():
+                    self.met = True
+                    break
+            except Exception:  # noqa: BLE001 - not ready yet (no output at all, say)
+                pass
+            time.sleep(self.every_s)
+        else:
+            self.met = False
+        self.coordinators[-1].stop.remote(False)

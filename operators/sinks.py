@@ -266,4 +266,5 @@ def read_committed(url: str, include_epoch: bool = False) -> pa.Table:
 __getattr__ = lazy_exports(__name__, {
     "DeltaSink": "sluiceway.operators.connectors.delta",
     "PostgresSink": "sluiceway.operators.connectors.postgres",
+    "RedisSink": "sluiceway.operators.connectors.redis_streams",
 })

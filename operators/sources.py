@@ -16,7 +16,14 @@ addressed by offsets ``0, 1, 2, ...``. The protocol:
 - ``checkpointed(job, next_offsets)``: after a checkpoint completes, the
   offsets it covers (a log records the job's position there);
 - ``skip_gap(partition, expected, first)``: the next offset to plan is no
-  longer readable (retention deleted it): raise, or say where to continue.
+  longer readable (retention deleted it): raise, or say where to continue;
+- ``plan_stop(partition, start, latest, cap)``: where an epoch that may
+  read ``cap`` records from ``start`` stops (``start + cap`` where offsets
+  count records; a broker whose offsets are ids finds the ``cap``-th one);
+- ``lag(partition, start, latest, now)``: how far behind the job is, for
+  the epoch's metrics: records not yet planned and the age of the oldest.
+
+docs/sources.md is the protocol written for connector authors.
 
 >>> src = ListSource([{"x": i} for i in range(5)], partitions=2)
 >>> src.partition_count(), src.end_offset(0), src.end_offset(1)
@@ -28,6 +35,7 @@ addressed by offsets ``0, 1, 2, ...``. The protocol:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import pyarrow as pa
@@ -78,6 +86,24 @@ def offsets(start: int, stop: int) -> pa.Array:
     return pc.add(_ARANGE.slice(0, n), start)
 
 
+@dataclass(frozen=True)
+class Lag:
+    """How far a job is behind on one partition: ``records`` readable and not
+    yet planned, and ``oldest_s``, the age in seconds of the oldest of them
+    (``None`` when the source cannot tell or nothing is behind).
+
+    >>> Lag(3, 1.5) + Lag(2, None)
+    Lag(records=5, oldest_s=1.5)
+    """
+
+    records: int = 0
+    oldest_s: float | None = None
+
+    def __add__(self, other: "Lag") -> "Lag":
+        ages = [a for a in (self.oldest_s, other.oldest_s) if a is not None]
+        return Lag(self.records + other.records, max(ages) if ages else None)
+
+
 class Source:
     """Picklable description of a partitioned, replayable input."""
 
@@ -121,9 +147,22 @@ class Source:
         could not be decoded (a table of :data:`DEAD_LETTER_SCHEMA`, or ``None``)."""
         return self.read(partition, start, stop), None
 
+    def plan_stop(self, partition: int, start: int, latest: int, cap: int) -> int:
+        """Where an epoch reading at most ``cap`` records from ``start`` stops
+        (``start <= result <= latest``). Offsets here count records; a source
+        whose offsets are ids (Redis entry ids, sparse sequences) overrides it."""
+        return min(latest, start + cap)
+
+    def lag(self, partition: int, start: int, latest: int, now: float) -> Lag:
+        """How far the job is behind on ``partition``: records in ``[start,
+        latest)`` and the age of the oldest of them, when the source knows it."""
+        return Lag(max(0, latest - start))
+
     def checkpointed(self, job: str, next_offsets: dict[int, int]) -> None:
         """A checkpoint of ``job`` completed; it covers everything before
-        ``next_offsets`` (partition -> offset). Called on the coordinator."""
+        ``next_offsets`` (partition -> offset): the source may release it
+        (acknowledge it to a broker, advance a replication slot). Called on
+        the coordinator; called again with the same offsets after a failure."""
 
     def describe(self) -> dict:
         return {"kind": self.kind, "partitions": self.partition_count()}
@@ -222,4 +261,7 @@ __getattr__ = lazy_exports(__name__, {
     "FileSource": "sluiceway.operators.connectors.files",
     "LogSource": "sluiceway.operators.connectors.log",
     "NexmarkSource": "sluiceway.operators.connectors.nexmark",
+    "RedisStreamSource": "sluiceway.operators.connectors.redis_streams",
+    "NatsJetStreamSource": "sluiceway.operators.connectors.nats_jetstream",
+    "PostgresCDCSource": "sluiceway.operators.connectors.postgres_cdc",
 })

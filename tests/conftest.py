@@ -118,3 +118,21 @@ def ray_cluster(s3_endpoint):
         else:
             os.environ["RAY_TMPDIR"] = previous
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One ``redis-server`` for the session (tests use keys of their own)."""
+    from sluiceway.jobs.testing import redis_process, running
+
+    with running(redis_process()) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def nats_server():
+    """One ``nats-server -js`` for the session (tests use streams of their own)."""
+    from sluiceway.jobs.testing import nats_process, running
+
+    with running(nats_process()) as server:
+        yield server

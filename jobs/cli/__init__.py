@@ -11,7 +11,7 @@ import sys
 
 from sluiceway.checkpoint.errors import CheckpointError
 from sluiceway.cluster.errors import ClusterError
-from sluiceway.jobs.cli import checkpoints, cluster, jobs, log, run, ui
+from sluiceway.jobs.cli import cdc, checkpoints, cluster, jobs, log, run, ui
 from sluiceway.jobs.cli.checkpoints import cmd_checkpoints_list, format_record
 from sluiceway.jobs.cli.common import UsageError
 from sluiceway.cluster.events import format_event
@@ -31,7 +31,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="sluiceway", description="Run streaming jobs on Ray and read their history.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (run, checkpoints, cluster, jobs, log, ui):
+    for group in (run, checkpoints, cluster, jobs, log, cdc, ui):
         group.register(sub)
     return parser
 

@@ -13,7 +13,10 @@ rate-limited input and recoveries, so they share the two cores well):
   into PostgreSQL, every kept click appended to Delta Lake, with the log, the
   checkpoints and the Delta table on an S3-protocol server, compared with an
   independent computation (the same job on local disk through a task kill:
-  tests/connectors/test_log_end_to_end.py).
+  tests/connectors/test_log_end_to_end.py). The same job reads Redis Streams
+  and NATS JetStream too, fed while it runs (broker_workload.py): per-sensor
+  totals kept in Redis, every NATS reading in Parquet, and the dead letters
+  of both, each compared with what was produced.
 
 The CLI's node kills are in test_operations.py. A process already connected
 to the session's Ray cluster would silently stay on it (RAY_NOTES.md): hence
@@ -54,21 +57,36 @@ print(json.dumps(r, default=str))
 
 SYSTEMS = """
 import json, sys, tempfile, threading
+sys.path.insert(0, {tests!r})
 import deltalake, psycopg, pyarrow as pa
+import broker_workload as w
 from sluiceway.jobs.demo import kill_nodes_during
 from sluiceway.jobs.examples import clicks, log_clicks, produce_clicks
+from sluiceway.jobs.jobfile import ship_by_value
 from sluiceway.jobs.testing import compare_exactly_once
 
+ship_by_value(w)
 root, dsn, rows = {root!r}, {dsn!r}, {rows}
+redis_url, nats_url, broker_rows = {redis_url!r}, {nats_url!r}, {broker_rows}
 log_dir, ckpt, output = root + "/log", root + "/ckpt", root + "/out"
+keys, streams, local = ["kills-0", "kills-1"], ["KILLS0", "KILLS1"], tempfile.mkdtemp()
 produce_clicks.topic(log_dir)
-producer = threading.Thread(target=produce_clicks.produce, args=(log_dir, rows, 2000.0, 500))
-start = lambda event: event["type"] == "started" and not producer.is_alive() and producer.start()
+w.create_streams(redis_url, keys, nats_url, streams)
+producers = [threading.Thread(target=produce_clicks.produce, args=(log_dir, rows, 2000.0, 500)),
+             threading.Thread(target=w.produce_redis, args=(redis_url, keys, broker_rows, 700.0)),
+             threading.Thread(target=w.produce_nats, args=(nats_url, streams, broker_rows, 700.0, False))]
+def start(event):
+    if event["type"] == "started" and not producers[0].is_alive():
+        for p in producers:
+            p.start()
 flow = log_clicks.build(log_dir, dsn, output, rows, name={name!r})
+w.add_to(flow, redis_url, keys, nats_url, streams, broker_rows, local, "kills:")
 r = kill_nodes_during(flow, ckpt, kill_after_epoch=3, checkpoint_every=2, trigger_s=0.5, on_event=start,
                       log=lambda l: print(l, file=sys.stderr))
-producer.join()
+for p in producers:
+    p.join()
 if "error" not in r:
+    r["brokers"] = w.check(redis_url, 2, local, broker_rows, "kills:")
     with psycopg.connect(dsn) as conn:
         got = conn.execute("SELECT user_id, event_id_count, cents_sum FROM user_totals").fetchall()
         r["prepared"] = [g for (g,) in conn.execute("SELECT gid FROM pg_prepared_xacts")]
@@ -81,7 +99,7 @@ print(json.dumps(r))
 
 
 @pytest.fixture(scope="module")
-def runs(postgres_dsn, s3_endpoint):
+def runs(postgres_dsn, s3_endpoint, redis_server, nats_server):
     """Both runs, started together."""
     from sluiceway.checkpoint.storage import open_filesystem
 
@@ -91,7 +109,8 @@ def runs(postgres_dsn, s3_endpoint):
         conn.execute("DROP TABLE IF EXISTS user_totals")
     scripts = {
         "windows": WINDOWS.format(tests=TESTS, rows=30_000, rate=1000, kills=KILLS),
-        "systems": SYSTEMS.format(root=s3_bucket, dsn=postgres_dsn, rows=12_000, name="log_clicks_s3"),
+        "systems": SYSTEMS.format(tests=TESTS, root=s3_bucket, dsn=postgres_dsn, rows=12_000, name="log_clicks_s3",
+                                  redis_url=redis_server.url, nats_url=nats_server.url, broker_rows=4000),
     }
     procs = {name: subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True) for name, script in scripts.items()}
@@ -127,8 +146,9 @@ def test_ten_node_kills_in_one_run_give_the_uninterrupted_windows(runs):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_log_to_postgres_and_delta_on_s3_through_a_node_kill(runs):
+def test_log_redis_and_nats_to_postgres_delta_and_redis_through_a_node_kill(runs):
     r = _result(runs["systems"])
+    assert all(v == "ok" for v in r["brokers"].values()), r["brokers"]
     assert len(r["kills"]) == 1 and r["summary"]["restarts"] >= 1 and r["summary"]["stopped"] == "idle"
     assert r["totals"].startswith("exactly-once: yes"), r["totals"]
     assert r["clicks"].startswith("exactly-once: yes"), r["clicks"]

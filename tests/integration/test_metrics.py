@@ -41,8 +41,9 @@ while time.time() < deadline:
         text = urllib.request.urlopen(f"http://127.0.0.1:{{port}}/metrics", timeout=5).read().decode()
     except OSError:
         text = ""
-    if all(n in text for n in names):
-        break
+    rows = [l for l in text.splitlines() if l.startswith("ray_sluiceway_rows_in_total")]
+    if all(n in text for n in names) and rows and float(rows[0].split()[-1]) == summary["rows_in"]:
+        break  # every metric there, and the last epoch's counts exported
     time.sleep(0.5)
 lines = [l for l in text.splitlines() if "sluiceway_" in l and not l.startswith("#")]
 print(json.dumps({{"summary": {{k: summary[k] for k in ("rows_in", "epochs", "checkpoints")}}, "lines": lines}}))

@@ -1,0 +1,138 @@
+"""A workload over Redis Streams and NATS JetStream, for the runs on Ray.
+
+Sensor readings go into two Redis streams (entry ids ``0-1``, ``0-2``, ...,
+so the offsets are known in advance and the job can end there) and two
+JetStream streams (sequences 1, 2, ...). Every 97th message is not JSON:
+a dead letter. The job keeps per-sensor totals of the Redis readings in
+Redis (``RedisSink``) and appends every NATS reading to Parquet; both
+outputs are compared with what was produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sluiceway.operators.sinks import ParquetSink, RedisSink, read_committed
+from sluiceway.operators.sources import NatsJetStreamSource, RedisStreamSource
+
+SCHEMA = pa.schema([("id", pa.int64()), ("sensor", pa.string()), ("value", pa.int64())])
+SENSORS = 7
+
+
+def reading(partition: int, i: int) -> dict:
+    n = partition * 1_000_000 + i
+    return {"id": n, "sensor": f"s{n % SENSORS}", "value": n % 101}
+
+
+def payload(partition: int, i: int) -> bytes:
+    return b"not json {" if i % 97 == 96 else json.dumps(reading(partition, i)).encode()
+
+
+def produce_redis(url: str, keys: list[str], rows: int, rate: float = 0.0) -> None:
+    """``rows`` entries per stream, ids ``0-1`` .. ``0-rows``, at ``rate`` entries/s per stream (0: at once)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    started = time.time()
+    for start in range(0, rows, 200):
+        pipe = client.pipeline(transaction=False)
+        for p, key in enumerate(keys):
+            for i in range(start, min(rows, start + 200)):
+                pipe.xadd(key, {"data": payload(p, i)}, id=f"0-{i + 1}")
+        pipe.execute()
+        if rate:
+            time.sleep(max(0.0, started + (start + 200) / rate - time.time()))
+
+
+def produce_nats(url: str, streams: list[str], rows: int, rate: float = 0.0, create: bool = True) -> None:
+    import nats
+
+    async def go():
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        if create:
+            for s in streams:
+                await js.add_stream(name=s, subjects=[f"{s.lower()}.readings"])
+        started = time.time()
+        for start in range(0, rows, 200):
+            for p, s in enumerate(streams):
+                await asyncio.gather(*(js.publish(f"{s.lower()}.readings", payload(p, i))
+                                       for i in range(start, min(rows, start + 200))))
+            if rate:
+                await asyncio.sleep(max(0.0, started + (start + 200) / rate - time.time()))
+        await nc.close()
+
+    asyncio.run(go())
+
+
+def create_streams(redis_url: str, keys: list[str], nats_url: str, streams: list[str]) -> None:
+    """Empty streams, so the job can start before the producers."""
+    import nats
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    for key in keys:
+        client.xgroup_create(key, "sluiceway-test", id="0", mkstream=True)
+
+    async def go():
+        nc = await nats.connect(nats_url)
+        for s in streams:
+            await nc.jetstream().add_stream(name=s, subjects=[f"{s.lower()}.readings"])
+        await nc.close()
+
+    asyncio.run(go())
+
+
+def add_to(flow, redis_url: str, keys: list[str], nats_url: str, streams: list[str], rows: int, out: str,
+           prefix: str) -> None:
+    """The Redis and NATS branches, added to ``flow``."""
+    readings = flow.source(RedisStreamSource(redis_url, keys, SCHEMA, json_field="data", id_column=None,
+                                             bounded={p: rows + 1 for p in range(len(keys))}), name="redis_in",
+                           parallelism=1)
+    totals = readings.key_by("sensor", parallelism=1, name="by_sensor").aggregate([("value", "sum"), ("id", "count")],
+                                                                    name="sensor_totals")
+    totals.sink(RedisSink(redis_url, key="sensor", prefix=prefix), name="totals_to_redis")
+    readings.dead_letters(name="redis_bad").sink(ParquetSink(f"{out}/redis_dead"), name="redis_dead_out")
+    nats_in = flow.source(NatsJetStreamSource(nats_url, SCHEMA, streams=streams, sequence_column="seq",
+                                              bounded={p: rows for p in range(len(streams))}), name="nats_in",
+                            parallelism=1)
+    nats_in.sink(ParquetSink(f"{out}/nats_rows"), name="nats_out")
+    nats_in.dead_letters(name="nats_bad").sink(ParquetSink(f"{out}/nats_dead"), name="nats_dead_out")
+
+
+def expected(partitions: int, rows: int) -> pa.Table:
+    return pa.Table.from_pylist([reading(p, i) for p in range(partitions) for i in range(rows) if i % 97 != 96],
+                                SCHEMA)
+
+
+def check(redis_url: str, partitions: int, out: str, rows: int, prefix: str) -> dict:
+    """What each output holds against what was produced: a line each, "ok" when exact."""
+    import redis
+
+    want = expected(partitions, rows)
+    totals = want.group_by("sensor").aggregate([("value", "sum"), ("id", "count")])
+    want_totals = {s: (v, c) for s, v, c in zip(*(totals.column(n).to_pylist()
+                                                   for n in ("sensor", "value_sum", "id_count")))}
+    client = redis.Redis.from_url(redis_url)
+    got_totals = {}
+    for key in client.scan_iter(f"{prefix}*"):
+        h = client.hgetall(key)
+        got_totals[key.decode()[len(prefix):]] = (int(h[b"value_sum"]), int(h[b"id_count"]))
+    result = {"redis_totals": "ok" if got_totals == want_totals else f"differ: {got_totals} != {want_totals}"}
+    got = read_committed(f"{out}/nats_rows")
+    ids = got.column("id")
+    dup = len(ids) - len(pc.unique(ids))
+    same = sorted(ids.to_pylist()) == sorted(want.column("id").to_pylist())
+    result["nats_rows"] = "ok" if same and dup == 0 else f"{len(ids)} rows, {dup} duplicates, want {want.num_rows}"
+    bad = partitions * (rows // 97)
+    for name in ("redis_dead", "nats_dead"):
+        dead = read_committed(f"{out}/{name}")
+        offsets = dead.column("start_offset").to_pylist()
+        result[name] = "ok" if len(dead) == bad and len(set(zip(dead.column("partition").to_pylist(), offsets))) == bad \
+            else f"{len(dead)} dead letters, want {bad}"
+    return result

@@ -1,0 +1,79 @@
+"""Redis Streams and NATS JetStream on the session's Ray cluster: each
+server stopped for a while mid-run (the job says it waits for that server,
+then resumes), output exactly-once; an unknown stream is a clear error at start."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+import broker_workload as w
+from sluiceway.jobs import Dataflow, JobFailedError, run
+from sluiceway.jobs.jobfile import ship_by_value
+from sluiceway.operators.sinks import ParquetSink
+from sluiceway.operators.sources import NatsJetStreamSource, RedisStreamSource
+
+pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.timeout(240)]
+ship_by_value(w)
+
+
+def test_each_server_stopped_mid_run_the_job_waits_and_resumes_exactly_once(tmp_path):
+    from sluiceway.jobs.testing import nats_process, redis_process
+
+    rows, tag = 3000, uuid.uuid4().hex[:6]
+    redis_srv, nats_srv = redis_process().start(), nats_process().start()
+    try:
+        keys, streams = [f"readings-{tag}-{p}" for p in range(2)], [f"R{tag}{p}".upper() for p in range(2)]
+        w.produce_redis(redis_srv.url, keys, rows)
+        w.produce_nats(nats_srv.url, streams, rows)
+        flow = Dataflow(f"brokers-{tag}")
+        w.add_to(flow, redis_srv.url, keys, nats_srv.url, streams, rows, str(tmp_path / "out"), f"total-{tag}:")
+        events, outages = [], []
+
+        def outage(server, at_epoch):
+            def go():
+                server.stop()
+                time.sleep(3.0)
+                server.start()
+            outages.append(at_epoch)
+            threading.Thread(target=go).start()
+
+        def on_event(event):
+            events.append(event)
+            if event["type"] == "epoch" and event["epoch"] == 2 and 2 not in outages:
+                outage(redis_srv, 2)
+            if event["type"] == "epoch" and event["epoch"] == 5 and 5 not in outages:
+                outage(nats_srv, 5)
+
+        summary = run(flow, str(tmp_path / "ckpt"), trigger_s=0.2, max_records_per_epoch=800, parallelism=1,
+                      on_event=on_event)
+        waits = [e for e in events if e["type"] == "storage_waiting"]
+        assert any("Redis at 127.0.0.1" in e["error"] for e in waits), [e.get("error") for e in waits]
+        assert any("NATS at nats://127.0.0.1" in e["error"] for e in waits), [e.get("error") for e in waits]
+        assert any(e["type"] == "storage_resumed" for e in events)
+        assert summary["stopped"] == "idle"
+        lags = [e["lag"] for e in events if e["type"] == "epoch" and e.get("lag")]
+        assert any(lag.get("redis_in", {}).get("records", 0) > 0 for lag in lags), lags[:3]
+        result = w.check(redis_srv.url, 2, str(tmp_path / "out"), rows, f"total-{tag}:")
+        assert all(v == "ok" for v in result.values()), result
+    finally:
+        redis_srv.remove()
+        nats_srv.remove()
+
+
+def test_an_unknown_stream_is_a_clear_error_at_start(tmp_path, redis_server, nats_server):
+    w.create_streams(redis_server.url, ["known"], nats_server.url, ["KNOWN"])
+    for source, words in [
+        (RedisStreamSource(redis_server.url, ["known", "missing-stream"], w.SCHEMA), "Redis stream missing-stream "
+                                                                                   "does not exist"),
+        (NatsJetStreamSource(nats_server.url, w.SCHEMA, streams=["KNOWN", "MISSING"]), "NATS JetStream stream "
+                                                                                     "'MISSING' does not exist"),
+    ]:
+        flow = Dataflow(f"unknown-{source.kind}")
+        flow.source(source, name="in").sink(ParquetSink(str(tmp_path / source.kind)), name="out")
+        with pytest.raises(JobFailedError) as info:
+            run(flow, str(tmp_path / "ckpt"))
+        assert words in str(info.value).splitlines()[0], str(info.value)

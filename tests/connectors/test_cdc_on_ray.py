@@ -1,0 +1,72 @@
+"""A CDC job on the session's Ray cluster, killed (its coordinator actor)
+while a writer inserts, updates and deletes, and started again from its
+checkpoints: the changelog it committed, applied in order, equals the
+table's final contents, and the slot ends where the last checkpoint is."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+import ray
+
+from test_cdc import apply_changelog, contents, orders, same  # noqa: F401 - the fixture too
+from sluiceway.jobs import Dataflow, run
+from sluiceway.jobs.testing import StopWhen
+from sluiceway.operators.sinks import ParquetSink, read_committed
+from sluiceway.operators.sources import PostgresCDCSource
+
+pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.timeout(240)]
+
+
+def test_a_cdc_job_killed_and_started_again_from_storage(postgres_dsn, orders, tmp_path):
+    table, slot = orders
+    out, ckpt = str(tmp_path / "out"), str(tmp_path / "ckpt")
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(f"INSERT INTO {table} SELECT i, 'c' || (i % 5), i FROM generate_series(1, 500) i")
+
+    def build():
+        flow = Dataflow("cdc_orders")
+        flow.source(PostgresCDCSource(postgres_dsn, [table], slot), name="orders", parallelism=1) \
+            .sink(ParquetSink(out), name="changelog")
+        return flow
+
+    done = threading.Event()
+
+    def write():
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            for i in range(501, 1100):
+                conn.execute(f"INSERT INTO {table} VALUES (%s, 'new', 1)", (i,))
+                conn.execute(f"UPDATE {table} SET amount = amount + 1 WHERE id = %s", (i - 500,))
+                if i % 3 == 0:
+                    conn.execute(f"DELETE FROM {table} WHERE id = %s", (i - 400,))
+                time.sleep(0.004)
+            conn.execute(f"INSERT INTO {table} VALUES (-1, 'done', 0)")
+        done.set()
+
+    coordinators, epochs = [], []
+
+    def kill_at_epoch_6(event):
+        if event["type"] == "epoch":
+            epochs.append(event["epoch"])
+            if event["epoch"] == 6:
+                ray.kill(coordinators[-1], no_restart=True)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    with pytest.raises(Exception):  # the job dies with its coordinator
+        run(build(), ckpt, until_idle=False, trigger_s=0.3, checkpoint_every=2, on_event=kill_at_epoch_6,
+            on_started=coordinators.append)
+    assert 6 in epochs
+
+    # Input without end: stopped once the last write is in the committed output (or after 90 s regardless).
+    stopper = StopWhen(lambda: -1 in read_committed(out).column("id").to_pylist(), after=done)
+    summary = run(build(), ckpt, until_idle=False, trigger_s=0.3, checkpoint_every=2, force=True,
+                  on_started=stopper.started)
+    writer.join()
+    assert summary["stopped"] == "requested" and stopper.met
+    changelog = read_committed(out).to_pylist()
+    assert same(apply_changelog(changelog), contents(postgres_dsn, table))
+    assert len({(r["_lsn"], r["id"], r["_op"]) for r in changelog}) == len(changelog), "a change came twice"
