@@ -33,8 +33,9 @@ metrics-venv: $(METRICS_STAMP)
 # The brokers the connector tests start themselves (Debian's packages; none is started as a service).
 # PostgreSQL's wal2json output plugin for change data capture, for the installed server's version.
 servers:
-	command -v redis-server >/dev/null && command -v nats-server >/dev/null || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server nats-server >/dev/null)
+	command -v redis-server >/dev/null && command -v nats-server >/dev/null && \
+		test -x /usr/lib/rabbitmq/bin/rabbitmq-server || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server nats-server rabbitmq-server >/dev/null)
 	ls /usr/lib/postgresql/*/lib/wal2json.so >/dev/null 2>&1 || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			postgresql-$$(ls /usr/lib/postgresql | sort -n | tail -1)-wal2json >/dev/null)

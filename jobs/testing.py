@@ -410,6 +410,38 @@ def running(server: ServerProcess):
         server.remove()
 
 
+def rabbitmq_process() -> ServerProcess:
+    """``rabbitmq-server`` as a node of its own: its own node name, ports,
+    Erlang cookie and port mapper (``ERL_EPMD_PORT``), data and logs in its
+    folder; AMQP on ``.port``, user ``guest``/``guest``."""
+    if shutil.which("rabbitmq-server") is None and not os.path.exists("/usr/lib/rabbitmq/bin/rabbitmq-server"):
+        raise RuntimeError("rabbitmq-server is not installed: `make test` installs it (apt-get install rabbitmq-server)")
+    program = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # Debian's /usr/sbin wrapper insists on the rabbitmq user
+    server = ServerProcess("rabbitmq", "sh", lambda port, folder: ["sh", "-c", f"exec {program}"], "rabbitmq-server")
+    dist, epmd = _free_port(), _free_port()
+    folder = server.folder
+    with open(os.path.join(folder, "rabbitmq.conf"), "w") as f:
+        f.write("loopback_users = none\nlisteners.tcp.default = %d\n" % server.port)
+    with open(os.path.join(folder, "enabled_plugins"), "w") as f:
+        f.write("[].\n")
+    server.env = {
+        "HOME": folder, "RABBITMQ_NODENAME": f"sluiceway{server.port}@localhost", "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+        "RABBITMQ_NODE_PORT": str(server.port), "RABBITMQ_DIST_PORT": str(dist), "ERL_EPMD_PORT": str(epmd),
+        "RABBITMQ_MNESIA_BASE": os.path.join(folder, "mnesia"), "RABBITMQ_LOG_BASE": os.path.join(folder, "logs"),
+        "RABBITMQ_CONFIG_FILE": os.path.join(folder, "rabbitmq"), "RABBITMQ_ENABLED_PLUGINS_FILE":
+        os.path.join(folder, "enabled_plugins"), "RABBITMQ_PID_FILE": os.path.join(folder, "pid"),
+        "RABBITMQ_LOGS": os.path.join(folder, "logs", "rabbit.log"), "RABBITMQ_USE_LONGNAME": "false",
+    }
+    server.url = f"amqp://guest:guest@127.0.0.1:{server.port}/%2F"
+
+    def stop() -> None:  # the node, then its own port mapper
+        ServerProcess.stop(server)
+        subprocess.run(["epmd", "-kill"], env={**os.environ, "ERL_EPMD_PORT": str(epmd)}, capture_output=True)
+
+    server.stop = stop
+    return server
+
+
 class StopWhen:
     """Stops a job (``on_started=stopper.started``) once ``ready()`` holds,
     checked every ``every_s`` after ``after`` is set (a producer that

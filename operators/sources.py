@@ -264,4 +264,5 @@ __getattr__ = lazy_exports(__name__, {
     "RedisStreamSource": "sluiceway.operators.connectors.redis_streams",
     "NatsJetStreamSource": "sluiceway.operators.connectors.nats_jetstream",
     "PostgresCDCSource": "sluiceway.operators.connectors.postgres_cdc",
+    "RabbitMQSource": "sluiceway.operators.connectors.rabbitmq",
 })

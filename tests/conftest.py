@@ -136,3 +136,12 @@ def nats_server():
 
     with running(nats_process()) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server():
+    """One RabbitMQ node for the session (it takes seconds to start; tests use queues of their own)."""
+    from sluiceway.jobs.testing import rabbitmq_process, running
+
+    with running(rabbitmq_process()) as server:
+        yield server

@@ -141,7 +141,7 @@ def _exactly_once(env: dict) -> None:
 def test_up_submit_status_kill_node_history_stop(cli, tmp_path, request):
     # Not --until-idle here and below: the job runs on when its input is read, so a kill, a scale or a chaos
     # run finds it running however slow the machine, and the test stops it once every row is committed.
-    env = _submit(cli, tmp_path, "walk", rows=40_000, rate=4000, until_idle=False)
+    env = _submit(cli, tmp_path, "walk", rows=28_000, rate=4000, until_idle=False)
     jobs = cli.json("jobs")
     assert [j["name"] for j in jobs] == ["walk"] and jobs[0]["state"] == "running"
     listing = cli("jobs").stdout
@@ -188,7 +188,7 @@ def test_up_submit_status_kill_node_history_stop(cli, tmp_path, request):
 
 
 def test_the_coordinator_process_killed_the_job_resumes_by_itself(cli, tmp_path):
-    env = _submit(cli, tmp_path, "phoenix", rows=48_000, rate=4000, until_idle=False)
+    env = _submit(cli, tmp_path, "phoenix", rows=32_000, rate=4000, until_idle=False)
     time.sleep(3)
     before = cli.json("jobs")[0]
     os.kill(before["supervisor"]["pid"], 9)
@@ -211,7 +211,7 @@ def test_the_coordinator_process_killed_the_job_resumes_by_itself(cli, tmp_path)
 def test_scale_2_4_1_onto_added_nodes_exactly_once(cli, tmp_path):
     # Not --until-idle: the job runs on when its input is read, so each scale finds it running whatever the
     # machine's speed, and the test ends it.
-    env = _submit(cli, tmp_path, "elastic", rows=30_000, rate=3000, extra=("--parallelism", "2"), until_idle=False)
+    env = _submit(cli, tmp_path, "elastic", rows=20_000, rate=3000, extra=("--parallelism", "2"), until_idle=False)
     added = {line.split()[2] for line in cli("workers", "add", "2").stdout.splitlines() if line.startswith("started")}
     assert len(added) == 2, added  # node id prefixes, as `workers add` prints them
     up = cli("scale", "elastic", "--parallelism", "4")
@@ -247,7 +247,7 @@ def test_scale_2_4_1_onto_added_nodes_exactly_once(cli, tmp_path):
 
 
 def test_chaos_reports_every_kill_and_output_stays_exactly_once(cli, tmp_path):
-    env = _submit(cli, tmp_path, "storm", rows=40_000, rate=2000)  # kills hit live input: each is "caught up"
+    env = _submit(cli, tmp_path, "storm", rows=30_000, rate=2000)  # kills hit live input: each is "caught up"
     report = cli.json("chaos", "storm", "--kill-every", "4", "--duration", "9", "--replace")
     assert len(report["kills"]) == 2, report
     for kill in report["kills"]:

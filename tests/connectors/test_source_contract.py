@@ -16,7 +16,8 @@ import pytest
 
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.operators.connectors.log import Log, TopicConfig
-from sluiceway.operators.sources import FileSource, ListSource, LogSource, NatsJetStreamSource, RedisStreamSource
+from sluiceway.operators.sources import (FileSource, ListSource, LogSource, NatsJetStreamSource, RabbitMQSource,
+                                        RedisStreamSource)
 
 SCHEMA = pa.schema([("k", pa.int64()), ("v", pa.string())])
 
@@ -53,7 +54,19 @@ def nats_publish(url: str, stream: str, subjects: list[str], batch: list[dict], 
     asyncio.run(go())
 
 
-CASES = ["log", "files", "redis", "redis-fields", "nats-subjects", "nats-streams"]
+CASES = ["log", "files", "redis", "redis-fields", "nats-subjects", "nats-streams", "rabbitmq"]
+
+
+def rabbit_publish(url: str, queue: str, batch: list[dict]) -> None:
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    channel = conn.channel()
+    channel.queue_declare(queue, durable=True)
+    for r in batch:
+        channel.basic_publish("", queue, json.dumps(r).encode(),
+                              pika.BasicProperties(message_id=f"m{r['k']}", delivery_mode=2))
+    conn.close()
 
 
 @pytest.fixture(params=CASES)
@@ -87,6 +100,11 @@ def case(request, tmp_path) -> Case:
         for key in keys:  # the streams exist before the source looks
             client.xadd(key, {"data": json.dumps({"k": -1, "v": "first"})} if not fields else {"k": -1, "v": "first"})
         return Case(lambda: RedisStreamSource(url, keys, SCHEMA, json_field=None if fields else "data"), add, 2)
+    if name == "rabbitmq":
+        url = request.getfixturevalue("rabbitmq_server").url
+        queue = f"contract-{uuid.uuid4().hex[:8]}"
+        rabbit_publish(url, queue, [])
+        return Case(lambda: RabbitMQSource(url, queue, SCHEMA, partitions=2), lambda b: rabbit_publish(url, queue, b), 2)
     url = request.getfixturevalue("nats_server").url
     if name == "nats-subjects":
         stream = f"C{uuid.uuid4().hex[:8]}".upper()
