@@ -76,12 +76,16 @@ def progress_entry(job: str, run_id: str, event: dict, previous_at: float | None
     >>> e = {"at": 10.0, "epoch": 3, "rows_in": 500, "rows_out": 40, "duration_s": 0.25, "checkpoint": None,
     ...      "savepoint": None, "replay": False, "phases": {"plan": 0.01, "process": 0.2, "align": 0.0,
     ...      "checkpoint": 0.0, "commit": 0.02}, "sources": {"bids": {"0": [0, 500]}}, "waiting": 7,
-    ...      "state_bytes": 1024}
+    ...      "state_bytes": 1024, "lag": {"bids": {"records": 7, "oldest_s": 1.5}}}
     >>> p = progress_entry("clicks", "ab12", e, previous_at=9.0)
     >>> p["batchId"], p["inputRowsPerSecond"], p["processedRowsPerSecond"], p["durationMs"]["process"]
     (3, 500.0, 2000.0, 200.0)
-    >>> p["sources"]
-    [{'description': 'bids', 'startOffset': {'0': 0}, 'endOffset': {'0': 500}, 'numInputRows': 500}]
+    >>> p["sources"]  # doctest: +NORMALIZE_WHITESPACE
+    [{'description': 'bids', 'startOffset': {'0': 0}, 'endOffset': {'0': 500}, 'lagRecords': 7,
+      'oldestUnreadSeconds': 1.5}]
+
+    Offsets are the source's own (Redis entry ids, WAL positions): what an
+    epoch read is ``numInputRows``, for all sources together.
     """
     interval = event["at"] - previous_at if previous_at is not None else None
     duration = event["duration_s"]
@@ -111,7 +115,8 @@ def progress_entry(job: str, run_id: str, event: dict, previous_at: float | None
                 "description": step,
                 "startOffset": {p: span[0] for p, span in parts.items()},
                 "endOffset": {p: span[1] for p, span in parts.items()},
-                "numInputRows": sum(span[1] - span[0] for span in parts.values()),
+                "lagRecords": event.get("lag", {}).get(step, {}).get("records", 0),
+                "oldestUnreadSeconds": event.get("lag", {}).get(step, {}).get("oldest_s"),
             }
             for step, parts in event["sources"].items()
         ],

@@ -28,7 +28,7 @@ from sluiceway.operators.sinks import read_committed
 
 
 def kill_nodes_during(flow, checkpoints: str, kill_after_epoch: int, log=print, kills: int = 1,
-                      checkpoint_every: int = 3, on_event=None, **run_options) -> dict:
+                      checkpoint_every: int = 3, on_event=None, until=None, **run_options) -> dict:
     """Run ``flow`` on a head + 2 workers cluster until its sources are
     exhausted, and SIGKILL worker nodes while it runs: the first once
     ``kill_after_epoch`` completed, each further one once the job has
@@ -43,7 +43,10 @@ def kill_nodes_during(flow, checkpoints: str, kill_after_epoch: int, log=print, 
     and after the last kill the job is stopped with a savepoint.
 
     ``on_event`` hears every event of the job too (a producer can start
-    when the job has). Returns the summary (or the error), the kill times
+    when the job has). ``until()``, for input without end (a queue, change
+    data capture): the job runs on, and once every kill is recovered and
+    checkpointed and ``until()`` holds (checked at most once a second), it
+    is stopped with a savepoint. Returns the summary (or the error), the kill times
     and the checkpoint history."""
     import ray
 
@@ -52,6 +55,7 @@ def kill_nodes_during(flow, checkpoints: str, kill_after_epoch: int, log=print, 
     from sluiceway.jobs.runner import run
 
     several = kills > 1
+    open_ended = several or until is not None  # the harness stops the job, not the end of its input
     log("starting a local Ray cluster: head (no CPUs for jobs) + 2 worker nodes ...")
     local = start_local_cluster(workers=2)
     cluster = local.cluster
@@ -70,7 +74,7 @@ def kill_nodes_during(flow, checkpoints: str, kill_after_epoch: int, log=print, 
 
     def job() -> None:
         try:
-            result["summary"] = run(flow, checkpoints, until_idle=not several, checkpoint_every=checkpoint_every,
+            result["summary"] = run(flow, checkpoints, until_idle=not open_ended, checkpoint_every=checkpoint_every,
                                     on_event=on_event, on_started=coordinator.append, **run_options)
         except BaseException as exc:  # noqa: BLE001 - reported by the caller
             result["error"] = f"{type(exc).__name__}: {exc}"
@@ -83,11 +87,29 @@ def kill_nodes_during(flow, checkpoints: str, kill_after_epoch: int, log=print, 
         thread = threading.Thread(target=job)
         thread.start()
         placement: dict[str, str] = {}
-        recoveries, ready, input_read, stopping = 0, False, False, False
+        recoveries, ready, input_read, stopping, checked = 0, False, False, False, 0.0
+
+        def stop_if_done() -> None:
+            nonlocal stopping, checked
+            if stopping or not ready or len(result["kills"]) < kills:
+                return
+            if until is None:
+                done = input_read
+            elif time.time() - checked < 1.0:
+                return
+            else:
+                checked, done = time.time(), until()
+            if done:
+                log(">>> every kill recovered and the input read: stopping the job with a savepoint")
+                ray.get(coordinator[0].stop.remote(True))
+                stopping = True
+
         while thread.is_alive():
             try:
                 event = events.get(timeout=0.2)
             except queue.Empty:
+                if open_ended:
+                    stop_if_done()
                 continue
             kind = event["type"]
             if kind in ("started", "recovered"):
@@ -103,10 +125,8 @@ def kill_nodes_during(flow, checkpoints: str, kill_after_epoch: int, log=print, 
             elif recoveries >= len(result["kills"]) and event["checkpoint"]:
                 ready = True  # recovered from the last kill and completed a checkpoint since
             if len(result["kills"]) == kills:
-                if several and ready and not stopping and input_read:
-                    log(">>> every kill recovered and the input read: stopping the job with a savepoint")
-                    ray.get(coordinator[0].stop.remote(True))
-                    stopping = True
+                if open_ended:
+                    stop_if_done()
                 continue
             if not ready:
                 continue

@@ -136,3 +136,88 @@ def check(redis_url: str, partitions: int, out: str, rows: int, prefix: str) -> 
         result[name] = "ok" if len(dead) == bad and len(set(zip(dead.column("partition").to_pylist(), offsets))) == bad \
             else f"{len(dead)} dead letters, want {bad}"
     return result
+
+
+# ------------------------------------------- change data capture and RabbitMQ
+def create_orders(dsn: str, table: str, rows: int = 300) -> None:
+    """A table of orders (``REPLICA IDENTITY FULL``, for retractions) with ``rows`` orders in it."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {table}")
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, customer text, amount numeric(10,2))")
+        conn.execute(f"ALTER TABLE {table} REPLICA IDENTITY FULL")
+        conn.execute(f"INSERT INTO {table} SELECT i, 'c' || (i %% 7), i / 4.0 FROM generate_series(1, %s) i", (rows,))
+
+
+def change_orders(dsn: str, table: str, first: int = 301, count: int = 600, pause_s: float = 0.005) -> None:
+    """Orders placed, changed (amount and customer) and cancelled, a transaction each."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for i in range(first, first + count):
+            conn.execute(f"INSERT INTO {table} VALUES (%s, %s, %s)", (i, f"c{i % 5}", i / 8))
+            conn.execute(f"UPDATE {table} SET amount = amount + 1, customer = 'c9' WHERE id = %s", (i - 250,))
+            if i % 4 == 0:
+                conn.execute(f"DELETE FROM {table} WHERE id = %s", (i - 200,))
+            time.sleep(pause_s)
+
+
+def publish_tasks(url: str, queue: str, n: int, rate: float = 0.0) -> None:
+    """``n`` tasks on a durable queue, each with a message id, every 97th not JSON."""
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    channel = conn.channel()
+    channel.queue_declare(queue, durable=True)
+    started = time.time()
+    for i in range(n):
+        body = b"{oops" if i % 97 == 96 else json.dumps({"task": i, "weight": i % 13}).encode()
+        channel.basic_publish("", queue, body, pika.BasicProperties(message_id=f"t{i}", delivery_mode=2))
+        if rate and i % 100 == 99:
+            time.sleep(max(0.0, started + (i + 1) / rate - time.time()))
+    conn.close()
+
+
+def add_queue_and_cdc(flow, amqp_url: str, queue: str, dsn: str, table: str, slot: str, redis_url: str, out: str,
+                      prefix: str) -> None:
+    """The RabbitMQ work queue (jobs/examples/rabbitmq_work.py) and the CDC totals
+    (jobs/examples/cdc_orders.py) as branches of ``flow``."""
+    from sluiceway.jobs.examples import cdc_orders, rabbitmq_work
+    from sluiceway.operators.sources import PostgresCDCSource, RabbitMQSource
+
+    tasks = flow.source(RabbitMQSource(amqp_url, queue, rabbitmq_work.SCHEMA, partitions=2, id_column="message_id"),
+                        name="tasks", parallelism=1)
+    tasks.map_batches(rabbitmq_work.enrich, name="enrich").sink(ParquetSink(f"{out}/tasks"), name="tasks_out")
+    changes = flow.source(PostgresCDCSource(dsn, [table], slot, updates="retract"), name="orders", parallelism=1)
+    totals = changes.map_batches(cdc_orders.signed, name="signed").key_by("customer", parallelism=1,
+                                                                           name="by_customer")
+    totals.aggregate([("signed_amount", "sum"), ("sign", "sum")], name="customer_totals") \
+        .sink(RedisSink(redis_url, key="customer", prefix=prefix), name="customer_totals_to_redis")
+
+
+def cdc_totals(dsn: str, table: str, redis_url: str, prefix: str) -> tuple[dict, dict]:
+    """Per-customer (total, orders) in Redis and in the table."""
+    import psycopg
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    got = {}
+    for key in client.scan_iter(f"{prefix}*"):
+        h = client.hgetall(key)
+        if int(h[b"sign_sum"]):
+            got[key.decode()[len(prefix):]] = (round(float(h[b"signed_amount_sum"]), 6), int(h[b"sign_sum"]))
+    with psycopg.connect(dsn) as conn:
+        want = {c: (round(float(t), 6), n) for c, t, n in conn.execute(
+            f"SELECT customer, sum(amount), count(*) FROM {table} GROUP BY customer").fetchall()}
+    return got, want
+
+
+def tasks_done(out: str, n: int) -> str:
+    """"ok" when every task that is JSON is in the output once."""
+    want = {f"t{i}" for i in range(n) if i % 97 != 96}
+    try:
+        ids = read_committed(f"{out}/tasks").column("message_id").to_pylist()
+    except Exception:  # noqa: BLE001 - nothing committed yet
+        return "no output yet"
+    return "ok" if len(ids) == len(set(ids)) and set(ids) == want else f"{len(ids)} tasks ({len(set(ids))} distinct), want {len(want)}"

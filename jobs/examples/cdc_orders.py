@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluiceway.jobs import Dataflow
+from sluiceway.jobs.examples import flow_on_demand
 from sluiceway.operators.sinks import RedisSink
 from sluiceway.operators.sources import PostgresCDCSource
 
@@ -62,8 +63,4 @@ def build(dsn: str = DSN, redis_url: str = REDIS, table: str = "orders", slot: s
     return flow
 
 
-def __getattr__(name: str):
-    """``flow`` is built when a job file loader asks for it."""
-    if name == "flow":
-        return build()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = flow_on_demand(__name__, build)

@@ -33,6 +33,7 @@ import os
 import pyarrow.compute as pc
 
 from sluiceway.jobs import Dataflow
+from sluiceway.jobs.examples import flow_on_demand
 from sluiceway.jobs.examples.clicks import PARTITIONS, with_dollars
 from sluiceway.operators.sinks import DeltaSink, ParquetSink, PostgresSink
 from sluiceway.operators.sources import LogSource
@@ -58,8 +59,4 @@ def build(log_dir: str | None = None, dsn: str = DSN, output: str = OUTPUT, rows
     return flow
 
 
-def __getattr__(name: str):
-    """``flow`` is built when a job file loader asks for it: the topic must exist by then."""
-    if name == "flow":
-        return build()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = flow_on_demand(__name__, build)

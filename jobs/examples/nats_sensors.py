@@ -33,6 +33,7 @@ from datetime import datetime, timedelta
 import pyarrow as pa
 
 from sluiceway.jobs import Dataflow
+from sluiceway.jobs.examples import flow_on_demand
 from sluiceway.operators.sinks import ParquetSink
 from sluiceway.operators.sources import NatsJetStreamSource
 
@@ -84,11 +85,7 @@ def produce(url: str, count: int, sites: list[str] = SITES) -> None:
     asyncio.run(go())
 
 
-def __getattr__(name: str):
-    """``flow`` is built when a job file loader asks for it."""
-    if name == "flow":
-        return build()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = flow_on_demand(__name__, build)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluiceway.jobs import Dataflow
+from sluiceway.jobs.examples import flow_on_demand
 from sluiceway.operators.sinks import ParquetSink
 from sluiceway.operators.sources import RabbitMQSource
 
@@ -55,8 +56,4 @@ def build(url: str = URL, queue: str = "work", output: str = OUTPUT, partitions:
     return flow
 
 
-def __getattr__(name: str):
-    """``flow`` is built when a job file loader asks for it."""
-    if name == "flow":
-        return build()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = flow_on_demand(__name__, build)

@@ -13,10 +13,13 @@ rate-limited input and recoveries, so they share the two cores well):
   into PostgreSQL, every kept click appended to Delta Lake, with the log, the
   checkpoints and the Delta table on an S3-protocol server, compared with an
   independent computation (the same job on local disk through a task kill:
-  tests/connectors/test_log_end_to_end.py). The same job reads Redis Streams
-  and NATS JetStream too, fed while it runs (broker_workload.py): per-sensor
-  totals kept in Redis, every NATS reading in Parquet, and the dead letters
-  of both, each compared with what was produced.
+  tests/connectors/test_log_end_to_end.py). The same job reads Redis
+  Streams, NATS JetStream, a RabbitMQ queue and the changes of a PostgreSQL
+  table too, all fed while it runs (broker_workload.py): per-sensor totals
+  kept in Redis, every NATS reading and every task in Parquet, per-customer
+  order totals kept in Redis from change data capture, each compared with
+  what was produced; the queue and the changes never end, so the harness
+  stops the job once every output is complete.
 
 The CLI's node kills are in test_operations.py. A process already connected
 to the session's Ray cluster would silently stay on it (RAY_NOTES.md): hence
@@ -67,39 +70,61 @@ from sluiceway.jobs.testing import compare_exactly_once
 
 ship_by_value(w)
 root, dsn, rows = {root!r}, {dsn!r}, {rows}
-redis_url, nats_url, broker_rows = {redis_url!r}, {nats_url!r}, {broker_rows}
+redis_url, nats_url, amqp_url, broker_rows = {redis_url!r}, {nats_url!r}, {amqp_url!r}, {broker_rows}
 log_dir, ckpt, output = root + "/log", root + "/ckpt", root + "/out"
 keys, streams, local = ["kills-0", "kills-1"], ["KILLS0", "KILLS1"], tempfile.mkdtemp()
 produce_clicks.topic(log_dir)
 w.create_streams(redis_url, keys, nats_url, streams)
+w.create_orders(dsn, "kills_orders")
+w.publish_tasks(amqp_url, "kills_tasks", 0)  # the queue, empty: the job checks it exists when it starts
 producers = [threading.Thread(target=produce_clicks.produce, args=(log_dir, rows, 2000.0, 500)),
              threading.Thread(target=w.produce_redis, args=(redis_url, keys, broker_rows, 700.0)),
-             threading.Thread(target=w.produce_nats, args=(nats_url, streams, broker_rows, 700.0, False))]
+             threading.Thread(target=w.produce_nats, args=(nats_url, streams, broker_rows, 700.0, False)),
+             threading.Thread(target=w.publish_tasks, args=(amqp_url, "kills_tasks", broker_rows, 700.0)),
+             threading.Thread(target=w.change_orders, args=(dsn, "kills_orders"))]
 def start(event):
     if event["type"] == "started" and not producers[0].is_alive():
         for p in producers:
             p.start()
-flow = log_clicks.build(log_dir, dsn, output, rows, name={name!r})
-w.add_to(flow, redis_url, keys, nats_url, streams, broker_rows, local, "kills:")
-r = kill_nodes_during(flow, ckpt, kill_after_epoch=3, checkpoint_every=2, trigger_s=0.5, on_event=start,
-                      log=lambda l: print(l, file=sys.stderr))
-for p in producers:
-    p.join()
-if "error" not in r:
-    r["brokers"] = w.check(redis_url, 2, local, broker_rows, "kills:")
+def totals():
     with psycopg.connect(dsn) as conn:
         got = conn.execute("SELECT user_id, event_id_count, cents_sum FROM user_totals").fetchall()
+    return pa.table({{c: [row[i] for row in got] for i, c in enumerate(["user_id", "event_id_count", "cents_sum"])}})
+def everything_done():  # the queue and the change capture never end: the harness stops the job once all is in
+    if any(p.is_alive() for p in producers):
+        return False
+    got, want = w.cdc_totals(dsn, "kills_orders", redis_url, "kills_total:")
+    return (got == want and w.tasks_done(local, broker_rows) == "ok"
+            and all(v == "ok" for v in w.check(redis_url, 2, local, broker_rows, "kills:").values())
+            and compare_exactly_once(totals(), clicks.expected_totals(rows)).exactly_once)
+flow = log_clicks.build(log_dir, dsn, output, rows, name={name!r})
+w.add_to(flow, redis_url, keys, nats_url, streams, broker_rows, local, "kills:")
+w.add_queue_and_cdc(flow, amqp_url, "kills_tasks", dsn, "kills_orders", "kills_orders_slot", redis_url, local,
+                    "kills_total:")
+r = kill_nodes_during(flow, ckpt, kill_after_epoch=3, checkpoint_every=2, trigger_s=0.5, on_event=start,
+                      until=everything_done, log=lambda l: print(l, file=sys.stderr))
+for p in producers:
+    if p.ident is not None:  # started with the job
+        p.join()
+if "error" not in r:
+    r["brokers"] = w.check(redis_url, 2, local, broker_rows, "kills:")
+    r["tasks"] = w.tasks_done(local, broker_rows)
+    got, want = w.cdc_totals(dsn, "kills_orders", redis_url, "kills_total:")
+    r["cdc"] = "ok" if got == want else f"differ: {{got}} != {{want}}"
+    with psycopg.connect(dsn) as conn:
         r["prepared"] = [g for (g,) in conn.execute("SELECT gid FROM pg_prepared_xacts")]
-    totals = pa.table({{c: [row[i] for row in got] for i, c in enumerate(["user_id", "event_id_count", "cents_sum"])}})
-    r["totals"] = compare_exactly_once(totals, clicks.expected_totals(rows)).line()
+    r["totals"] = compare_exactly_once(totals(), clicks.expected_totals(rows)).line()
     raw = deltalake.DeltaTable(output + "/clicks_delta").to_pyarrow_table()
     r["clicks"] = compare_exactly_once(raw, clicks.expected_clicks(rows)).line()
+with psycopg.connect(dsn, autocommit=True) as conn:
+    conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                 "WHERE slot_name = 'kills_orders_slot'")
 print(json.dumps(r))
 """
 
 
 @pytest.fixture(scope="module")
-def runs(postgres_dsn, s3_endpoint, redis_server, nats_server):
+def runs(postgres_dsn, s3_endpoint, redis_server, nats_server, rabbitmq_server):
     """Both runs, started together."""
     from sluiceway.checkpoint.storage import open_filesystem
 
@@ -110,7 +135,8 @@ def runs(postgres_dsn, s3_endpoint, redis_server, nats_server):
     scripts = {
         "windows": WINDOWS.format(tests=TESTS, rows=30_000, rate=1000, kills=KILLS),
         "systems": SYSTEMS.format(tests=TESTS, root=s3_bucket, dsn=postgres_dsn, rows=12_000, name="log_clicks_s3",
-                                  redis_url=redis_server.url, nats_url=nats_server.url, broker_rows=4000),
+                                  redis_url=redis_server.url, nats_url=nats_server.url,
+                                  amqp_url=rabbitmq_server.url, broker_rows=4000),
     }
     procs = {name: subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True) for name, script in scripts.items()}
@@ -146,10 +172,12 @@ def test_ten_node_kills_in_one_run_give_the_uninterrupted_windows(runs):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_log_redis_and_nats_to_postgres_delta_and_redis_through_a_node_kill(runs):
+def test_log_brokers_and_cdc_to_postgres_delta_and_redis_through_a_node_kill(runs):
     r = _result(runs["systems"])
     assert all(v == "ok" for v in r["brokers"].values()), r["brokers"]
-    assert len(r["kills"]) == 1 and r["summary"]["restarts"] >= 1 and r["summary"]["stopped"] == "idle"
+    assert r["tasks"] == "ok" and r["cdc"] == "ok", (r["tasks"], r["cdc"])
+    assert len(r["kills"]) == 1 and r["summary"]["restarts"] >= 1
+    assert r["summary"]["stopped"] == "requested"  # by the harness, once every output was complete
     assert r["totals"].startswith("exactly-once: yes"), r["totals"]
     assert r["clicks"].startswith("exactly-once: yes"), r["clicks"]
     assert r["prepared"] == []
