@@ -57,6 +57,7 @@ import decimal
 import json
 import posixpath
 import re
+import time
 
 import pyarrow as pa
 
@@ -204,8 +205,14 @@ class PostgresCDCSource(Source):
         psycopg = _psycopg()
 
         def attempt():
-            with psycopg.connect(self.dsn, autocommit=autocommit, connect_timeout=10) as conn:
-                return fn(conn)
+            for wait in (0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 0.0):
+                try:
+                    with psycopg.connect(self.dsn, autocommit=autocommit, connect_timeout=10) as conn:
+                        return fn(conn)
+                except psycopg.errors.ObjectInUse:  # one session at a time may decode from a slot: take turns
+                    if not wait:
+                        raise
+                    time.sleep(wait)
 
         return call_server(what, self._server(), attempt, self.connect_deadline_s, self._on_wait,
                            retry_on=psycopg.OperationalError)

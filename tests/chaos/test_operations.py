@@ -247,7 +247,7 @@ def test_scale_2_4_1_onto_added_nodes_exactly_once(cli, tmp_path):
 
 
 def test_chaos_reports_every_kill_and_output_stays_exactly_once(cli, tmp_path):
-    env = _submit(cli, tmp_path, "storm", rows=30_000, rate=2000)  # kills hit live input: each is "caught up"
+    env = _submit(cli, tmp_path, "storm", rows=40_000, rate=2000)  # kills hit live input: each is "caught up"
     report = cli.json("chaos", "storm", "--kill-every", "4", "--duration", "9", "--replace")
     assert len(report["kills"]) == 2, report
     for kill in report["kills"]:

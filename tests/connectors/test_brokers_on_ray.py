@@ -33,22 +33,22 @@ def test_each_server_stopped_mid_run_the_job_waits_and_resumes_exactly_once(tmp_
         w.add_to(flow, redis_srv.url, keys, nats_srv.url, streams, rows, str(tmp_path / "out"), f"total-{tag}:")
         events, outages = [], []
 
-        def outage(server, at_epoch):
+        def outage(server, name):
             def go():
                 server.stop()
                 time.sleep(3.0)
                 server.start()
-            outages.append(at_epoch)
+            outages.append(name)
             threading.Thread(target=go).start()
 
-        def on_event(event):
+        def on_event(event):  # Redis down after epoch 2; NATS down once Redis is back, while input is left
             events.append(event)
-            if event["type"] == "epoch" and event["epoch"] == 2 and 2 not in outages:
-                outage(redis_srv, 2)
-            if event["type"] == "epoch" and event["epoch"] == 5 and 5 not in outages:
-                outage(nats_srv, 5)
+            if event["type"] == "epoch" and event["epoch"] == 2 and "redis" not in outages:
+                outage(redis_srv, "redis")
+            if event["type"] == "storage_resumed" and "Redis" in event["message"] and "nats" not in outages:
+                outage(nats_srv, "nats")
 
-        summary = run(flow, str(tmp_path / "ckpt"), trigger_s=0.2, max_records_per_epoch=800, parallelism=1,
+        summary = run(flow, str(tmp_path / "ckpt"), trigger_s=0.2, max_records_per_epoch=400, parallelism=1,
                       on_event=on_event)
         waits = [e for e in events if e["type"] == "storage_waiting"]
         assert any("Redis at 127.0.0.1" in e["error"] for e in waits), [e.get("error") for e in waits]

@@ -1,7 +1,8 @@
-"""A CDC job on the session's Ray cluster, killed (its coordinator actor)
+"""CDC jobs on the session's Ray cluster: one killed (its coordinator actor)
 while a writer inserts, updates and deletes, and started again from its
-checkpoints: the changelog it committed, applied in order, equals the
-table's final contents, and the slot ends where the last checkpoint is."""
+checkpoints; one whose database is stopped for a while mid-run (the job
+waits, naming the server, and resumes). Each changelog, applied in order,
+equals the table's final contents."""
 
 from __future__ import annotations
 
@@ -70,3 +71,56 @@ def test_a_cdc_job_killed_and_started_again_from_storage(postgres_dsn, orders, t
     changelog = read_committed(out).to_pylist()
     assert same(apply_changelog(changelog), contents(postgres_dsn, table))
     assert len({(r["_lsn"], r["id"], r["_op"]) for r in changelog}) == len(changelog), "a change came twice"
+
+
+def test_the_database_stopped_mid_run_the_cdc_job_waits_and_resumes_exactly_once(start_postgres, tmp_path):
+    with start_postgres() as server:
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE orders (id int PRIMARY KEY, customer text NOT NULL, amount numeric(10,2))")
+            conn.execute("INSERT INTO orders SELECT i, 'c', i FROM generate_series(1, 200) i")
+        out = str(tmp_path / "out")
+        flow = Dataflow("cdc_outage")
+        flow.source(PostgresCDCSource(server.dsn, ["orders"], "outage"), name="orders", parallelism=1) \
+            .sink(ParquetSink(out), name="changelog")
+        done, events, stopped = threading.Event(), [], threading.Event()
+
+        def write():  # before, through (retrying) and after the outage
+            i = 201
+            while i < 500:
+                try:
+                    with psycopg.connect(server.dsn, autocommit=True, connect_timeout=2) as conn:
+                        while i < 500:
+                            conn.execute("INSERT INTO orders VALUES (%s, 'new', 1)", (i,))
+                            conn.execute("UPDATE orders SET amount = amount + 1 WHERE id = %s", (i - 150,))
+                            i += 1
+                            time.sleep(0.01)
+                except psycopg.OperationalError:
+                    time.sleep(0.2)
+            with psycopg.connect(server.dsn, autocommit=True) as conn:
+                conn.execute("INSERT INTO orders VALUES (-1, 'done', 0)")
+            done.set()
+
+        writer = threading.Thread(target=write)
+
+        def outage(event):
+            events.append(event)
+            if event["type"] == "epoch" and event["epoch"] == 1:
+                writer.start()  # the snapshot is read: the changes come while the job runs
+            if event["type"] == "epoch" and event["epoch"] == 3 and not stopped.is_set():
+                stopped.set()
+
+                def go():
+                    server.stop()
+                    time.sleep(3.0)
+                    server.start()
+                threading.Thread(target=go).start()
+
+        stopper = StopWhen(lambda: -1 in read_committed(out).column("id").to_pylist(), after=done)
+        summary = run(flow, str(tmp_path / "ckpt"), until_idle=False, trigger_s=0.3, checkpoint_every=2,
+                      on_event=outage, on_started=stopper.started)
+        writer.join()
+        assert summary["stopped"] == "requested" and stopper.met and summary["restarts"] == 0
+        waits = [e["error"] for e in events if e["type"] == "storage_waiting"]
+        assert any("PostgreSQL at 127.0.0.1" in w for w in waits), [(e["type"], e.get("epoch"), e.get("rows_in"), round(e["at"] % 100, 2), e.get("error")) for e in events]
+        changelog = read_committed(out).to_pylist()
+        assert same(apply_changelog(changelog), contents(server.dsn, "orders"))
