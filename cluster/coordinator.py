@@ -41,7 +41,7 @@ from sluiceway.checkpoint.retention import apply_retention
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.checkpoint.timeline import HistoryWriter, RecordKind, record_names
 from sluiceway.checkpoint.types import TaskId
-from sluiceway.cluster.epochs import (EpochBook, EpochPlan, EpochSizer, TaskAck, Trigger, plan_epoch,
+from sluiceway.cluster.epochs import (EpochBook, EpochPlan, EpochSizer, TaskAck, Trigger, plan_epoch, total_waiting,
                                       sources_exhausted, watermark_marks)
 from sluiceway.cluster.errors import JobFailedError
 from sluiceway.cluster.graph import PhysicalPlan
@@ -146,8 +146,7 @@ class Coordinator:
         self.recent_latencies: deque[float] = deque(maxlen=20)
         self.storage_waits: dict[str, float] = {}  # who -> since when it waits for storage
         self.storage.on_wait = lambda kind, message: self.storage_event("coordinator", kind, message)
-        self.waiting = 0  # records readable but not yet planned, as of the last plan
-        self.lag: dict[str, Lag] = {}  # per source step, as of the last plan
+        self.lag: dict[str, Lag] = {}  # per source step, as of the last plan: what is readable and not yet planned
         self.epochs_planned_this_run = 0
         self.high_water = 0  # highest epoch ever completed; stats count only newer ones
         self._pings: dict[TaskId, tuple[object | None, float]] = {}
@@ -158,6 +157,11 @@ class Coordinator:
         self._alive_at: dict[str, float] = {}  # task -> when it last answered a ping
         self.incarnations: dict[TaskId, int] = {}
         self.actor_names: dict[TaskId, str] = {}
+
+    @property
+    def waiting(self) -> int:
+        """Records readable but not yet planned, as of the last plan (a backlog is planned at once)."""
+        return total_waiting(self.lag)
 
     # ------------------------------------------------------------ messages
     def ack(self, ack: TaskAck) -> None:
@@ -377,7 +381,7 @@ class Coordinator:
         else:
             self.next_offsets = {}
         self.trigger = Trigger(self.options.trigger_s)
-        self.waiting = 0
+        self.lag = {}
         self.book = EpochBook(self.plan.tasks(), self.generation)
 
     def _read_plan(self, epoch: int) -> EpochPlan:
@@ -798,7 +802,7 @@ class Coordinator:
             started_at=self.job_doc["sources_started_at"],
             max_records_per_epoch=self.sizer.size(),
         )
-        ranges, self.waiting, self.lag = planned.ranges, planned.waiting, planned.lag
+        ranges, self.lag = planned.ranges, planned.lag
         if ranges is None:
             if self.options.until_idle and sources_exhausted(self.sources, self.next_offsets):
                 self.stop_reason = "idle"

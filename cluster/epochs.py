@@ -124,9 +124,17 @@ class Planned:
     has anything new) and how many records are still waiting after them."""
 
     ranges: Ranges | None
-    waiting: int
-    gaps: Ranges = field(default_factory=dict)  # offsets no longer readable, skipped by the source's choice
     lag: dict[str, Lag] = field(default_factory=dict)  # per source step: what is left after these ranges
+    gaps: Ranges = field(default_factory=dict)  # offsets no longer readable, skipped by the source's choice
+
+    @property
+    def waiting(self) -> int:
+        """Records readable and left for later epochs, over every source."""
+        return total_waiting(self.lag)
+
+
+def total_waiting(lag: dict[str, Lag]) -> int:
+    return sum(source_lag.records for source_lag in lag.values())
 
 
 def plan_epoch(
@@ -143,13 +151,14 @@ def plan_epoch(
     >>> from sluiceway.operators.sources import ListSource
     >>> plan_epoch(1, {"s": ListSource([{"x": i} for i in range(10)])}, {}, now=0, started_at=0,
     ...            max_records_per_epoch=4)
-    Planned(ranges={'s': {0: (0, 4)}}, waiting=6, gaps={}, lag={'s': Lag(records=6, oldest_s=None)})
+    Planned(ranges={'s': {0: (0, 4)}}, lag={'s': Lag(records=6, oldest_s=None)}, gaps={})
+    >>> _.waiting
+    6
     """
     ranges: Ranges = {}
     gaps: Ranges = {}
     lags: dict[str, Lag] = {}
     any_rows = False
-    waiting = 0
     for step, source in sources.items():
         n = source.partition_count()
         cap = max(1, max_records_per_epoch // n)
@@ -168,10 +177,9 @@ def plan_epoch(
             parts[p] = (start, stop)
             lag = source.lag(p, stop, latest, now) if stop < latest else Lag()
             lags[step] = lags.get(step, Lag()) + lag
-            waiting += lag.records
             any_rows = any_rows or stop > start or p in gaps.get(step, {})
         ranges[step] = parts
-    return Planned(ranges if any_rows else None, waiting, gaps, lags)
+    return Planned(ranges if any_rows else None, lags, gaps)
 
 
 @dataclass

@@ -108,15 +108,15 @@ def empty_dead_letters() -> pa.Table:
 
 
 def call_server(what: str, server: str, fn, deadline_s: float, on_wait=None, *, retry_on=Exception,
-                error=SourceError):
+                error=SourceError, address: str = "URL"):
     """``fn()``, retried with backoff (0.1 s doubling to 5 s) while ``server``
     cannot be reached; ``on_wait`` hears "waiting" and "resumed", so the job
     shows what it waits for. Past ``deadline_s``: ``error`` naming the
-    server, the cause and what to check."""
+    server, the cause and what to check (the server, and its ``address``)."""
 
     def give_up(cause: str, waited_s: float) -> Exception:
         return error(f"{cause.splitlines()[0]} (kept failing for {waited_s:.0f} s, past the {deadline_s:g} s "
-                     "server deadline); check that the server runs and the URL is right")
+                     f"connect deadline); check that the server runs and the {address} is right")
 
     return call_with_retry(what, server, fn, StorageRetry(deadline_s, 0.1, 5.0), on_wait,
                            retry_on=retry_on, give_up=give_up)

@@ -37,9 +37,9 @@ import re
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from sluiceway.checkpoint.storage import StorageRetry, call_with_retry
 from sluiceway.operators.errors import FlowValidationError, SinkError
 from sluiceway.operators.connectors import requires
+from sluiceway.operators.connectors.codec import call_server
 from sluiceway.operators.sinks import Sink, SinkContext, SinkWriter
 
 MODES = ("append", "upsert")
@@ -108,15 +108,9 @@ def connect(dsn: str, deadline_s: float, on_wait=None, autocommit: bool = False)
     (``on_wait`` hears "waiting" and "resumed"); past ``deadline_s`` a
     :class:`SinkError` naming the server and the cause."""
     psycopg = _psycopg()
-
-    def give_up(cause: str, waited_s: float) -> SinkError:
-        return SinkError(f"{cause.splitlines()[0]} (kept failing for {waited_s:.0f} s, past the {deadline_s:g} s "
-                         "connect deadline); check that the server runs and the DSN is right")
-
-    return call_with_retry("connect to", server_name(dsn),
-                           lambda: psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10),
-                           StorageRetry(deadline_s, 0.1, 5.0), on_wait,
-                           retry_on=psycopg.OperationalError, give_up=give_up)
+    return call_server("connect to", server_name(dsn),
+                       lambda: psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10), deadline_s, on_wait,
+                       retry_on=psycopg.OperationalError, error=SinkError, address="DSN")
 
 
 def _gid_statement(verb: str, gid: str):

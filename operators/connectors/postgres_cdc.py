@@ -224,8 +224,9 @@ class PostgresCDCSource(Source):
         self._storage, self._step, self._on_wait = storage, step, storage.on_wait
         path = storage.source_path(step, "cdc.json")
         doc = storage.read_json(path)
-        if doc is None:
-            doc = self._take_snapshot(storage, step)
+        recorded = doc is not None
+        if not recorded:
+            doc = self._take_snapshot(storage, step)  # checks the slot it creates or finds
             try:
                 storage.create_json(path, doc)
             except FileExistsError:  # another run recorded its snapshot first: use that one
@@ -234,7 +235,8 @@ class PostgresCDCSource(Source):
             raise SourceError(f"PostgresCDCSource: this job's checkpoints captured tables {doc['tables']} through "
                               f"slot {doc['slot']!r}; the flow now names {self.tables} through {self.slot!r}. Use "
                               "a new job name (or checkpoint dir) for other tables or another slot")
-        self._check_slot(must_exist=True)
+        if recorded:  # a slot made for an earlier run must still be there
+            self._check_slot(must_exist=True)
         self._doc, self._snapshot = doc, _Snapshot(doc["snapshot"])
 
     def _check_tables(self, conn) -> None:

@@ -39,7 +39,7 @@ import pyarrow as pa
 from sluiceway.operators.connectors import requires
 from sluiceway.operators.connectors.codec import call_server, check_schema, decode_json
 from sluiceway.operators.errors import FlowDefinitionError, SourceError
-from sluiceway.operators.sources import Lag, Source
+from sluiceway.operators.sources import Source
 
 WAL_SCHEMA = pa.schema([("message_id", pa.string()), ("body", pa.binary()), ("routing_key", pa.string()),
                         ("redelivered", pa.bool_()), ("received_at", pa.timestamp("us", "UTC"))])
@@ -254,9 +254,6 @@ class RabbitMQSource(Source):
 
     def latest_offset(self, partition: int, now: float, started_at: float) -> int:
         return self.readable(partition, now, started_at)[1]
-
-    def lag(self, partition: int, start: int, latest: int, now: float) -> Lag:
-        return Lag(latest - start)
 
     def read(self, partition: int, start: int, stop: int) -> pa.Table:
         return self.read_batch(partition, start, stop)[0]
