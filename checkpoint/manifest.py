@@ -82,6 +82,35 @@ def build_manifest(
     }
 
 
+def commit_record_from(manifest: dict, sinks: list[str]) -> dict:
+    """The commit log entry of a checkpoint's epoch, rebuilt from its
+    manifest (the coordinator died after the manifest, the commit point,
+    and before the entry): its counts and each sink's handles in task order.
+
+    >>> m = {"epoch": 6, "started_at": 1.0, "completed_at": 1.5, "duration_s": 0.5, "fencing": 2,
+    ...      "tasks": [{"task": "t[0]", "rows_in": 3, "rows_out": 3, "dead_letters": 1},
+    ...                {"task": "t[1]", "rows_in": 2, "rows_out": 2}],
+    ...      "sink_handles": {"t[1]": {"out": {"subtask": 1}}, "t[0]": {"out": {"subtask": 0}}}}
+    >>> r = commit_record_from(m, ["out"])
+    >>> r["rows_in"], r["dead_letters"], r["sinks"]
+    (5, 1, {'out': [{'subtask': 0}, {'subtask': 1}]})
+    """
+    tasks = manifest.get("tasks", [])
+    handles = manifest.get("sink_handles", {})
+    return {
+        "epoch": manifest["epoch"],
+        "planned_at": manifest.get("started_at"),
+        "completed_at": manifest["completed_at"],
+        "duration_s": manifest.get("duration_s"),
+        **{n: sum(t.get(n, 0) for t in tasks) for n in ("rows_in", "rows_out", "dead_letters", "late")},
+        "checkpoint": True,
+        "fencing": manifest.get("fencing"),
+        "sinks": {step: [handles[t["task"]][step] for t in tasks if step in handles.get(t["task"], {})]
+                  for step in sinks},
+        "rebuilt_from_manifest": True,
+    }
+
+
 def assemble_state(task_states: list[dict], new_files: list[dict], previous_files: dict) -> tuple[dict, dict]:
     """The manifest's ``state`` map and ``files`` from what each task reported
     (per step, each key group's chain of ``[file, batch]``), the files written

@@ -36,7 +36,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from sluiceway.checkpoint import lease as leases
 from sluiceway.checkpoint.errors import CheckpointError, CorruptCheckpointError, IncompatibleJobError, LeaseLostError
 from sluiceway.checkpoint.lease import DEFAULT_TTL_S, Lease
-from sluiceway.checkpoint.manifest import assemble_state, build_manifest, latest_complete, restorable
+from sluiceway.checkpoint.manifest import (assemble_state, build_manifest, commit_record_from, latest_complete,
+                                          restorable)
 from sluiceway.checkpoint.retention import apply_retention
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.checkpoint.timeline import HistoryWriter, RecordKind, record_names
@@ -605,6 +606,8 @@ class Coordinator:
                     "duration_s": round(a.duration_s, 6),
                     "rows_in": a.rows_in,
                     "rows_out": a.rows_out,
+                    "dead_letters": a.dead_letters,
+                    "late": a.late,
                 }
                 for a in ordered
             ]
@@ -762,12 +765,21 @@ class Coordinator:
         return None
 
     def _settle_sinks(self) -> None:
-        """Two-phase commit after a failure or restart: commit again the epochs
-        the commit log holds after the restored checkpoint (their commits may
-        not have finished), then abort the pre-commits of every later epoch."""
+        """Two-phase commit after a failure or restart: commit again the
+        restored checkpoint's epoch and the epochs the commit log holds after
+        it (their commits may not have finished), then abort the pre-commits
+        of every later epoch.
+
+        A checkpoint epoch is committed once its manifest is written, before
+        its commit log entry: a coordinator that died between the two left
+        an epoch no replay covers, so the entry is written here from the
+        manifest's handles."""
         base = self.last_checkpoint
+        if base and self.storage.read_commit(base) is None and self.restore_manifest is not None:
+            self.storage.write_commit(base, commit_record_from(self.restore_manifest, list(self.sinks)))
+            self.high_water = max(self.high_water, base)
         for epoch in self.storage.commit_epochs():
-            if epoch <= base:
+            if epoch < base:
                 continue
             logged = (self.storage.read_commit(epoch) or {}).get("sinks")
             failure = self._commit_sinks(epoch, logged) if logged else None  # entries before 2PC have none

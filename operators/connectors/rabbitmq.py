@@ -95,6 +95,7 @@ class RabbitMQSource(Source):
         self._pending: dict[tuple[int, int], int] = {}  # (partition, offset) -> delivery tag not yet acknowledged
         self._released: dict[int, int] = {}  # partition -> offsets below it are covered by a checkpoint
         self._turn = 0
+        self._generation = 0  # counts connections: a delivery tag is only good on the channel that received it
 
     def __getstate__(self):
         keep = ("url", "queue", "exchange", "routing_key", "schema", "partitions", "max_unacked", "id_column",
@@ -162,6 +163,7 @@ class RabbitMQSource(Source):
                 self._channel = self._conn.channel()
                 self._channel.basic_qos(prefetch_count=min(self.max_unacked, 65535))
                 self._pending.clear()  # those tags died with the old channel
+                self._generation += 1
             try:
                 return fn(self._channel)
             except (pika.exceptions.AMQPConnectionError, pika.exceptions.StreamLostError,
@@ -209,6 +211,7 @@ class RabbitMQSource(Source):
             return got
 
         received = self._call("receive from", drain) if len(self._pending) < self.max_unacked else []
+        generation = self._generation
         fresh, ack_now = [], []
         for method, props, body in received:
             key = message_key(getattr(props, "message_id", None), body)
@@ -221,8 +224,9 @@ class RabbitMQSource(Source):
                 continue
             self._held[key] = (-1, -1)
             fresh.append((method, key, body))
-        if ack_now:
-            self._call("acknowledge to", lambda ch: [ch.basic_ack(t) for t in ack_now])
+        if ack_now:  # on a new connection those were handed back: they come again and are acknowledged then
+            self._call("acknowledge to",
+                       lambda ch: [ch.basic_ack(t) for t in ack_now] if self._generation == generation else None)
         if not fresh:
             return
         now = time.time()
@@ -273,15 +277,19 @@ class RabbitMQSource(Source):
         """Acknowledge every message whose copy the checkpoint covers."""
         for p, offset in next_offsets.items():
             self._released[p] = max(self._released.get(p, 0), offset)
-        done = [(where, tag) for where, tag in self._pending.items() if where[1] < self._released.get(where[0], 0)]
-        if not done:
-            return
         if self._channel is None or not self._channel.is_open:
             self._pending.clear()  # the connection died: RabbitMQ delivers them again, and they are dropped then
             return
-        self._call("acknowledge to", lambda ch: [ch.basic_ack(tag) for _, tag in done])
-        for where, _ in done:
-            self._pending.pop(where, None)
+
+        def ack(channel) -> None:  # what is pending now: a reconnection empties it (those tags are gone)
+            done = [(where, tag) for where, tag in self._pending.items()
+                    if where[1] < self._released.get(where[0], 0)]
+            for _, tag in done:
+                channel.basic_ack(tag)
+            for where, _ in done:
+                self._pending.pop(where, None)
+
+        self._call("acknowledge to", ack)
 
     def queue_depth(self) -> int:
         """Messages ready in the queue (not yet delivered to the job)."""

@@ -1,7 +1,8 @@
 """Two-phase commit in the runtime: the commit log records an epoch and its
 sinks' handles before the sinks commit it, so a commit that fails is done
 again from the log after the recovery, and a replay never pre-commits an
-epoch the log already holds."""
+epoch the log already holds; a coordinator that dies between a checkpoint's
+manifest and its sinks' commit leaves nothing uncommitted."""
 
 import os
 
@@ -30,6 +31,53 @@ class CommitFailsOnce(ParquetSink):
             open(self.flag, "w").close()
             raise ConnectionError("the warehouse hung up")
         super().commit(epoch, handles)
+
+
+class CoordinatorDiesAtCommit(ParquetSink):
+    """A ParquetSink whose first commit of one epoch kills the coordinator's
+    process: after the checkpoint's manifest and its commit log entry, or
+    (``before_log``) with the entry not written yet."""
+
+    def __init__(self, url: str, epoch: int, flag: str, commit_record: str | None):
+        super().__init__(url)
+        self.epoch, self.flag, self.commit_record = epoch, flag, commit_record
+
+    def commit(self, epoch, handles):
+        if epoch == self.epoch and not os.path.exists(self.flag):
+            open(self.flag, "w").close()
+            if self.commit_record:
+                os.remove(self.commit_record)
+            os._exit(1)
+        super().commit(epoch, handles)
+
+
+@pytest.mark.parametrize("before_log", [False, True], ids=["after-commit-log", "before-commit-log"])
+def test_a_coordinator_killed_before_a_checkpoints_sinks_commit_loses_nothing(tmp_path, before_log):
+    rows = 4000
+    out, ckpt = tmp_path / "out", str(tmp_path / "ckpt")
+
+    def build():
+        flow = example.build(output=str(out), rows_per_partition=rows, rows_per_second=1e9)
+        record = os.path.join(ckpt, "clicks", "commits", "0000000004.json") if before_log else None
+        flow.graph.steps["clicks_out"].sink = CoordinatorDiesAtCommit(str(out / "clicks"), 4,
+                                                                      str(tmp_path / "died-once"), record)
+        return flow
+
+    options = dict(trigger_s=0, max_records_per_epoch=1000, checkpoint_every=2)
+    with pytest.raises(Exception):
+        run(build(), ckpt, **options)
+    storage = JobStorage(ckpt, "clicks")
+    assert storage.read_manifest(4) is not None and (storage.read_commit(4) is None) == before_log
+    summary = run(build(), ckpt, force=True, **options)
+    assert summary["stopped"] == "idle"
+    started = history(ckpt, "clicks").of_kind(RecordKind.RUN_STARTED)[-1]
+    assert started["restored_checkpoint"] == 4
+    assert storage.read_commit(4)["sinks"]["clicks_out"]  # rebuilt from the manifest when it was missing
+    clicks = compare_exactly_once(read_committed(str(out / "clicks")), example.expected_clicks(rows))
+    assert clicks.exactly_once, clicks.line()
+    totals = compare_exactly_once(example.final_totals(read_committed(str(out / "totals"))),
+                                  example.expected_totals(rows))
+    assert totals.exactly_once, totals.line()
 
 
 def test_a_failed_sink_commit_is_committed_again_from_the_log_exactly_once(tmp_path):
