@@ -54,8 +54,11 @@ class _Loop:
     async def _js(self):
         nats = _nats()
         if self.nc is None or self.nc.is_closed:
-            self.nc = await nats.connect(self.url, connect_timeout=5, max_reconnect_attempts=0,
-                                         allow_reconnect=False, error_cb=_quiet)
+            # One attempt at most: nats-py reads max_reconnect_attempts=0 as "no limit" and would wait here, silent,
+            # for as long as the server is down; a failure goes back to call(), which says the job waits.
+            self.nc = await asyncio.wait_for(
+                nats.connect(self.url, connect_timeout=5, max_reconnect_attempts=1, reconnect_time_wait=0.05,
+                             allow_reconnect=False, error_cb=_quiet), timeout=10)
         return self.nc.jetstream(timeout=10)
 
     def call(self, what: str, fn):
@@ -202,7 +205,6 @@ class NatsJetStreamSource(Source):
         return self.client.call("measure", measure)
 
     async def _fetch(self, js, partition: int, start: int, stop: int) -> list:
-        nats = _nats()
         stream, _ = self.partitions[partition]
         info = await self._consumer(js, partition, start)
         if info.num_pending == 0:
@@ -212,10 +214,9 @@ class NatsJetStreamSource(Source):
         out = []
         try:
             while True:
-                try:
-                    batch = await sub.fetch(min(_PAGE, max(1, stop - start)), timeout=5)
-                except nats.errors.TimeoutError:
-                    break  # nothing more in this partition now
+                # The server holds more of the range (the consumer counts it pending): a fetch that times out
+                # is a server that did not answer, retried, never the end of the range.
+                batch = await sub.fetch(min(_PAGE, max(1, stop - start)), timeout=5)
                 for msg in batch:
                     if msg.metadata.sequence.stream > stop:
                         return out

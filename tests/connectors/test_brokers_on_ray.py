@@ -1,7 +1,8 @@
 """Redis Streams and NATS JetStream on the session's Ray cluster: Redis
 stopped for a while as a job reading both starts (the job says it waits for
-that server, then resumes), output exactly-once; an unknown stream is a
-clear error at start. (RabbitMQ's and PostgreSQL's outages are in
+that server, then resumes), output exactly-once; the same for NATS with a
+producer that publishes through the outage; an unknown stream is a clear
+error at start. (RabbitMQ's and PostgreSQL's outages are in
 test_rabbitmq.py and test_cdc_on_ray.py.)"""
 
 from __future__ import annotations
@@ -64,6 +65,54 @@ def test_redis_stopped_as_a_job_starts_the_job_waits_and_resumes_exactly_once(tm
     finally:
         redis_srv.remove()
         nats_srv.remove()
+
+
+def test_nats_stopped_mid_run_the_job_waits_and_resumes_exactly_once(tmp_path):
+    from sluiceway.jobs.testing import StopWhen, nats_process
+
+    rows, tag = 3000, uuid.uuid4().hex[:6]
+    server = nats_process().start()
+    try:
+        streams = [f"N{tag}{p}".upper() for p in range(2)]
+        w.create_streams(None, [], server.url, streams)
+        out = str(tmp_path / "out")
+        flow = Dataflow(f"nats-outage-{tag}")
+        readings = flow.source(NatsJetStreamSource(server.url, w.SCHEMA, streams=streams, sequence_column="seq"),
+                               name="nats_in", parallelism=1)
+        readings.sink(ParquetSink(f"{out}/nats_rows"), name="nats_out")
+        readings.dead_letters(name="nats_bad").sink(ParquetSink(f"{out}/nats_dead"), name="nats_dead_out")
+        events, produced, down = [], threading.Event(), threading.Event()
+
+        def produce():  # through the outage: a publish the server did not acknowledge is sent again
+            w.produce_nats(server.url, streams, rows, rate=600, create=False, retry=True)
+            produced.set()
+
+        def on_event(event):
+            events.append(event)
+            if event["type"] == "epoch" and event["rows_in"] > 0 and not down.is_set():
+                down.set()  # input is flowing: stop the server for a while
+
+                def go():
+                    server.stop()
+                    time.sleep(3.0)
+                    server.start()
+                threading.Thread(target=go).start()
+
+        producer = threading.Thread(target=produce)
+        stopper = StopWhen(lambda: len(w.read_committed(f"{out}/nats_rows")) >= w.expected(2, rows).num_rows,
+                           after=produced, deadline_s=60)
+        summary = run(flow, str(tmp_path / "ckpt"), until_idle=False, trigger_s=0.2, parallelism=1,
+                      on_event=on_event, on_started=lambda c: (producer.start(), stopper.started(c)))
+        producer.join()
+        waits = [e for e in events if e["type"] == "storage_waiting"]
+        assert any("NATS at nats://127.0.0.1" in e["error"] for e in waits), \
+            [(e["type"], e.get("epoch"), e.get("rows_in"), round(e["at"] % 100, 1), e.get("error")) for e in events]
+        assert any(e["type"] == "storage_resumed" for e in events)
+        assert summary["stopped"] == "requested" and stopper.met and summary["restarts"] == 0
+        result = w.check_nats(2, out, rows)
+        assert all(v == "ok" for v in result.values()), result
+    finally:
+        server.remove()
 
 
 def test_an_unknown_stream_is_a_clear_error_at_start(tmp_path, redis_server, nats_server):
