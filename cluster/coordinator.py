@@ -665,6 +665,7 @@ class Coordinator:
             "dead_letters": dead_letters,
             "late": late,
             "waiting": plan.waiting,  # source lag when it was planned: records readable and left for later
+            "lag": {step: {"records": lag.records, "oldest_s": lag.oldest_s} for step, lag in self.lag.items()},
             "checkpoint": plan.checkpoint,
             "generation": self.generation,
             "fencing": self.lease.fencing,

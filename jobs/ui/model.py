@@ -75,6 +75,7 @@ def _epoch_row(record: dict, previous: dict | None) -> dict:
         "input_rows_per_s": round(record["rows_in"] / interval, 1) if interval and interval > 0 else None,
         "latency_s": duration,
         "lag": record.get("waiting"),
+        "source_lag": record.get("lag") or {},  # per source: records readable and not read, oldest unread age
         "late": record.get("late", 0),
         "dead_letters": record.get("dead_letters", 0),
         "checkpoint": record.get("checkpoint", False),
@@ -155,6 +156,7 @@ class JobWatch:
                       "parallelism": r.get("parallelism")} for r in runs],
             "rescales": [{"at": r["at"], "from": r.get("from"), "to": r.get("to")}
                          for r in records if r["kind"] == "rescale"],
+            "sources": _sources(job.get("graph") or {}, last),
             "log_lag": _log_lag(job.get("graph") or {}, self.storage.job),
             "live": live is not None,
         }
@@ -193,6 +195,23 @@ def _graph(graph: dict, placement: dict) -> dict:
                  for i in range(stage["parallelism"])]
         stages.append({**stage, "tasks": tasks})
     return {"steps": graph.get("steps", []), "stages": stages}
+
+
+def _sources(graph: dict, last: dict | None) -> list[dict]:
+    """Each source of the job with its lag as of the latest epoch: records
+    readable and not yet read, and how long the oldest of them has waited.
+
+    >>> graph = {"steps": [{"id": "orders", "kind": "source", "config": {"kind": "postgres-cdc"}},
+    ...                    {"id": "totals", "kind": "aggregate"}]}
+    >>> _sources(graph, {"source_lag": {"orders": {"records": 12, "oldest_s": 3.5}}})
+    [{'source': 'orders', 'kind': 'postgres-cdc', 'records': 12, 'oldest_s': 3.5}]
+    >>> _sources(graph, None)[0]["records"] is None
+    True
+    """
+    lag = (last or {}).get("source_lag") or {}
+    return [{"source": step["id"], "kind": (step.get("config") or {}).get("kind"),
+             "records": lag.get(step["id"], {}).get("records"), "oldest_s": lag.get(step["id"], {}).get("oldest_s")}
+            for step in graph.get("steps", []) if step.get("kind") == "source"]
 
 
 def _log_lag(graph: dict, job: str) -> list[dict]:

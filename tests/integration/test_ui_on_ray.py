@@ -58,6 +58,9 @@ def test_api_follows_a_running_job_then_reads_its_history_from_storage(ui, tmp_p
     job = api(base, "/api/jobs/clicks")
     assert job["epochs"] and all(e["rows_in_per_s"] is not None for e in job["epochs"] if e["rows_in"])
     assert {"latency_p50_s", "latency_p99_s", "lag", "rows_out_per_s"} <= set(job["epochs"][-1])
+    assert all(set(e["source_lag"]) == {"events"} for e in job["epochs"])  # each epoch: every source's lag
+    [source] = job["sources"]
+    assert source["source"] == "events" and source["records"] == 0 and source["kind"]
     [recovery] = job["recoveries"]
     assert recovery["restarted_tasks"] == ["by_user[1]"] and recovery["restored_checkpoint"] is not None
     assert recovery["detect_s"] is not None and recovery["restore_s"] is not None

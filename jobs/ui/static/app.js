@@ -1,6 +1,7 @@
 // The pages of `sluiceway ui`: they fetch /api/ and draw; they never change a job.
 const sluiceway = (() => {
   const REFRESH_MS = 1000;
+  const PALETTE = ["#7a5af8", "#0b62c4", "#f79009", "#12b76a", "#d92d20", "#667085"];
   const fmt = (n, digits = 0) => n === null || n === undefined ? "-" :
     Number(n).toLocaleString("en-US", {maximumFractionDigits: digits});
   const when = t => t ? new Date(t * 1000).toISOString().replace("T", " ").slice(0, 19) : "-";
@@ -81,7 +82,7 @@ const sluiceway = (() => {
     const charts = {
       rows: chart("chart-rows", [["rows/s in", "#0b62c4"], ["rows/s out", "#12b76a"], ["input rows/s", "#f79009"]], times),
       latency: chart("chart-latency", [["p50 s", "#0b62c4"], ["p99 s", "#f79009"], ["epoch s", "#98a2b3"]], times),
-      lag: chart("chart-lag", [["records waiting", "#7a5af8"]], times),
+      lag: null,  // a series per source: made when the first answer names them
       ckptDuration: chart("chart-ckpt-duration", [["duration s", "#0b62c4"]], times),
       ckptSize: chart("chart-ckpt-size", [["size bytes", "#12b76a"], ["written bytes", "#f79009"]], times),
     };
@@ -96,7 +97,15 @@ const sluiceway = (() => {
                            e.map(x => x.input_rows_per_s)]);
       charts.latency.setData([e.map(x => x.at), e.map(x => x.latency_p50_s), e.map(x => x.latency_p99_s),
                               e.map(x => x.latency_s)]);
-      charts.lag.setData([e.map(x => x.at), e.map(x => x.lag)]);
+      const sources = job.sources.map(s => s.source);
+      if (charts.lag === null) {
+        charts.lag = chart("chart-lag", sources.map((s, i) => [s, PALETTE[i % PALETTE.length]]), times);
+      }
+      // An epoch recorded before per-source lag existed has the total only: a job of one source shows it.
+      const lagOf = (x, s) => s in x.source_lag ? x.source_lag[s].records : (sources.length === 1 ? x.lag : null);
+      charts.lag.setData([e.map(x => x.at), ...sources.map(s => e.map(x => lagOf(x, s)))]);
+      rows(document.querySelector("#sources tbody"), job.sources, s => [
+        esc(s.source), esc(s.kind || ""), fmt(s.records), fmt(s.oldest_s, 1)]);
       const done = job.checkpoints.filter(c => c.status === "complete");
       charts.ckptDuration.setData([done.map(c => c.at), done.map(c => c.duration_s)]);
       charts.ckptSize.setData([done.map(c => c.at), done.map(c => c.size_bytes), done.map(c => c.written_bytes)]);
