@@ -50,8 +50,8 @@ def produce_redis(url: str, keys: list[str], rows: int, rate: float = 0.0) -> No
 
 
 def produce_nats(url: str, streams: list[str], rows: int, rate: float = 0.0, create: bool = True,
-                 retry: bool = False) -> None:
-    """``rows`` messages per stream at ``rate`` messages/s per stream (0: at once). With ``retry``, a batch
+                 retry: bool = False, first: int = 0) -> None:
+    """Messages ``first`` .. ``rows - 1`` of each stream at ``rate`` messages/s per stream (0: at once). With ``retry``, a batch
     the server did not acknowledge (it is down) is published again until it is, each message with a
     ``Nats-Msg-Id`` so that JetStream keeps one copy of a message published twice."""
     import nats
@@ -63,7 +63,7 @@ def produce_nats(url: str, streams: list[str], rows: int, rate: float = 0.0, cre
             for s in streams:
                 await js.add_stream(name=s, subjects=[f"{s.lower()}.readings"])
         started = time.time()
-        for start in range(0, rows, 200):
+        for start in range(first, rows, 200):
             for p, s in enumerate(streams):
                 while True:
                     try:
@@ -76,7 +76,7 @@ def produce_nats(url: str, streams: list[str], rows: int, rate: float = 0.0, cre
                             raise
                         await asyncio.sleep(0.2)
             if rate:
-                await asyncio.sleep(max(0.0, started + (start + 200) / rate - time.time()))
+                await asyncio.sleep(max(0.0, started + (start - first + 200) / rate - time.time()))
         await nc.close()
 
     asyncio.run(go())

@@ -81,29 +81,37 @@ def test_nats_stopped_mid_run_the_job_waits_and_resumes_exactly_once(tmp_path):
                                name="nats_in", parallelism=1)
         readings.sink(ParquetSink(f"{out}/nats_rows"), name="nats_out")
         readings.dead_letters(name="nats_bad").sink(ParquetSink(f"{out}/nats_dead"), name="nats_dead_out")
-        events, produced, down = [], threading.Event(), threading.Event()
+        events, produced, restart_failed = [], threading.Event(), []
 
-        def produce():  # through the outage: a publish the server did not acknowledge is sent again
-            w.produce_nats(server.url, streams, rows, rate=600, create=False, retry=True)
+        def outage():
+            try:
+                server.stop()
+                time.sleep(3.0)
+                server.start()
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                restart_failed.append(exc)
+
+        def produce():  # half, then the server stops while the rest is published through the outage
+            w.produce_nats(server.url, streams, rows // 2, rate=1500, create=False)
+            down = threading.Thread(target=outage)
+            down.start()
+            w.produce_nats(server.url, streams, rows, rate=1500, create=False, retry=True, first=rows // 2)
+            down.join()
             produced.set()
 
-        def on_event(event):
-            events.append(event)
-            if event["type"] == "epoch" and event["rows_in"] > 0 and not down.is_set():
-                down.set()  # input is flowing: stop the server for a while
-
-                def go():
-                    server.stop()
-                    time.sleep(3.0)
-                    server.start()
-                threading.Thread(target=go).start()
-
         producer = threading.Thread(target=produce)
+
+        def on_event(event):  # the producer starts once the job runs, so the job reads through the outage
+            events.append(event)
+            if event["type"] == "started":
+                producer.start()
+
         stopper = StopWhen(lambda: len(w.read_committed(f"{out}/nats_rows")) >= w.expected(2, rows).num_rows,
                            after=produced, deadline_s=60)
         summary = run(flow, str(tmp_path / "ckpt"), until_idle=False, trigger_s=0.2, parallelism=1,
-                      on_event=on_event, on_started=lambda c: (producer.start(), stopper.started(c)))
+                      on_event=on_event, on_started=stopper.started)
         producer.join()
+        assert not restart_failed, restart_failed
         waits = [e for e in events if e["type"] == "storage_waiting"]
         assert any("NATS at nats://127.0.0.1" in e["error"] for e in waits), \
             [(e["type"], e.get("epoch"), e.get("rows_in"), round(e["at"] % 100, 1), e.get("error")) for e in events]
