@@ -21,7 +21,7 @@ import ray
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.jobs import run
 from sluiceway.jobs.examples import rabbitmq_work as example
-from sluiceway.jobs.testing import StopWhen, rabbitmq_process
+from sluiceway.jobs.testing import StopWhen
 from sluiceway.operators.errors import SourceError
 from sluiceway.operators.sinks import read_committed
 from sluiceway.operators.sources import RabbitMQSource
@@ -61,76 +61,72 @@ def depth(url: str, queue: str) -> tuple[int, int]:
 
 @pytest.mark.usefixtures("ray_cluster")
 @pytest.mark.timeout(420)
-def test_killed_between_processing_and_ack_then_the_server_restarted_exactly_once(tmp_path):
-    n, queue = 2000, "work"
-    server = rabbitmq_process().start(timeout_s=60)
-    try:
-        publish(server.url, n, queue, bad_every=97)
-        out, ckpt = str(tmp_path / "tasks"), str(tmp_path / "ckpt")
+def test_killed_between_processing_and_ack_then_the_server_restarted_exactly_once(rabbitmq_server, tmp_path):
+    n, queue, server = 2000, f"work-{uuid.uuid4().hex[:6]}", rabbitmq_server  # restarted mid-run, back after
+    publish(server.url, n, queue, bad_every=97)
+    out, ckpt = str(tmp_path / "tasks"), str(tmp_path / "ckpt")
 
-        def build():  # the example job: jobs/examples/rabbitmq_work.py
-            return example.build(server.url, queue, str(tmp_path))
+    def build():  # the example job: jobs/examples/rabbitmq_work.py
+        return example.build(server.url, queue, str(tmp_path))
 
-        coordinators = []
+    coordinators = []
 
-        def kill_after_epoch_4(event):  # epoch 4 is committed, not checkpointed: its messages are not acknowledged
-            if event["type"] == "epoch" and event["epoch"] == 4:
-                ray.kill(coordinators[-1], no_restart=True)
+    def kill_after_epoch_4(event):  # epoch 4 is committed, not checkpointed: its messages are not acknowledged
+        if event["type"] == "epoch" and event["epoch"] == 4:
+            ray.kill(coordinators[-1], no_restart=True)
 
-        with pytest.raises(Exception):
-            run(build(), ckpt, until_idle=False, trigger_s=0.2, checkpoint_every=3, max_records_per_epoch=300,
-                on_event=kill_after_epoch_4, on_started=coordinators.append)
-        assert read_committed(out).num_rows > 0
+    with pytest.raises(Exception):
+        run(build(), ckpt, until_idle=False, trigger_s=0.2, checkpoint_every=3, max_records_per_epoch=300,
+            on_event=kill_after_epoch_4, on_started=coordinators.append)
+    assert read_committed(out).num_rows > 0
 
-        events, outage, back, restart_failed = [], threading.Event(), threading.Event(), []
+    events, outage, back, restart_failed = [], threading.Event(), threading.Event(), []
 
-        def restart_server(event):
-            events.append(event)
-            if event["type"] == "epoch" and not outage.is_set():
-                outage.set()
+    def restart_server(event):
+        events.append(event)
+        if event["type"] == "epoch" and not outage.is_set():
+            outage.set()
 
-                def go():
-                    try:
-                        server.stop()
-                        time.sleep(1.0)
-                        server.start(timeout_s=150)
-                    except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-                        restart_failed.append(exc)
-                    finally:
-                        back.set()
-                threading.Thread(target=go, daemon=True).start()
+            def go():
+                try:
+                    server.stop()
+                    time.sleep(1.0)
+                    server.start(timeout_s=150)
+                except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                    restart_failed.append(exc)
+                finally:
+                    back.set()
+            threading.Thread(target=go, daemon=True).start()
 
-        want = {f"t{i}" for i in range(n) if i % 97 != 96}
+    want = {f"t{i}" for i in range(n) if i % 97 != 96}
 
-        def seen() -> set:
-            return set(read_committed(out).column("message_id").to_pylist())
+    def seen() -> set:
+        return set(read_committed(out).column("message_id").to_pylist())
 
-        stopper = StopWhen(lambda: seen() >= want, after=back, deadline_s=120)  # the deadline counts from the restart
-        summary = run(build(), ckpt, until_idle=False, trigger_s=0.2, checkpoint_every=3, max_records_per_epoch=300,
-                      force=True, on_event=restart_server, on_started=lambda c: (coordinators.append(c),
-                                                                                  stopper.started(c)))
-        assert not restart_failed, restart_failed
-        assert summary["stopped"] == "requested" and stopper.met, (
-            f"{len(want - seen())} messages not done; queue (ready, consumers) {depth(server.url, queue)}; "
-            f"last events {[(e['type'], e.get('epoch'), e.get('lag'), e.get('error')) for e in events[-5:]]}")
-        done = read_committed(out)
-        ids = done.column("message_id")
-        assert len(ids) == len(pc.unique(ids)) == len(want), "a message was processed twice or lost"
-        assert set(ids.to_pylist()) == want
-        assert done.column("priority").to_pylist() == ["high" if w >= 10 else "normal"
-                                                       for w in done.column("weight").to_pylist()]
-        dead = read_committed(str(tmp_path / "task_dead_letters"))
-        assert dead.num_rows == n // 97 and all(r.startswith("cannot decode as JSON") for r in
-                                                dead.column("reason").to_pylist())
-        waits = [e for e in events if e["type"] == "storage_waiting"]
-        assert any("RabbitMQ at 127.0.0.1" in e["error"] for e in waits), [e.get("error") for e in waits]
-        # What RabbitMQ still holds was delivered again after the server restart and not taken yet when the job
-        # stopped: each is done already (a next run acknowledges it and drops it); none is a task not done.
-        assert depth(server.url, queue)[1] == 0
-        left = drain(server.url, queue)
-        assert set(left) <= set(ids.to_pylist()) | {f"t{i}" for i in range(n) if i % 97 == 96}, left
-    finally:
-        server.remove()
+    stopper = StopWhen(lambda: seen() >= want, after=back, deadline_s=120)  # the deadline counts from the restart
+    summary = run(build(), ckpt, until_idle=False, trigger_s=0.2, checkpoint_every=3, max_records_per_epoch=300,
+                  force=True, on_event=restart_server, on_started=lambda c: (coordinators.append(c),
+                                                                              stopper.started(c)))
+    assert not restart_failed, restart_failed
+    assert summary["stopped"] == "requested" and stopper.met, (
+        f"{len(want - seen())} messages not done; queue (ready, consumers) {depth(server.url, queue)}; "
+        f"last events {[(e['type'], e.get('epoch'), e.get('lag'), e.get('error')) for e in events[-5:]]}")
+    done = read_committed(out)
+    ids = done.column("message_id")
+    assert len(ids) == len(pc.unique(ids)) == len(want), "a message was processed twice or lost"
+    assert set(ids.to_pylist()) == want
+    assert done.column("priority").to_pylist() == ["high" if w >= 10 else "normal"
+                                                   for w in done.column("weight").to_pylist()]
+    dead = read_committed(str(tmp_path / "task_dead_letters"))
+    assert dead.num_rows == n // 97 and all(r.startswith("cannot decode as JSON") for r in
+                                            dead.column("reason").to_pylist())
+    waits = [e for e in events if e["type"] == "storage_waiting"]
+    assert any("RabbitMQ at 127.0.0.1" in e["error"] for e in waits), [e.get("error") for e in waits]
+    # What RabbitMQ still holds was delivered again after the server restart and not taken yet when the job
+    # stopped: each is done already (a next run acknowledges it and drops it); none is a task not done.
+    assert depth(server.url, queue)[1] == 0
+    left = drain(server.url, queue)
+    assert set(left) <= set(ids.to_pylist()) | {f"t{i}" for i in range(n) if i % 97 == 96}, left
 
 
 def test_two_jobs_queues_on_one_exchange_each_get_every_message(rabbitmq_server, tmp_path):
