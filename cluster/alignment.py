@@ -13,7 +13,10 @@ after its barrier belongs to *e+1* and is held back.
 >>> a.handle(Data("up0", "rows-b"))  # epoch 2 arrives early on up0: held back
 []
 >>> a.handle(BarrierEvent("up1", Barrier(1, checkpoint=True, watermark=3)))
-[Aligned(barrier=Barrier(epoch=1, checkpoint=True, watermark=3, savepoint=False, idle=False), tables=['rows-a'])]
+[Aligned(barrier=Barrier(epoch=1, checkpoint=True, watermark=3, savepoint=False, idle=False), tables=['rows-a'], channels=['up0'])]
+
+A channel named ``untimed`` (a table read for lookups) never holds the
+watermark back: its barriers count as idle ones.
 """
 
 from __future__ import annotations
@@ -55,10 +58,12 @@ class BarrierEvent:
 
 @dataclass(frozen=True)
 class Aligned:
-    """Instruction: process epoch ``barrier.epoch`` with ``tables`` (in channel order)."""
+    """Instruction: process epoch ``barrier.epoch`` with ``tables`` (in
+    channel order), each from the channel at the same place in ``channels``."""
 
     barrier: Barrier
     tables: list
+    channels: list
 
 
 def min_watermark(marks: list[int | None], idle: list[bool] | None = None) -> tuple[int | None, bool]:
@@ -81,10 +86,11 @@ def min_watermark(marks: list[int | None], idle: list[bool] | None = None) -> tu
 
 
 class BarrierAligner:
-    def __init__(self, channels: list[Hashable], first_epoch: int):
+    def __init__(self, channels: list[Hashable], first_epoch: int, untimed=()):
         if not channels:
             raise ProtocolError("a task with no input channels needs no aligner")
         self.channels = list(channels)
+        self.untimed = set(untimed)
         self.next_epoch = first_epoch
         # Per channel: completed epochs as (barrier, tables), and the tables of the open epoch.
         self._closed: dict[Hashable, deque[tuple[Barrier, list]]] = {c: deque() for c in self.channels}
@@ -109,7 +115,9 @@ class BarrierAligner:
         while all(self._closed[c] for c in self.channels):
             heads = [self._closed[c].popleft() for c in self.channels]
             barriers = [b for b, _ in heads]
-            watermark, idle = min_watermark([b.watermark for b in barriers], [b.idle for b in barriers])
+            watermark, idle = min_watermark(
+                [b.watermark for b in barriers], [b.idle or c in self.untimed for c, b in zip(self.channels, barriers)]
+            )
             out.append(
                 Aligned(
                     Barrier(
@@ -120,6 +128,7 @@ class BarrierAligner:
                         idle=idle,
                     ),
                     [t for _, tables in heads for t in tables],
+                    [c for c, (_, tables) in zip(self.channels, heads) for _ in tables],
                 )
             )
             self.next_epoch += 1

@@ -2,10 +2,12 @@
 plan the runtime executes (stages of chained steps, exchanges between them).
 
 Chaining: a step joins its upstream's stage unless it starts one: a source,
-a ``key_by`` (hash exchange into key groups) or a step whose parallelism
-differs from its upstream's (rebalance exchange). Exchanges are all-to-all:
-every upstream subtask sends every downstream subtask one message per epoch,
-so every channel carries every barrier.
+a ``key_by`` (hash exchange into key groups), a step whose parallelism
+differs from its upstream's (rebalance exchange), or a step with two inputs
+(a join: a hash exchange from each side, on each side's key, into one
+stage; each side is a *port*). Exchanges are all-to-all: every upstream
+subtask sends every downstream subtask one message per epoch, so every
+channel, an upstream task and the port it feeds, carries every barrier.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from sluiceway.operators.sources import Source
 @dataclass
 class Step:
     """One logical step. Exactly one of ``operator``, ``source``, ``sink`` is
-    set, except for ``key_by`` which only names a key."""
+    set, except for ``key_by`` which only names a key. A step with two inputs
+    (a join) reads ``upstream`` keyed by ``key`` on port 0 and ``right`` keyed
+    by ``right_key`` on port 1; ``right_timed=False`` keeps the right side's
+    watermark from holding the step's back (a table read for lookups)."""
 
     id: str
     kind: str
@@ -32,6 +37,14 @@ class Step:
     source: Source | None = None
     sink: Sink | None = None
     key: str | None = None
+    right: str | None = None
+    right_key: str | None = None
+    right_timed: bool = True
+
+    @property
+    def inputs(self) -> list[str]:
+        """The steps this one reads, in port order."""
+        return [s for s in (self.upstream, self.right) if s is not None]
 
     def describe(self) -> dict:
         part = self.operator or self.source or self.sink
@@ -40,6 +53,8 @@ class Step:
             d["config"] = part.describe()
         if self.key is not None:
             d["key"] = self.key
+        if self.right is not None:
+            d["right"], d["right_key"] = self.right, self.right_key
         return d
 
 
@@ -55,8 +70,9 @@ class JobGraph:
             raise FlowDefinitionError(
                 f"step {step.id!r} already exists in flow {self.name!r}; do you have two steps with the same name?"
             )
-        if step.upstream is not None and step.upstream not in self.steps:
-            raise FlowDefinitionError(f"step {step.id!r} reads from unknown step {step.upstream!r}")
+        for upstream in step.inputs:
+            if upstream not in self.steps:
+                raise FlowDefinitionError(f"step {step.id!r} reads from unknown step {upstream!r}")
         self.steps[step.id] = step
         return step
 
@@ -70,7 +86,7 @@ class JobGraph:
         return None
 
     def children(self, step_id: str) -> list[Step]:
-        return [s for s in self.steps.values() if s.upstream == step_id]
+        return [s for s in self.steps.values() if step_id in s.inputs]
 
     def describe(self) -> list[dict]:
         return [s.describe() for s in self.steps.values()]
@@ -78,12 +94,24 @@ class JobGraph:
 
 @dataclass(frozen=True)
 class Exchange:
-    """Output of ``from_step`` to every subtask of ``to_stage``: by key group
-    of ``key``, or rebalanced in contiguous slices when ``key`` is None."""
+    """Output of ``from_step`` to every subtask of ``to_stage``, on its input
+    ``port``: by key group of ``key``, or rebalanced in contiguous slices
+    when ``key`` is None."""
 
     from_step: str
     to_stage: str
     key: str | None
+    port: int = 0
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """One input of a stage: the upstream stage, the key it is partitioned
+    by, and whether its watermark counts."""
+
+    stage: str
+    key: str | None
+    timed: bool = True
 
 
 @dataclass
@@ -93,9 +121,16 @@ class Stage:
     steps: list[str]
     children: dict[str, list[str]]
     source: str | None = None
-    input_stage: str | None = None
-    input_key: str | None = None
+    inputs: list[StageInput] = field(default_factory=list)
     exchanges: list[Exchange] = field(default_factory=list)
+
+    @property
+    def input_stage(self) -> str | None:
+        return self.inputs[0].stage if self.inputs else None
+
+    @property
+    def input_key(self) -> str | None:
+        return self.inputs[0].key if self.inputs else None
 
     def tasks(self) -> list[TaskId]:
         return [TaskId(self.id, i) for i in range(self.parallelism)]
@@ -115,9 +150,15 @@ class PhysicalPlan:
     def tasks(self) -> list[TaskId]:
         return [t for stage in self.stages.values() for t in stage.tasks()]
 
-    def input_channels(self, stage_id: str) -> list[TaskId]:
+    def input_channels(self, stage_id: str) -> list[tuple[TaskId, int]]:
+        """Every (upstream task, port) feeding ``stage_id``, in port order."""
         stage = self.stages[stage_id]
-        return [] if stage.input_stage is None else self.stages[stage.input_stage].tasks()
+        return [(t, port) for port, i in enumerate(stage.inputs) for t in self.stages[i.stage].tasks()]
+
+    def untimed_channels(self, stage_id: str) -> set[tuple[TaskId, int]]:
+        """The channels whose watermark does not hold the stage's back."""
+        stage = self.stages[stage_id]
+        return {(t, port) for port, i in enumerate(stage.inputs) if not i.timed for t in self.stages[i.stage].tasks()}
 
     def sources(self) -> dict[str, Source]:
         return {s.id: s.source for s in self.graph.steps.values() if s.source is not None}
@@ -138,7 +179,8 @@ class PhysicalPlan:
         return {
             "steps": self.graph.describe(),
             "stages": [
-                {"id": s.id, "parallelism": s.parallelism, "steps": s.steps, "input": s.input_stage, "key": s.input_key}
+                {"id": s.id, "parallelism": s.parallelism, "steps": s.steps, "input": s.input_stage, "key": s.input_key,
+                 "inputs": [{"stage": i.stage, "key": i.key} for i in s.inputs]}
                 for s in self.stages.values()
             ],
             "max_key_groups": self.max_key_groups,
@@ -159,6 +201,15 @@ def plan(graph: JobGraph, parallelism: int | None = None) -> PhysicalPlan:
             stages[step.id] = Stage(step.id, n, [step.id], {step.id: []}, source=step.id)
             step_stage[step.id] = step.id
             continue
+        if step.right is not None:  # two inputs: a stage of its own, fed by a hash exchange from each side
+            n = step.parallelism or default or max(stages[step_stage[u]].parallelism for u in step.inputs)
+            sides = [(step.upstream, step.key, True), (step.right, step.right_key, step.right_timed)]
+            stages[step.id] = Stage(step.id, n, [step.id], {step.id: []},
+                                    inputs=[StageInput(step_stage[u], k, timed) for u, k, timed in sides])
+            for port, (upstream, key, _) in enumerate(sides):
+                stages[step_stage[upstream]].exchanges.append(Exchange(upstream, step.id, key, port))
+            step_stage[step.id] = step.id
+            continue
         up_stage = stages[step_stage[step.upstream]]
         starts_stage = step.kind == "key_by" or (
             step.parallelism is not None and step.parallelism != up_stage.parallelism
@@ -166,7 +217,7 @@ def plan(graph: JobGraph, parallelism: int | None = None) -> PhysicalPlan:
         if starts_stage:
             n = step.parallelism or default or up_stage.parallelism
             stages[step.id] = Stage(
-                step.id, n, [step.id], {step.id: []}, input_stage=up_stage.id, input_key=step.key
+                step.id, n, [step.id], {step.id: []}, inputs=[StageInput(up_stage.id, step.key)]
             )
             up_stage.exchanges.append(Exchange(step.upstream, step.id, step.key))
             step_stage[step.id] = step.id

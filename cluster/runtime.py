@@ -236,18 +236,26 @@ class TaskRuntime:
 
     def process_epoch(self, epoch: int, barrier: Barrier, inputs: list[pa.Table | None], rows_in: int,
                       dead_letters: pa.Table | None = None, partitions: list[int] | None = None,
-                      source: SourceEpoch | None = None) -> EpochOutput:
+                      source: SourceEpoch | None = None, ports: list[int] | None = None) -> EpochOutput:
         """Run one epoch's input (and, in a source task, the source's dead
         letters) through the chain and fire end-of-epoch hooks with each
         step's watermark. A source task with event time passes each
         partition's table (``partitions``) on its own, so the event-time
         step knows where each row came from, and what the plan says about
-        the partitions (``source``).
+        the partitions (``source``). A stage with two inputs (a join) gives
+        its first step each input's rows at once (``ports``: the input of
+        each table), so the step sees the whole epoch of both sides.
         Returns what to send downstream; call :meth:`finish_epoch` after sending."""
         started = time.time()
         self._late = 0
         root = self.stage.steps[0]
-        if self.event_logic and partitions is not None:
+        if len(self.stage.inputs) > 1:
+            by_port = [[t for t, p in zip(inputs, ports) if p == port] for port in range(len(self.stage.inputs))]
+            kind = self.plan.graph.steps[root].kind
+            self._deliver(root, self._user_call(root, kind, self.logic[root].process_inputs,
+                                                [_concat(tables) for tables in by_port]))
+            batches = []
+        elif self.event_logic and partitions is not None:
             for logic in self.event_logic.values():
                 logic.planned_at = source.planned_at
             batches = list(zip(partitions, inputs))

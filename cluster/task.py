@@ -68,7 +68,8 @@ class TaskActor:
         self._first_barrier_at = {}
         self.next_source_epoch = first_epoch
         channels = self.plan.input_channels(self.task.stage)
-        self.aligner = BarrierAligner(channels, first_epoch) if channels else None
+        untimed = self.plan.untimed_channels(self.task.stage)
+        self.aligner = BarrierAligner(channels, first_epoch, untimed) if channels else None
         try:
             self.runtime.restore(manifest, attempt=f"f{fencing}g{generation}", committed_through=committed_through)
         except CorruptCheckpointError:
@@ -91,32 +92,34 @@ class TaskActor:
         self._run_epoch(Barrier(plan.epoch, plan.checkpoint, None, plan.savepoint), read.tables, read.rows,
                         read.dead_letters, read.partitions, plan.source_epoch(step))
 
-    def deliver(self, generation: int, channel: TaskId, table, barrier: Barrier) -> None:
+    def deliver(self, generation: int, channel: tuple[TaskId, int], table, barrier: Barrier) -> None:
+        """Data and barrier from ``channel``: an upstream task and the input port it feeds."""
         if generation != self.generation or self.failed:
             return
         self._guarded(self._deliver, channel, table, barrier)
 
-    def _deliver(self, channel: TaskId, table, barrier: Barrier) -> None:
+    def _deliver(self, channel: tuple[TaskId, int], table, barrier: Barrier) -> None:
         self._first_barrier_at.setdefault(barrier.epoch, time.time())
         events = [] if table is None else [Data(channel, table)]
         events.append(BarrierEvent(channel, barrier))
         for event in events:
             for aligned in self.aligner.handle(event):
-                self._run_epoch(aligned.barrier, aligned.tables, 0)
+                self._run_epoch(aligned.barrier, aligned.tables, 0, ports=[port for _, port in aligned.channels])
 
     def _run_epoch(self, barrier: Barrier, tables: list, rows_in: int, dead_letters=None, partitions=None,
-                   source=None) -> None:
+                   source=None, ports=None) -> None:
         t0 = time.time()
         self.current_epoch = barrier.epoch
         alignment_s = t0 - self._first_barrier_at.pop(barrier.epoch, t0)
-        out = self.runtime.process_epoch(barrier.epoch, barrier, tables, rows_in, dead_letters, partitions, source)
+        out = self.runtime.process_epoch(barrier.epoch, barrier, tables, rows_in, dead_letters, partitions, source,
+                                         ports)
         # 1. Forward data and barrier (with the watermark of the step feeding
         #    each exchange) first, so downstream starts while we write.
         for exchange, parts in out.exchanges.items():
             watermark, idle = out.barriers[exchange]
             sent = replace(barrier, watermark=watermark, idle=idle)
             for j, handle in enumerate(self.downstream[exchange.to_stage]):
-                handle.deliver.remote(self.generation, self.task, parts[j], sent)
+                handle.deliver.remote(self.generation, (self.task, exchange.port), parts[j], sent)
         # 2. Pre-commit sink output; snapshot state at a checkpoint epoch.
         result = self.runtime.finish_epoch(barrier.epoch, barrier)
         # 3. Acknowledge to the coordinator.

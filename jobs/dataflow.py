@@ -17,6 +17,8 @@ from sluiceway.cluster.graph import JobGraph, Step
 from sluiceway.operators.aggregate import Aggregate
 from sluiceway.operators.errors import FlowDefinitionError
 from sluiceway.operators.event_time import DEFAULT_IDLE_TIMEOUT, EventTime
+from sluiceway.operators.joins import Enrich, WindowJoin
+from sluiceway.operators.tables import Dedupe, ToTable
 from sluiceway.operators.windows import Hopping, Tumbling, Window
 from sluiceway.operators.sinks import Sink
 from sluiceway.operators.sources import Source
@@ -165,7 +167,7 @@ class Stream:
     def _check_event_time_place(self, what: str) -> None:
         step = self.flow.graph.steps[self.step_id]
         while step is not None:
-            if step.kind in ("key_by", "aggregate", "window", "event_time"):
+            if step.kind in ("key_by", "aggregate", "window", "event_time", "table", "dedupe", "enrich", "window_join"):
                 raise FlowDefinitionError(
                     f"{what} must come before key_by, windows and aggregates, on the source's stream "
                     f"(it follows a {step.kind} step {step.id!r}): watermarks are tracked per source partition"
@@ -236,6 +238,132 @@ class Stream:
             )
         return self._then("dead_letters", None, name)
 
+    def _event_time_column(self, what: str) -> str:
+        event_time = self.flow.graph.upstream_event_time(self.step_id)
+        if event_time is None:
+            raise FlowDefinitionError(
+                f"{what} needs event time: call with_event_time(column, ...) or with_ingestion_time() "
+                f"on the source's stream of {self.step_id!r}, before key_by"
+            )
+        return event_time.operator.column
+
+    def to_table(self, key: str, *, updates: str = "upsert", parallelism: int | None = None,
+                 name: str | None = None) -> "Table":
+        """The latest row per ``key`` of this changelog (rows with ``_op`` =
+        ``insert``/``update``/``delete``; a row without one is an upsert),
+        kept as keyed state; the result is the table's own changelog: one
+        row per key an epoch changed, ``_op`` = ``insert``, ``update`` (new
+        values) or ``delete`` (the last values). ``updates="retract"``
+        emits an update as the old row's ``delete`` then the new row's
+        ``insert``. A key's changes within an epoch apply in the order they
+        came, so only the last shows.
+
+        >>> from sluiceway.operators.sources import ListSource
+        >>> from sluiceway.jobs.testing import run_local, CollectSink
+        >>> flow, out = Dataflow("doc_to_table"), CollectSink()
+        >>> changes = [{"id": 1, "v": "a", "_op": "insert"}, {"id": 2, "v": "b", "_op": "insert"},
+        ...            {"id": 1, "v": "c", "_op": "update"}, {"id": 2, "v": None, "_op": "delete"}]
+        >>> flow.source(ListSource(changes)).to_table("id").sink(out)
+        >>> epochs = run_local(flow, max_records_per_epoch=2)
+        >>> [(r["id"], r["v"], r["_op"]) for r in out.rows()]
+        [(1, 'a', 'insert'), (2, 'b', 'insert'), (1, 'c', 'update'), (2, 'b', 'delete')]
+        """
+        keyed = self.key_by(key, parallelism=parallelism)
+        step = keyed._then("table", ToTable(key, updates), name)
+        return Table(self.flow, step.step_id, key)
+
+    def dedupe(self, columns, *, within: timedelta, parallelism: int | None = None,
+               name: str | None = None) -> "WithLate":
+        """Drop repeats: an event is dropped when an event with the same id
+        (``columns``, a name or a list) was kept at most ``within`` of event
+        time away from it. An id is forgotten once the watermark passes its
+        latest kept event's time plus ``within``, so state holds only recent
+        ids. Events behind the watermark go to ``late()``. Needs event time.
+
+        >>> from datetime import datetime, timedelta, timezone
+        >>> from sluiceway.operators.sources import ListSource
+        >>> from sluiceway.jobs.testing import run_local, CollectSink
+        >>> t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        >>> rows = [{"id": i, "ts": t0 + timedelta(seconds=s)} for i, s in [(1, 0), (2, 1), (1, 2), (1, 30)]]
+        >>> flow, out = Dataflow("doc_dedupe"), CollectSink()
+        >>> flow.source(ListSource(rows)).with_event_time("ts").dedupe("id", within=timedelta(seconds=10)).sink(out)
+        >>> epochs = run_local(flow, max_records_per_epoch=1)
+        >>> [(r["id"], r["ts"].second) for r in out.rows()]
+        [(1, 0), (2, 1), (1, 30)]
+        """
+        time_column = self._event_time_column("dedupe")
+        op = Dedupe(columns, time_column, within)
+        keyed = self.key_by(op.columns[0], parallelism=parallelism)
+        return keyed._then("dedupe", op, name, cls=WithLate)
+
+    def enrich(self, table: "Table", *, on: str, how: str = "left", suffix: str = "_right",
+               parallelism: int | None = None, name: str | None = None) -> "Stream":
+        """Join each event with ``table``'s row for its ``on`` column (the
+        table's key). ``how="left"`` keeps events without a row (the table's
+        columns null), ``how="inner"`` drops them. Within an epoch the
+        table's changes apply first, then the epoch's events are looked up:
+        an event sees the changes planned into its own epoch, so a replay
+        gives the same answer. The table's watermark does not hold the
+        stream's back.
+
+        >>> from sluiceway.operators.sources import ListSource
+        >>> from sluiceway.jobs.testing import run_local, CollectSink
+        >>> flow, out = Dataflow("doc_enrich"), CollectSink()
+        >>> customers = flow.source(ListSource([{"id": 1, "name": "ann"}])).to_table("id")
+        >>> orders = flow.source(ListSource([{"customer": 1, "total": 9}, {"customer": 2, "total": 4}]))
+        >>> orders.enrich(customers, on="customer").sink(out)
+        >>> epochs = run_local(flow)
+        >>> out.rows()
+        [{'customer': 1, 'total': 9, 'name': 'ann'}, {'customer': 2, 'total': 4, 'name': None}]
+        """
+        if not isinstance(table, Table):
+            raise FlowDefinitionError(
+                f"enrich needs a table (stream.to_table(key) or an aggregate), got {type(table).__name__}"
+            )
+        if table.flow is not self.flow:
+            raise FlowDefinitionError("enrich joins a table of the same flow")
+        _check_parallelism(parallelism)
+        op = Enrich(on, table.key, how, suffix)
+        step = self.flow.graph.add(Step(self.flow._step_id("enrich", name), "enrich", self.step_id, parallelism,
+                                        operator=op, key=on, right=table.step_id, right_key=table.key,
+                                        right_timed=False))
+        return Stream(self.flow, step.id)
+
+    def join(self, other: "Stream", *, on: str, within: timedelta, right_on: str | None = None,
+             how: str = "inner", suffix: str = "_right", parallelism: int | None = None,
+             name: str | None = None) -> "WithLate":
+        """Window join: each pair of an event here and one of ``other`` with
+        equal keys (``on``; ``right_on`` if the other side names it
+        differently) whose event times are at most ``within`` apart. Each
+        side keeps its events until the watermark passes their time plus
+        ``within``; then ``how="left"`` emits a left event that never paired
+        (the right columns null), ``how="outer"`` one of either side.
+        Right columns named like left ones get ``suffix``. Events behind
+        the watermark go to ``late()``. Both sides need event time.
+
+        >>> from datetime import datetime, timedelta, timezone
+        >>> from sluiceway.operators.sources import ListSource
+        >>> from sluiceway.jobs.testing import run_local, CollectSink
+        >>> t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        >>> flow, out = Dataflow("doc_join"), CollectSink()
+        >>> searches = flow.source(ListSource([{"sid": 1, "ts": t0, "q": "cats"}, {"sid": 2, "ts": t0, "q": "dogs"}]))
+        >>> clicks = flow.source(ListSource([{"sid": 1, "ts": t0 + timedelta(minutes=5)}]))
+        >>> (searches.with_event_time("ts").join(clicks.with_event_time("ts"), on="sid", within=timedelta(hours=1),
+        ...                                        how="left").sink(out))
+        >>> epochs = run_local(flow)
+        >>> [(r["q"], r["ts_right"] is not None) for r in out.rows()]
+        [('cats', True), ('dogs', False)]
+        """
+        if not isinstance(other, Stream) or other.flow is not self.flow:
+            raise FlowDefinitionError("join needs another stream of the same flow")
+        _check_parallelism(parallelism)
+        right_on = right_on or on
+        op = WindowJoin(on, right_on, self._event_time_column("join"), other._event_time_column("join"), within,
+                        how, suffix)
+        step = self.flow.graph.add(Step(self.flow._step_id("join", name), "window_join", self.step_id, parallelism,
+                                        operator=op, key=on, right=other.step_id, right_key=right_on))
+        return WithLate(self.flow, step.id)
+
     def sink(self, sink: Sink, *, name: str | None = None) -> None:
         """Write the stream to ``sink``, exactly once."""
         if not isinstance(sink, Sink):
@@ -250,10 +378,11 @@ class KeyedStream(Stream):
         super().__init__(flow, step_id)
         self.key = key
 
-    def aggregate(self, pairs, *, name: str | None = None) -> Stream:
+    def aggregate(self, pairs, *, name: str | None = None) -> "Table":
         """Running aggregates per key, as ``pyarrow.TableGroupBy.aggregate``
         takes them (count, count_all, sum, min, max, mean). Each epoch emits
-        the updated rows of the keys it touched: an upsert changelog.
+        the updated rows of the keys it touched: an upsert changelog, so the
+        result is a :class:`Table` to enrich with.
 
         >>> from sluiceway.operators.sources import ListSource
         >>> from sluiceway.jobs.testing import run_local, CollectSink
@@ -265,7 +394,8 @@ class KeyedStream(Stream):
         >>> sorted(out.rows(), key=lambda r: r["user"])
         [{'user': 'a', 'amount_sum': 6, 'amount_mean': 3.0}, {'user': 'b', 'amount_sum': 5, 'amount_mean': 5.0}]
         """
-        return self._then("aggregate", Aggregate(self.key, pairs), name)
+        step = self._then("aggregate", Aggregate(self.key, pairs), name)
+        return Table(self.flow, step.step_id, self.key)
 
     def window(self, spec, *, allowed_lateness: timedelta = timedelta(0), emit: str = "final") -> "WindowedStream":
         """Event-time windows per key: ``Tumbling(size)``, ``Hopping(size, hop)``,
@@ -357,4 +487,26 @@ class WindowResult(Stream):
         >>> [r["count_all"] for r in out.rows()], [r["ts"].second for r in late.rows()]
         ([1, 1], [2])
         """
+        return self._then("late", None, name)
+
+
+class Table(Stream):
+    """A changelog stream with a key: the latest row per key is the table.
+    ``stream.to_table(key)`` and keyed aggregates make one; enrich a stream
+    with it, or sink it as a changelog (``_op`` per row)."""
+
+    def __init__(self, flow: Dataflow, step_id: str, key: str):
+        super().__init__(flow, step_id)
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"Table({self.flow.name!r}, {self.step_id!r}, key={self.key!r})"
+
+
+class WithLate(Stream):
+    """A stream with a side stream of the events that came too late for it."""
+
+    def late(self, *, name: str | None = None) -> Stream:
+        """The events that arrived behind the watermark, as they came in:
+        sink them like any stream. Counted per epoch in the job's metrics (``late``)."""
         return self._then("late", None, name)

@@ -93,7 +93,8 @@ def run_local(flow, *, parallelism: int | None = None, max_records_per_epoch: in
     for runtime in tasks.values():
         runtime.restore(None)
     aligners = {
-        t: BarrierAligner(plan.input_channels(t.stage), 1) for t in tasks if plan.input_channels(t.stage)
+        t: BarrierAligner(plan.input_channels(t.stage), 1, plan.untimed_channels(t.stage))
+        for t in tasks if plan.input_channels(t.stage)
     }
     sources = plan.sources()
     offsets: dict = {}
@@ -124,14 +125,16 @@ def run_local(flow, *, parallelism: int | None = None, max_records_per_epoch: in
                 for channel, table, sent in inbox[task]:
                     events = ([Data(channel, table)] if table is not None else []) + [BarrierEvent(channel, sent)]
                     for event in events:
-                        runnable += [(a.barrier, a.tables, 0, None, None, None) for a in aligners[task].handle(event)]
-            for b, tables, rows, dead, partitions, source_epoch in runnable:
-                out = runtime.process_epoch(b.epoch, b, tables, rows, dead, partitions, source_epoch)
+                        runnable += [(a.barrier, a.tables, 0, None, None, None, [p for _, p in a.channels])
+                                     for a in aligners[task].handle(event)]
+            for b, tables, rows, dead, partitions, source_epoch, *ports in runnable:
+                out = runtime.process_epoch(b.epoch, b, tables, rows, dead, partitions, source_epoch,
+                                            ports[0] if ports else None)
                 for exchange, parts in out.exchanges.items():
                     watermark, idle = out.barriers[exchange]
                     sent = Barrier(b.epoch, checkpoint=False, watermark=watermark, idle=idle)
                     for downstream, part in zip(plan.stages[exchange.to_stage].tasks(), parts):
-                        inbox[downstream].append((task, part, sent))
+                        inbox[downstream].append(((task, exchange.port), part, sent))
                 for step, handle in runtime.finish_epoch(b.epoch, b).sink_handles.items():
                     handles.setdefault(step, []).append(handle)
         for step, sink in plan.sinks().items():

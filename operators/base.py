@@ -48,6 +48,12 @@ class OperatorLogic:
         nothing, :class:`Outputs` to emit on side streams too."""
         raise NotImplementedError
 
+    def process_inputs(self, tables: list[pa.Table | None]) -> pa.Table | Outputs | None:
+        """An operator with two inputs (a join): one epoch's rows of each, in
+        input order (``None``: none this epoch), in one call, so what it
+        emits never depends on the order in which the inputs' rows came."""
+        raise NotImplementedError
+
     def on_epoch_end(self, epoch: int, watermark: int | None) -> pa.Table | Outputs | None:
         """Called once per epoch after ``process`` with the epoch's watermark
         (microseconds since the Unix epoch, ``None`` while unknown); window

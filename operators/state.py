@@ -74,6 +74,10 @@ def _live_rows(table: pa.Table) -> pa.Table:
     return table.filter(pc.invert(deleted)).drop_columns([DELETED_COLUMN])
 
 
+def _empty(table: pa.Table | None) -> pa.Table:
+    return pa.table({}) if table is None else table.slice(0, 0)
+
+
 def split_by_key_group(table: pa.Table, key_groups: pa.Array) -> dict[int, pa.Table]:
     """Rows of ``table`` per key group (``key_groups`` has one int32 per row),
     with one sort and one slice per group: no per-row Python.
@@ -135,6 +139,32 @@ class KeyGroupStore:
                 self.groups[kg] = table
             else:
                 self.groups.pop(kg, None)
+
+    def rewrite(self, groups, table: pa.Table | None, key_column: str, max_key_groups: int,
+                changed: pa.Array | None = None) -> None:
+        """Replace the state of ``groups`` with ``table``'s rows, split by the
+        key group of ``key_column`` (one sort for all of them); a group with
+        no rows left is cleared. ``changed``: the keys whose rows changed
+        (``None``: every row of the groups counts as changed).
+
+        >>> store = KeyGroupStore(key="k")
+        >>> store.rewrite({67, 121}, pa.table({"k": ["a", "b"]}), "k", 128)
+        >>> sorted(store.groups), len(store)
+        ([67, 121], 2)
+        """
+        from sluiceway.operators.keys import key_groups
+
+        parts = {} if table is None or table.num_rows == 0 else split_by_key_group(
+            table, key_groups(table.column(key_column), max_key_groups))
+        writes = {kg: parts.get(kg, _empty(table)) for kg in groups}
+        writes.update({kg: part for kg, part in parts.items() if kg not in writes})
+        if changed is None:
+            self.write(writes)
+            return
+        changed_parts = split_by_key_group(pa.table({"k": changed}), key_groups(changed, max_key_groups)) \
+            if len(changed) else {}
+        self.write(writes, {kg: changed_parts[kg].column("k").combine_chunks() if kg in changed_parts
+                            else pa.array([], changed.type) for kg in writes})
 
     def full(self) -> dict[int, pa.Table]:
         return dict(self.groups)

@@ -18,7 +18,7 @@ def test_epoch_waits_for_every_channel_and_keeps_channel_order():
     assert a.handle(Data("c0", "x1")) == []
     assert a.handle(BarrierEvent("c0", b(1))) == []
     out = a.handle(BarrierEvent("c1", b(1)))
-    assert out == [Aligned(b(1), ["x1", "z1"])]
+    assert out == [Aligned(b(1), ["x1", "z1"], ["c0", "c2"])]
 
 
 def test_early_data_of_next_epoch_is_held_back_then_released_in_order():
@@ -28,10 +28,18 @@ def test_early_data_of_next_epoch_is_held_back_then_released_in_order():
     a.handle(BarrierEvent("c0", b(6, checkpoint=True)))
     assert a.held_back == 2  # two closed epochs of c0 wait for c1
     out = a.handle(BarrierEvent("c1", b(5)))
-    assert out == [Aligned(b(5), [])]
+    assert out == [Aligned(b(5), [], [])]
     out = a.handle(Data("c1", "late6")) + a.handle(BarrierEvent("c1", b(6)))
-    assert out == [Aligned(b(6, checkpoint=True), ["early6", "late6"])]
+    assert out == [Aligned(b(6, checkpoint=True), ["early6", "late6"], ["c0", "c1"])]
     assert a.held_back == 0
+
+
+def test_an_untimed_channel_never_holds_the_watermark_back():
+    a = BarrierAligner(["stream", "table"], first_epoch=1, untimed={"table"})
+    a.handle(BarrierEvent("stream", b(1, wm=10)))
+    assert a.handle(BarrierEvent("table", b(1, wm=None)))[0].barrier.watermark == 10
+    a.handle(BarrierEvent("table", b(2, wm=3)))
+    assert a.handle(BarrierEvent("stream", b(2, wm=12)))[0].barrier.watermark == 12
 
 
 def test_watermark_is_minimum_and_unknown_if_any_is_unknown():

@@ -1,0 +1,378 @@
+"""Joins: a stream with a table (enrichment) and two streams within a time
+bound (window join). Both run in a stage with two inputs, each side hash
+partitioned on its join key, and get an epoch of both sides in one call
+(:meth:`~sluiceway.operators.base.OperatorLogic.process_inputs`): what they
+emit depends only on the epoch's rows, never on the order in which the two
+sides' messages came, so a replay emits the same.
+
+Pairs are found with Arrow hash joins over key and row number only, then
+the rows are gathered with ``take``: no per-row Python, and any column type
+(lists, structs) rides along.
+
+**Output columns.** The left side's columns, then the right side's except
+its join key; a right column whose name the left side has already gets
+``suffix`` (``"_right"``).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sluiceway.operators.base import Operator, OperatorContext, OperatorLogic, Outputs
+from sluiceway.operators.errors import FlowDefinitionError, missing_columns
+from sluiceway.operators.event_time import event_micros, micros
+from sluiceway.operators.keys import key_groups
+from sluiceway.operators.state import KeyGroupStore, StateChanges
+from sluiceway.operators.tables import TableState
+
+CHANGELOG_META = ("_op", "_lsn", "_table")  # what a changelog row carries besides the table's columns
+JOIN_KINDS = ("inner", "left", "outer")
+
+
+def _positions(n: int) -> pa.Array:
+    return pa.array(np.arange(n, dtype=np.int64))
+
+
+def match(left_keys: pa.Array, right_keys: pa.Array, how: str = "inner") -> tuple[pa.Array, pa.Array]:
+    """The row pairs with equal keys, ordered by left row then right row:
+    ``(left rows, right rows)``; with ``how="left"`` a left row without a
+    match pairs with a null.
+
+    >>> l, r = match(pa.array(["a", "b", "a"]), pa.array(["a", "c", "a"]), "left")
+    >>> l.to_pylist(), r.to_pylist()
+    ([0, 0, 1, 2, 2], [0, 2, None, 0, 2])
+    """
+    left = pa.table({"k": left_keys, "__l": _positions(len(left_keys))})
+    right = pa.table({"k": right_keys, "__r": _positions(len(right_keys))})
+    pairs = left.join(right, "k", join_type="left outer" if how == "left" else "inner", use_threads=False)
+    pairs = pairs.sort_by([("__l", "ascending"), ("__r", "ascending")])
+    return pairs.column("__l").combine_chunks(), pairs.column("__r").combine_chunks()
+
+
+def side_by_side(left: pa.Table, right: pa.Table, drop: list[str], suffix: str) -> pa.Table:
+    """``left``'s columns then ``right``'s (less ``drop``), renaming clashes."""
+    out = left
+    for name in right.column_names:
+        if name in drop:
+            continue
+        out = out.append_column(name + suffix if name in out.column_names else name, right.column(name))
+    return out
+
+
+def _check_how(how: str, allowed: tuple[str, ...], what: str) -> None:
+    if how not in allowed:
+        raise FlowDefinitionError(f"{what}(how=...) is one of {', '.join(map(repr, allowed))}, got {how!r}")
+
+
+# ------------------------------------------------------------ stream-table
+class Enrich(Operator):
+    """``stream.enrich(table, on=...)``: each event joined with the table's
+    row for its key.
+
+    **The rule within an epoch:** the table's changes of an epoch are applied
+    first, then the epoch's events are looked up, so an event sees every
+    change planned into the same epoch as itself, and none planned later.
+    Epochs are fixed by the offsets log, so a replay gives the same answer.
+    ``how="left"`` keeps an event without a row (the table's columns null);
+    ``how="inner"`` drops it.
+
+    >>> logic = Enrich("customer", "id").build(OperatorContext("e", 0, 1, 128), None)
+    >>> events = pa.table({"customer": [1, 2], "amount": [5, 7]})
+    >>> logic.process_inputs([events, pa.table({"id": [1], "name": ["ann"]})]).to_pylist()
+    [{'customer': 1, 'amount': 5, 'name': 'ann'}, {'customer': 2, 'amount': 7, 'name': None}]
+    """
+
+    kind = "enrich"
+    stateful = True
+
+    def __init__(self, on: str, table_key: str, how: str = "left", suffix: str = "_right"):
+        _check_how(how, ("inner", "left"), "enrich")
+        if not isinstance(on, str) or not on:
+            raise FlowDefinitionError(f"enrich needs the stream's column to look up by (on=...), got {on!r}")
+        self.on, self.table_key, self.how, self.suffix = on, table_key, how, suffix
+
+    @property
+    def state_key(self) -> str:
+        return self.table_key
+
+    def build(self, context: OperatorContext, restored: dict[int, pa.Table] | None) -> OperatorLogic:
+        return EnrichLogic(self, context, restored)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "on": self.on, "table_key": self.table_key, "how": self.how}
+
+
+class EnrichLogic(OperatorLogic):
+    def __init__(self, op: Enrich, context: OperatorContext, restored: dict[int, pa.Table] | None):
+        self.op, self.context = op, context
+        self.table = TableState(op.table_key, context, restored)
+
+    def process_inputs(self, tables: list[pa.Table | None]) -> pa.Table | None:
+        events, changes = tables
+        if changes is not None and changes.num_rows:
+            self.table.apply(changes)
+        if events is None or events.num_rows == 0:
+            return None
+        op = self.op
+        if op.on not in events.column_names:
+            raise missing_columns(self.context.step, "enrich", [op.on], events.column_names,
+                                  f"fix the column name in enrich(on={op.on!r})")
+        keys = events.column(op.on).combine_chunks()
+        rows = self.table.lookup(pc.unique(keys))
+        if rows is None:
+            if op.how == "inner":
+                return None
+            return events
+        rows = rows.drop_columns([c for c in CHANGELOG_META if c in rows.column_names])
+        at, found = match(keys, rows.column(op.table_key).combine_chunks(), op.how)
+        return side_by_side(events.take(at), rows.take(found), [op.table_key], op.suffix)
+
+    @property
+    def store(self) -> KeyGroupStore:
+        return self.table.store
+
+    def snapshot(self) -> dict[int, pa.Table]:
+        return self.store.full()
+
+    def snapshot_changes(self) -> StateChanges:
+        return self.store.take_changes()
+
+
+# ----------------------------------------------------------- window join
+SIDE, KEY, TIME, ID, MATCHED = "__side", "__key", "__t", "__id", "__matched"
+ROWS = ("__left", "__right")  # each state row holds its side's row as a struct, the other side's is null
+
+
+class WindowJoin(Operator):
+    """``left.join(right, on=..., within=...)``: the pairs of a left and a
+    right event with equal keys whose event times are at most ``within``
+    apart (both ends included).
+
+    Each side's events are kept until the watermark passes their time plus
+    ``within`` (no event to come can pair with them then) and are dropped;
+    with ``how="left"`` (or ``"outer"``) a left (or any) event dropped
+    without ever pairing is emitted with the other side's columns null.
+    State holds about ``within`` plus the out-of-orderness of each side,
+    whatever the stream's length. An event whose time is behind the
+    watermark when it arrives goes to ``late()``: events it could have
+    paired with may be gone. Pairs are emitted in the epoch where the later
+    of the two arrives.
+
+    >>> from datetime import datetime, timezone
+    >>> t = lambda s: datetime(2026, 1, 1, 0, 0, s, tzinfo=timezone.utc)
+    >>> op = WindowJoin("sid", "sid", "ts", "ts", timedelta(seconds=5))
+    >>> logic = op.build(OperatorContext("j", 0, 1, 128), None)
+    >>> searches = pa.table({"sid": [1, 2], "ts": [t(0), t(0)], "q": ["cats", "dogs"]})
+    >>> clicks = pa.table({"sid": [1, 2], "ts": [t(5), t(6)]})
+    >>> [(r["q"], r["ts_right"].second) for r in logic.process_inputs([searches, clicks]).to_pylist()]
+    [('cats', 5)]
+    """
+
+    kind = "window_join"
+    stateful = True
+    state_key = None  # several rows per key: changed key groups are written whole
+
+    def __init__(self, left_key: str, right_key: str, left_time: str, right_time: str, within: timedelta,
+                 how: str = "inner", suffix: str = "_right"):
+        _check_how(how, JOIN_KINDS, "join")
+        self.keys, self.times = (left_key, right_key), (left_time, right_time)
+        self.within = micros(within, "join(within=...)")
+        if self.within < 0:
+            raise FlowDefinitionError(f"join(within=...) must not be negative, got {within!r}")
+        self.how, self.suffix = how, suffix
+
+    def build(self, context: OperatorContext, restored: dict[int, pa.Table] | None) -> OperatorLogic:
+        return WindowJoinLogic(self, context, restored)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "keys": list(self.keys), "times": list(self.times), "within_s": self.within / 1e6,
+                "how": self.how}
+
+    def keeps_unmatched(self, side: int) -> bool:
+        return self.how == "outer" or (self.how == "left" and side == 0)
+
+
+def _as_struct(table: pa.Table) -> pa.StructArray:
+    table = table.combine_chunks()
+    return pa.StructArray.from_arrays([c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns],
+                                      names=table.column_names)
+
+
+def _rows_of(column) -> pa.Table:
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return pa.Table.from_struct_array(array)
+
+
+class WindowJoinLogic(OperatorLogic):
+    """State per key group: one row per kept event: its side, key, time, id,
+    whether it has paired, and the event itself (a struct column per side)."""
+
+    def __init__(self, op: WindowJoin, context: OperatorContext, restored: dict[int, pa.Table] | None):
+        self.op, self.context = op, context
+        self.store = KeyGroupStore(restored, key=None)
+        self.watermark = context.watermark
+        self.next_id = 1 + max((int(pc.max(t.column(ID)).as_py()) for t in self.store.groups.values()), default=0)
+        self.schemas: list[pa.Schema | None] = [None, None]  # each side's row schema, once seen
+        for table in self.store.groups.values():
+            for side in (0, 1):
+                if self.schemas[side] is None:
+                    self.schemas[side] = pa.schema(list(table.schema.field(ROWS[side]).type))
+        self.due = {kg: int(pc.min(t.column(TIME)).as_py()) + op.within for kg, t in self.store.groups.items()}
+
+    def _new_rows(self, side: int, table: pa.Table | None) -> tuple[pa.Table | None, pa.Table | None]:
+        """One side's events of the epoch as state rows, and its late events."""
+        if table is None or table.num_rows == 0:
+            return None, None
+        key, time = self.op.keys[side], self.op.times[side]
+        if key not in table.column_names or time not in table.column_names:
+            which = "on" if key not in table.column_names else "the event time"
+            raise missing_columns(self.context.step, "join", [key, time], table.column_names,
+                                  f"fix {which} of the join's {('left', 'right')[side]} side")
+        self.schemas[side] = table.schema
+        t, valid = event_micros(table, time, self.context.step)
+        late_mask = ~valid if self.watermark is None else (~valid | (t < self.watermark))
+        late = table.filter(pa.array(late_mask)) if late_mask.any() else None
+        if late is not None:
+            table, t = table.filter(pa.array(~late_mask)), t[~late_mask]
+        n = table.num_rows
+        if n == 0:
+            return None, late
+        ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
+        self.next_id += n
+        structs = [_as_struct(table), None]
+        if side == 1:
+            structs.reverse()
+        columns = {SIDE: pa.repeat(pa.scalar(side, pa.int8()), n), KEY: table.column(key).combine_chunks(),
+                   TIME: pa.array(t, pa.int64()), ID: pa.array(ids), MATCHED: pa.repeat(pa.scalar(False), n)}
+        for i, name in enumerate(ROWS):
+            columns[name] = structs[i] if structs[i] is not None else pa.nulls(n, self._struct_type(i))
+        return pa.table(columns), late
+
+    def _struct_type(self, side: int) -> pa.DataType:
+        schema = self.schemas[side]
+        return pa.struct(list(schema)) if schema is not None else pa.struct([])
+
+    def process_inputs(self, tables: list[pa.Table | None]) -> pa.Table | Outputs | None:
+        self.first_new_id = self.next_id  # rows with an id from here on came this epoch
+        new, late = zip(*(self._new_rows(side, table) for side, table in enumerate(tables)))
+        new = [n for n in new if n is not None]
+        lates = [t for t in late if t is not None]
+        out = None
+        if new:
+            rows = pa.concat_tables(new, promote_options="permissive") if len(new) > 1 else new[0]
+            rows = self._conform(rows)
+            out = self._join(rows)
+        side = {}
+        if lates:
+            side["late"] = pa.concat_tables(lates, promote_options="permissive") if len(lates) > 1 else lates[0]
+        return Outputs(out, side) if side else out
+
+    def _conform(self, rows: pa.Table) -> pa.Table:
+        """Rows whose struct columns have the current type of each side (a
+        side seen for the first time this epoch fills the other's nulls)."""
+        for i, name in enumerate(ROWS):
+            want = self._struct_type(i)
+            if rows.schema.field(name).type != want:
+                column = rows.column(name)
+                fixed = [c if c.null_count < len(c) else pa.nulls(len(c), want) for c in column.chunks]
+                rows = rows.set_column(rows.schema.get_field_index(name), name, pa.chunked_array(fixed, want))
+        return rows
+
+    def _join(self, new: pa.Table) -> pa.Table | None:
+        """Pairs of this epoch's events with each other and with kept ones;
+        then the new events join the state, and paired rows are marked. The
+        key groups the epoch touches are read, joined and written back at once."""
+        op, max_kg = self.op, self.context.max_key_groups
+        groups = set(pc.unique(key_groups(new.column(KEY), max_kg)).to_pylist())
+        old = self.store.read(groups)
+        both = new if old is None else pa.concat_tables([self._conform(old), new], promote_options="permissive")
+        both = self._conform(both).combine_chunks()
+        is_left = pc.equal(both.column(SIDE), 0)
+        lefts, rights = both.filter(is_left), both.filter(pc.invert(is_left))
+        li, ri = match(lefts.column(KEY).combine_chunks(), rights.column(KEY).combine_chunks())
+        if len(li):
+            tl, tr = pc.take(lefts.column(TIME), li), pc.take(rights.column(TIME), ri)
+            close = pc.less_equal(pc.abs(pc.subtract(tl, tr)), op.within)
+            fresh = pc.or_(pc.greater_equal(pc.take(lefts.column(ID), li), self.first_new_id),  # old pairs were
+                           pc.greater_equal(pc.take(rights.column(ID), ri), self.first_new_id))  # emitted before
+            keep = pc.and_(close, fresh)
+            li, ri = li.filter(keep), ri.filter(keep)
+        out = None
+        if len(li):
+            paired = pa.concat_arrays([pc.take(lefts.column(ID), li).combine_chunks(),
+                                       pc.take(rights.column(ID), ri).combine_chunks()])
+            both = both.set_column(both.schema.get_field_index(MATCHED), MATCHED,
+                                   pc.or_(both.column(MATCHED), pc.is_in(both.column(ID), value_set=paired)))
+            left, right = _rows_of(lefts.column(ROWS[0]).take(li)), _rows_of(rights.column(ROWS[1]).take(ri))
+            out = side_by_side(left, right, [op.keys[1]] if op.keys[0] == op.keys[1] else [], op.suffix)
+        self.store.rewrite(groups, both, KEY, max_kg)
+        for kg, first in _earliest_per_group(new, max_kg).items():
+            self.due[kg] = min(self.due.get(kg, 2**63 - 1), first + op.within)
+        return out
+
+    def on_epoch_end(self, epoch: int, watermark: int | None) -> pa.Table | None:
+        if watermark is None or (self.watermark is not None and watermark <= self.watermark):
+            return None
+        self.watermark = watermark
+        op, max_kg = self.op, self.context.max_key_groups
+        groups = {kg for kg, due in self.due.items() if due < watermark}
+        table = self.store.read(groups) if groups else None
+        if table is None:
+            for kg in groups:
+                self.due.pop(kg, None)
+            return None
+        expired = pc.less(pc.add(table.column(TIME), op.within), watermark)
+        gone = table.filter(expired)
+        table = table.filter(pc.invert(expired))
+        self.store.rewrite(groups, table, KEY, max_kg)
+        for kg in groups:
+            self.due.pop(kg, None)
+        self.due.update({kg: first + op.within for kg, first in _earliest_per_group(table, max_kg).items()})
+        out = []
+        drop = [op.keys[1]] if op.keys[0] == op.keys[1] else []
+        for side in (0, 1):
+            if not op.keeps_unmatched(side):
+                continue
+            lonely = gone.filter(pc.and_(pc.equal(gone.column(SIDE), side), pc.invert(gone.column(MATCHED))))
+            if lonely.num_rows == 0:
+                continue
+            rows = _rows_of(lonely.sort_by([(TIME, "ascending"), (ID, "ascending")]).column(ROWS[side]))
+            if side == 0:
+                out.append(side_by_side(rows, _blank_like(self.schemas[1], rows.num_rows), drop, op.suffix))
+            else:
+                joined = side_by_side(_blank_like(self.schemas[0], rows.num_rows), rows, drop, op.suffix)
+                if drop:  # the shared key comes from the right row
+                    index = joined.schema.get_field_index(op.keys[0])
+                    joined = joined.set_column(index, op.keys[0],
+                                               rows.column(op.keys[1]).cast(joined.schema.field(index).type))
+                out.append(joined)
+        if not out:
+            return None
+        return out[0] if len(out) == 1 else pa.concat_tables(out, promote_options="permissive")
+
+    def snapshot(self) -> dict[int, pa.Table]:
+        return self.store.full()
+
+    def snapshot_changes(self) -> StateChanges:
+        return self.store.take_changes()
+
+    def state_rows(self) -> int:
+        return len(self.store)
+
+
+def _earliest_per_group(table: pa.Table, max_key_groups: int) -> dict[int, int]:
+    """The earliest event time in each key group of state rows."""
+    if table.num_rows == 0:
+        return {}
+    kg = key_groups(table.column(KEY), max_key_groups)
+    firsts = pa.table({"kg": kg, "t": table.column(TIME)}).group_by("kg", use_threads=False).aggregate([("t", "min")])
+    return dict(zip(firsts.column("kg").to_pylist(), firsts.column("t_min").to_pylist()))
+
+
+def _blank_like(schema: pa.Schema | None, n: int) -> pa.Table:
+    schema = schema or pa.schema([])
+    return pa.table({f.name: pa.nulls(n, f.type) for f in schema}, schema=schema)
