@@ -17,7 +17,7 @@ from sluiceway.cluster.graph import JobGraph, Step
 from sluiceway.operators.aggregate import Aggregate
 from sluiceway.operators.errors import FlowDefinitionError
 from sluiceway.operators.event_time import DEFAULT_IDLE_TIMEOUT, EventTime
-from sluiceway.operators.joins import Enrich, WindowJoin
+from sluiceway.operators.joins import Enrich, TableJoin, WindowJoin
 from sluiceway.operators.tables import Dedupe, ToTable
 from sluiceway.operators.windows import Hopping, Tumbling, Window
 from sluiceway.operators.sinks import Sink
@@ -167,7 +167,8 @@ class Stream:
     def _check_event_time_place(self, what: str) -> None:
         step = self.flow.graph.steps[self.step_id]
         while step is not None:
-            if step.kind in ("key_by", "aggregate", "window", "event_time", "table", "dedupe", "enrich", "window_join"):
+            if step.kind in ("key_by", "aggregate", "window", "event_time", "table", "dedupe", "enrich", "window_join",
+                             "table_join"):
                 raise FlowDefinitionError(
                     f"{what} must come before key_by, windows and aggregates, on the source's stream "
                     f"(it follows a {step.kind} step {step.id!r}): watermarks are tracked per source partition"
@@ -270,7 +271,7 @@ class Stream:
         """
         keyed = self.key_by(key, parallelism=parallelism)
         step = keyed._then("table", ToTable(key, updates), name)
-        return Table(self.flow, step.step_id, key)
+        return Table(self.flow, step.step_id, key, retract=updates == "retract")
 
     def dedupe(self, columns, *, within: timedelta, parallelism: int | None = None,
                name: str | None = None) -> "WithLate":
@@ -493,14 +494,59 @@ class WindowResult(Stream):
 class Table(Stream):
     """A changelog stream with a key: the latest row per key is the table.
     ``stream.to_table(key)`` and keyed aggregates make one; enrich a stream
-    with it, or sink it as a changelog (``_op`` per row)."""
+    with it, join it with another table, or sink it as a changelog (``_op``
+    per row). ``retract``: an update comes as the old row's delete and the
+    new row's insert."""
 
-    def __init__(self, flow: Dataflow, step_id: str, key: str):
+    def __init__(self, flow: Dataflow, step_id: str, key: str, retract: bool = False):
         super().__init__(flow, step_id)
         self.key = key
+        self.retract = retract
 
     def __repr__(self) -> str:
         return f"Table({self.flow.name!r}, {self.step_id!r}, key={self.key!r})"
+
+    def join(self, other: "Table", *, on: str, right_on: str | None = None, suffix: str = "_right",
+             parallelism: int | None = None, name: str | None = None) -> Stream:
+        """The inner join of two tables on ``on`` (``right_on`` for the other
+        table's column), kept up to date as either changes: the changelog of
+        the joined view, one row per pair of rows, named by the two rows'
+        keys: ``insert`` when a pair enters the view, ``delete`` (last
+        values) when it leaves it, ``update`` when one of its rows changed.
+        A table joined on a column other than its key must retract its
+        updates (``to_table(key, updates="retract")``), so a row whose join
+        value changes is taken out where it was.
+
+        >>> from sluiceway.operators.sources import ListSource
+        >>> from sluiceway.jobs.testing import run_local, CollectSink
+        >>> flow, out = Dataflow("doc_table_join"), CollectSink()
+        >>> tweets = flow.source(ListSource([{"tweet": 1, "author": "ann"}, {"tweet": 2, "author": "cy"}]))
+        >>> follows = flow.source(ListSource([{"id": "bob>ann", "follower": "bob", "followee": "ann"}]))
+        >>> timeline = tweets.to_table("tweet", updates="retract").join(
+        ...     follows.to_table("id", updates="retract"), on="author", right_on="followee")
+        >>> timeline.sink(out)
+        >>> epochs = run_local(flow)
+        >>> [(r["tweet"], r["follower"], r["_op"]) for r in out.rows()]
+        [(1, 'bob', 'insert')]
+        """
+        if not isinstance(other, Table) or other.flow is not self.flow:
+            raise FlowDefinitionError("table.join needs another table of the same flow (stream.to_table(key))")
+        right_on = right_on or on
+        for table, column, side in ((self, on, "left"), (other, right_on, "right")):
+            if not isinstance(column, str) or not column:
+                raise FlowDefinitionError(f"table.join needs the {side} table's join column, got {column!r}")
+            if column != table.key and not table.retract:
+                raise FlowDefinitionError(
+                    f"the {side} table is joined on {column!r}, not its key {table.key!r}: make it with "
+                    f"to_table({table.key!r}, updates='retract'), so that a row whose {column!r} changes "
+                    "is taken out of the join where it was"
+                )
+        _check_parallelism(parallelism)
+        op = TableJoin(on, right_on, self.key, other.key, suffix)
+        step = self.flow.graph.add(Step(self.flow._step_id("table_join", name), "table_join", self.step_id,
+                                        parallelism, operator=op, key=on, right=other.step_id, right_key=right_on,
+                                        right_timed=False))
+        return Stream(self.flow, step.id)
 
 
 class WithLate(Stream):

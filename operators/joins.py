@@ -376,3 +376,185 @@ def _earliest_per_group(table: pa.Table, max_key_groups: int) -> dict[int, int]:
 def _blank_like(schema: pa.Schema | None, n: int) -> pa.Table:
     schema = schema or pa.schema([])
     return pa.table({f.name: pa.nulls(n, f.type) for f in schema}, schema=schema)
+
+
+# ------------------------------------------------------------- table-table
+PK = "__pk"
+
+
+class TableJoin(Operator):
+    """``table.join(other, on=...)``: the inner join of two tables,
+    maintained as both change, emitted as the changelog of the joined view.
+
+    Each side's changelog is partitioned by its join column, and each task
+    keeps, per join value, the rows of both sides that have it. For the
+    join values an epoch's changes touch, the task joins the old rows and
+    the new rows of both sides and emits the difference, each joined row
+    named by the keys of its two rows: ``insert`` for a pair that enters the
+    view, ``delete`` (with its last values) for one that leaves it (a row
+    deleted, or its join value changed), ``update`` for a pair whose rows
+    changed. Work per epoch follows the touched join values and their
+    fan-out, not the tables' size. A side joined on a column other than its
+    key must come as a retracting changelog (``to_table(key,
+    updates="retract")``): an update that moves a row to another join value
+    must take it out where it was.
+
+    >>> op = TableJoin("author", "followee", "tweet", "follow")
+    >>> logic = op.build(OperatorContext("j", 0, 1, 128), None)
+    >>> tweets = pa.table({"tweet": [1], "author": ["ann"], "_op": ["insert"]})
+    >>> follows = pa.table({"follow": ["bob>ann"], "follower": ["bob"], "followee": ["ann"], "_op": ["insert"]})
+    >>> [(r["tweet"], r["follower"], r["_op"]) for r in logic.process_inputs([tweets, follows]).to_pylist()]
+    [(1, 'bob', 'insert')]
+    >>> unfollow = follows.set_column(3, "_op", pa.array(["delete"]))
+    >>> [(r["tweet"], r["follower"], r["_op"]) for r in logic.process_inputs([None, unfollow]).to_pylist()]
+    [(1, 'bob', 'delete')]
+    """
+
+    kind = "table_join"
+    stateful = True
+    state_key = None  # several rows per join value: changed key groups are written whole
+
+    def __init__(self, left_on: str, right_on: str, left_key: str, right_key: str, suffix: str = "_right"):
+        self.ons, self.keys, self.suffix = (left_on, right_on), (left_key, right_key), suffix
+
+    def build(self, context: OperatorContext, restored: dict[int, pa.Table] | None) -> OperatorLogic:
+        return TableJoinLogic(self, context, restored)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "on": list(self.ons), "keys": list(self.keys)}
+
+
+class TableJoinLogic(OperatorLogic):
+    """State per key group: one row per table row: its side, join value,
+    key (as text) and the row itself (a struct column per side)."""
+
+    def __init__(self, op: TableJoin, context: OperatorContext, restored: dict[int, pa.Table] | None):
+        self.op, self.context = op, context
+        self.store = KeyGroupStore(restored, key=None)
+        self.schemas: list[pa.Schema | None] = [None, None]
+        self.key_type: pa.DataType | None = None
+        for table in self.store.groups.values():
+            self.schemas = [pa.schema(list(table.schema.field(ROWS[s]).type)) for s in (0, 1)]
+            self.key_type = table.schema.field(KEY).type
+
+    def _changes(self, side: int, table: pa.Table | None) -> tuple[pa.Table | None, pa.Array | None, pa.Array | None]:
+        """One side's epoch of changes as state rows (the last per row key),
+        which of them are deletes, and every join value the changes name
+        (a row's earlier changes in the epoch may have had another)."""
+        from sluiceway.operators.tables import OP, changes_by_key
+
+        if table is None or table.num_rows == 0:
+            return None, None, None
+        on, key = self.op.ons[side], self.op.keys[side]
+        if on not in table.column_names:
+            raise missing_columns(self.context.step, "join", [on], table.column_names,
+                                  f"fix the join column of the {('left', 'right')[side]} table")
+        last, deleted = changes_by_key(table, key, self.context.step)
+        rows = last.drop_columns([c for c in CHANGELOG_META if c in last.column_names and c != OP])
+        self.schemas[side] = rows.schema
+        values = rows.column(on).combine_chunks()
+        if self.key_type is None:
+            self.key_type = values.type
+        values = values.cast(self.key_type)
+        named = table.column(on).combine_chunks().cast(self.key_type)
+        n = rows.num_rows
+        structs = [_as_struct(rows), None]
+        if side == 1:
+            structs.reverse()
+        columns = {SIDE: pa.repeat(pa.scalar(side, pa.int8()), n), KEY: values,
+                   PK: pc.cast(rows.column(key), pa.string()).combine_chunks()}
+        for i, name in enumerate(ROWS):
+            columns[name] = structs[i] if structs[i] is not None else pa.nulls(n, self._struct_type(i))
+        return pa.table(columns), deleted, named
+
+    def _struct_type(self, side: int) -> pa.DataType:
+        schema = self.schemas[side]
+        return pa.struct(list(schema)) if schema is not None else pa.struct([])
+
+    def _conform(self, rows: pa.Table) -> pa.Table:
+        for i, name in enumerate(ROWS):
+            want = self._struct_type(i)
+            if rows.schema.field(name).type != want:
+                column = rows.column(name)
+                fixed = [c if c.null_count < len(c) else pa.nulls(len(c), want) for c in column.chunks]
+                rows = rows.set_column(rows.schema.get_field_index(name), name, pa.chunked_array(fixed, want))
+        return rows
+
+    def process_inputs(self, tables: list[pa.Table | None]) -> pa.Table | None:
+        changes = [self._changes(side, table) for side, table in enumerate(tables)]
+        if all(c is None for c, _, _ in changes):
+            return None
+        max_kg = self.context.max_key_groups
+        touched = pc.unique(pa.concat_arrays([named for _, _, named in changes if named is not None]))
+        groups = set(pc.unique(key_groups(touched, max_kg)).to_pylist())
+        state = self.store.read(groups)
+        state = None if state is None else self._conform(state).combine_chunks()
+        if state is not None:
+            hit = pc.is_in(state.column(KEY), value_set=touched)
+            old, rest = state.filter(hit), state.filter(pc.invert(hit))
+        else:
+            old = rest = None
+        old_sides = [None if old is None else old.filter(pc.equal(old.column(SIDE), s)) for s in (0, 1)]
+        new_sides, changed = [], []
+        for side, (rows, deleted, _) in enumerate(changes):
+            before = old_sides[side]
+            if rows is None:
+                new_sides.append(before)
+                changed.append(pa.array([], pa.string()))
+                continue
+            rows = self._conform(rows)
+            pks = rows.column(PK).combine_chunks()
+            kept = None if before is None else self._conform(before.filter(pc.invert(pc.is_in(before.column(PK),
+                                                                                              value_set=pks))))
+            live = rows.filter(pc.invert(deleted))
+            parts = [t for t in (kept, live) if t is not None and t.num_rows]
+            new_sides.append(pa.concat_tables(parts).combine_chunks() if parts else None)
+            changed.append(live.column(PK).combine_chunks())
+        old_sides = [None if t is None else self._conform(t) for t in old_sides]
+        parts = [self._conform(t) for t in [rest] + new_sides if t is not None and t.num_rows]
+        self.store.rewrite(groups, pa.concat_tables(parts).combine_chunks() if parts else None, KEY, max_kg)
+        return self._difference(self._pairs(*old_sides), self._pairs(*new_sides), changed)
+
+    def _pairs(self, left: pa.Table | None, right: pa.Table | None) -> pa.Table | None:
+        if left is None or right is None or left.num_rows == 0 or right.num_rows == 0:
+            return None
+        li, ri = match(left.column(KEY).combine_chunks(), right.column(KEY).combine_chunks())
+        if len(li) == 0:
+            return None
+        lpk, rpk = pc.take(left.column(PK), li), pc.take(right.column(PK), ri)
+        return pa.table({"__pair": pc.binary_join_element_wise(lpk, rpk, "\x1f"), "__lpk": lpk, "__rpk": rpk,
+                         ROWS[0]: pc.take(left.column(ROWS[0]), li), ROWS[1]: pc.take(right.column(ROWS[1]), ri)})
+
+    def _difference(self, old: pa.Table | None, new: pa.Table | None, changed: list[pa.Array]) -> pa.Table | None:
+        from sluiceway.operators.tables import DELETE, INSERT, OP, UPDATE
+
+        out = []
+        old_ids = None if old is None else old.column("__pair").combine_chunks()
+        new_ids = None if new is None else new.column("__pair").combine_chunks()
+        if old is not None:
+            gone = old if new_ids is None else old.filter(pc.invert(pc.is_in(old_ids, value_set=new_ids)))
+            out.append((gone, DELETE))
+        if new is not None:
+            stayed = pa.repeat(pa.scalar(False), new.num_rows) if old_ids is None else pc.is_in(new_ids,
+                                                                                              value_set=old_ids)
+            out.append((new.filter(pc.invert(stayed)), INSERT))
+            moved = pc.or_(pc.is_in(new.column("__lpk"), value_set=changed[0]),
+                           pc.is_in(new.column("__rpk"), value_set=changed[1]))
+            out.append((new.filter(pc.and_(stayed, moved)), UPDATE))
+        tables = []
+        drop = [self.op.ons[1]] if self.op.ons[0] == self.op.ons[1] else []
+        for pairs, op_name in out:
+            if pairs.num_rows == 0:
+                continue
+            joined = side_by_side(_rows_of(pairs.column(ROWS[0])), _rows_of(pairs.column(ROWS[1])), drop,
+                                  self.op.suffix)
+            tables.append(joined.append_column(OP, pa.repeat(pa.scalar(op_name), joined.num_rows)))
+        if not tables:
+            return None
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
+
+    def snapshot(self) -> dict[int, pa.Table]:
+        return self.store.full()
+
+    def snapshot_changes(self) -> StateChanges:
+        return self.store.take_changes()

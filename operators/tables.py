@@ -92,6 +92,28 @@ def changes_by_key(table: pa.Table, key: str, step: str | None) -> tuple[pa.Tabl
     return last.drop_columns([OP]), pc.equal(last.column(OP), DELETE)
 
 
+def split_changes(table: pa.Table, keys: list[str], step: str | None = None) -> tuple[pa.Table, pa.Table]:
+    """What a sink keeping a copy of a table does with one epoch of its
+    changelog: the last change of each key (``keys``: the columns that
+    identify a row), as the rows to upsert (without ``_op``) and the keys to
+    delete.
+
+    >>> rows = pa.table({"id": [1, 2, 1, 3], "v": ["a", "b", None, "c"], "_op": ["insert", "insert", "delete", None]})
+    >>> upsert, delete = split_changes(rows, ["id"])
+    >>> upsert.to_pylist(), delete.to_pylist()
+    ([{'id': 2, 'v': 'b'}, {'id': 3, 'v': 'c'}], [{'id': 1}])
+    """
+    ops = ops_of(table, step)
+    rows = table.drop_columns([OP]) if OP in table.column_names else table
+    ident = combined_key(rows, keys)
+    last = last_per_key(pa.table({"__k": ident, OP: ops, "__row": pa.array(np.arange(len(ident), dtype=np.int64))}),
+                        "__k")
+    gone = pc.equal(last.column(OP), DELETE)
+    upsert = rows.take(last.column("__row").filter(pc.invert(gone)))
+    delete = rows.select(keys).take(last.column("__row").filter(gone))
+    return upsert, delete
+
+
 class TableState:
     """The latest row per key, in key groups: applies a changelog and says
     what each key was before and is after. Shared by :class:`ToTable` and the

@@ -15,7 +15,8 @@
 Mode ``merge`` (by ``key``): pre-commit stages the epoch's rows in
 ``_sluiceway_staging/`` under the table's folder; the commit is one Delta
 MERGE of the epoch's rows (the last row per key wins) that updates rows with
-a matching key and inserts the others, carrying the same application
+a matching key and inserts the others (a changelog's ``_op = 'delete'``
+deletes the key's row, so a table sunk here stays an exact copy), carrying the same application
 transaction, so a replayed commit is skipped there too. Staged files are
 deleted once their epoch is committed.
 
@@ -32,7 +33,6 @@ import posixpath
 import time
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sluiceway.checkpoint.storage import absolute_url, atomic_write, open_filesystem
@@ -154,16 +154,27 @@ class DeltaSink(Sink):
         if missing:
             raise SinkError(f"DeltaSink merge key {missing} is not among the stream's columns "
                             f"({', '.join(rows.column_names)})")
-        numbered = rows.append_column("__row", pa.array(range(rows.num_rows), pa.int64()))
-        last = numbered.group_by(self.key, use_threads=False).aggregate([("__row", "max")])["__row_max"]
-        rows = rows.take(pc.sort_indices(last))
+        from sluiceway.operators.tables import split_changes
+
+        live, gone = split_changes(rows, self.key)  # the last change per key; without _op every row is an upsert
         if table is None:
-            deltalake.write_deltalake(self.url, rows, mode="append", commit_properties=properties,
+            deltalake.write_deltalake(self.url, live, mode="append", commit_properties=properties,
                                       storage_options=self.storage_options or None)
         else:
             predicate = " AND ".join(f'target."{k}" = source."{k}"' for k in self.key)
-            (table.merge(rows, predicate, source_alias="source", target_alias="target", commit_properties=properties)
-                  .when_matched_update_all().when_not_matched_insert_all().execute())
+            if gone.num_rows:
+                flags = pa.concat_arrays([pa.repeat(pa.scalar(False), live.num_rows),
+                                          pa.repeat(pa.scalar(True), gone.num_rows)])
+                source = pa.concat_tables([live, gone], promote_options="permissive").append_column("__gone", flags)
+            else:
+                source = live.append_column("__gone", pa.repeat(pa.scalar(False), live.num_rows))
+            columns = {f'"{c}"': f'source."{c}"' for c in live.column_names}
+            (table.merge(source, predicate, source_alias="source", target_alias="target",
+                         commit_properties=properties)
+                  .when_matched_delete(predicate="source.__gone")
+                  .when_matched_update(updates=columns, predicate="NOT source.__gone")
+                  .when_not_matched_insert(updates=columns, predicate="NOT source.__gone")
+                  .execute())
         self._drop_staged(files)
 
     def _drop_staged(self, files: list[dict]) -> None:

@@ -5,7 +5,8 @@ PostgreSQL's own two-phase commit (``psycopg``).
   epoch's rows with ``COPY ... FROM STDIN (FORMAT csv)`` (pyarrow writes the
   CSV: no Python per row), inserts them (``append``) or upserts them by key
   (``upsert``: ``INSERT ... ON CONFLICT (key) DO UPDATE``, the last row of a
-  key in the epoch winning), and ends with ``PREPARE TRANSACTION`` under the
+  key in the epoch winning; a changelog's ``_op = 'delete'`` deletes the
+  key: a table sunk here stays an exact copy), and ends with ``PREPARE TRANSACTION`` under the
   name ``sluiceway:<job>:<step>:<epoch>:<subtask>:<attempt>``. The rows are
   durable and invisible.
 - **Commit** (the coordinator): ``COMMIT PREPARED`` for each of the epoch's
@@ -162,6 +163,11 @@ class _PostgresWriter(SinkWriter):
             missing = [k for k in sink.key if k not in table.column_names]
             if missing:
                 raise SinkError(f"PostgresSink upsert key {missing} is not in the stream's columns {table.column_names}")
+        deletes = None
+        if sink.mode == "upsert" and "_op" in table.column_names:  # a changelog: upserts and deletes
+            from sluiceway.operators.tables import split_changes
+
+            table, deletes = split_changes(table, sink.key, self.context.step)
         if not self.checked:
             if sink.create_table:
                 sink.ensure_table(table.schema, self.context.on_wait)
@@ -175,7 +181,11 @@ class _PostgresWriter(SinkWriter):
         data = io.BytesIO()
         pacsv.write_csv(table, data, pacsv.WriteOptions(include_header=False))
         with connect(sink.dsn, sink.connect_deadline_s, self.context.on_wait) as conn:
-            if sink.mode == "append":
+            if deletes is not None and deletes.num_rows:
+                self._delete(conn, target, deletes, epoch)
+            if table.num_rows == 0:
+                pass
+            elif sink.mode == "append":
                 with conn.cursor().copy(f"COPY {target} ({columns}) FROM STDIN (FORMAT csv)") as copy:
                     copy.write(data.getvalue())
             else:
@@ -198,13 +208,27 @@ class _PostgresWriter(SinkWriter):
                     "prepared transactions; set max_prepared_transactions (at least twice the number of sink "
                     "tasks) in postgresql.conf and restart the server"
                 ) from None
-        return {**handle, "gid": gid, "rows": table.num_rows}
+        return {**handle, "gid": gid, "rows": table.num_rows + (0 if deletes is None else deletes.num_rows)}
+
+    def _delete(self, conn, target: str, keys: pa.Table, epoch: int) -> None:
+        """Delete the rows of ``keys`` (the key columns of a changelog's deletes)."""
+        stage = _ident(f"_sluiceway_delete_{epoch}_{self.context.subtask}_{self.context.attempt}")
+        names = ", ".join(_ident(k) for k in keys.column_names)
+        conn.execute(f"CREATE UNLOGGED TABLE {stage} AS SELECT {names} FROM {target} WITH NO DATA")
+        data = io.BytesIO()
+        pacsv.write_csv(keys, data, pacsv.WriteOptions(include_header=False))
+        with conn.cursor().copy(f"COPY {stage} ({names}) FROM STDIN (FORMAT csv)") as copy:
+            copy.write(data.getvalue())
+        match = " AND ".join(f"{target}.{_ident(k)} = {stage}.{_ident(k)}" for k in keys.column_names)
+        conn.execute(f"DELETE FROM {target} USING {stage} WHERE {match}")
+        conn.execute(f"DROP TABLE {stage}")
 
 
 class PostgresSink(Sink):
     """Rows of each epoch into PostgreSQL table ``table`` (``schema.table``
     allowed), visible per epoch, exactly once. ``mode="upsert"`` needs
-    ``key`` (the table's primary key or a unique constraint on it);
+    ``key`` (the table's primary key or a unique constraint on it), and
+    takes a changelog too (``_op``: a delete removes the key's row);
     ``create_table=True`` creates a missing table from the stream's schema."""
 
     kind = "postgres"

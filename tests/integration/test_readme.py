@@ -33,6 +33,20 @@ def test_readme_window_example_runs_as_written(tmp_path, monkeypatch):
     assert windows.column_names == ["auction", "window_start", "window_end", "count_all", "price_max"]
 
 
+def test_readme_tables_and_joins_example_runs_as_written(tmp_path, monkeypatch):
+    code = re.search(r"## Tables and joins\n.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    assert namespace["summary"]["stopped"] == "idle"
+    rows = sorted(namespace["paid_orders"].to_pylist(), key=lambda r: r["order"])
+    assert [r["order"] for r in rows] == [0, 1, 2, 3, 4, 5]  # the repeats of 0 and 1 dropped
+    assert [r["name"] for r in rows] == ["ann", "bo", None, "ann", "bo", None]  # bob's update, same epoch
+    assert [r["paid_at"] is not None for r in rows] == [True, False, True, False, True, False]
+    changelog = namespace["read_committed"]("out/customers").to_pylist()
+    assert sorted((r["id"], r["name"], r["_op"]) for r in changelog) == [(1, "ann", "insert"), (2, "bo", "insert")]
+
+
 def test_readme_example_sink_commits_each_epoch_once(tmp_path):
     from sluiceway.jobs import Dataflow
     from sluiceway.jobs.testing import run_local

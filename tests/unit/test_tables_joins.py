@@ -305,3 +305,68 @@ def test_join_needs_event_time_on_both_sides():
         a.join(b, on="k", within=timedelta(seconds=1))
     with pytest.raises(FlowDefinitionError, match="how"):
         a.join(a, on="k", within=timedelta(seconds=1), how="sideways")
+
+
+# -------------------------------------------------------------- table-table
+def timeline_changes(seed: int) -> tuple[list[dict], list[dict]]:
+    rng = random.Random(seed)
+    users = [f"u{i}" for i in range(12)]
+    tweets, follows, live_tweets, live_follows = [], [], {}, set()
+    for i in range(400):
+        if rng.random() < 0.5:
+            tweet = rng.randrange(60)
+            if tweet in live_tweets and rng.random() < 0.3:
+                tweets.append({"tweet": tweet, "author": live_tweets.pop(tweet), "text": None, "_op": "delete"})
+            else:  # a new tweet, or an edit that may change the author
+                live_tweets[tweet] = rng.choice(users)
+                tweets.append({"tweet": tweet, "author": live_tweets[tweet], "text": f"t{i}", "_op": "update"})
+        else:
+            pair = (rng.choice(users), rng.choice(users))
+            op = "delete" if pair in live_follows else "insert"
+            (live_follows.discard if op == "delete" else live_follows.add)(pair)
+            follows.append({"id": f"{pair[0]}>{pair[1]}", "follower": pair[0], "followee": pair[1], "_op": op})
+    return tweets, follows
+
+
+def latest(changes: list[dict], key: str) -> dict:
+    table = {}
+    for c in changes:
+        if c["_op"] == "delete":
+            table.pop(c[key], None)
+        else:
+            table[c[key]] = {k: v for k, v in c.items() if k != "_op"}
+    return table
+
+
+@pytest.mark.parametrize("k,parallelism", [(9, 1), (31, 2)])
+def test_table_join_keeps_the_view_exact_with_retractions(k, parallelism):
+    tweets, follows = timeline_changes(seed=k)
+    flow, out = Dataflow("timeline"), CollectSink()
+    t = flow.source(ListSource(tweets)).to_table("tweet", updates="retract")
+    f = flow.source(ListSource(follows)).to_table("id", updates="retract")
+    t.join(f, on="author", right_on="followee", parallelism=parallelism).sink(out)
+    run_local(flow, max_records_per_epoch=k)
+    view = {}
+    for r in out.rows():  # every change must fit the view as it stands: no spurious insert or delete
+        pair, row = (r["tweet"], r["id"]), {c: r[c] for c in ("tweet", "author", "text", "follower")}
+        if r["_op"] == "insert":
+            assert pair not in view, r
+            view[pair] = row
+        elif r["_op"] == "delete":
+            assert view.pop(pair) == row, r
+        else:
+            assert pair in view, r
+            view[pair] = row
+    final_tweets, final_follows = latest(tweets, "tweet"), latest(follows, "id")
+    expected = {(tw["tweet"], fo["id"]): {"tweet": tw["tweet"], "author": tw["author"], "text": tw["text"],
+                                          "follower": fo["follower"]}
+                for tw in final_tweets.values() for fo in final_follows.values() if tw["author"] == fo["followee"]}
+    assert view == expected and len(expected) > 20
+
+
+def test_table_join_on_a_column_other_than_the_key_needs_retractions():
+    flow = Dataflow("timeline_upsert")
+    t = flow.source(ListSource([{"tweet": 1, "author": "a"}])).to_table("tweet")
+    f = flow.source(ListSource([{"id": "b>a", "followee": "a"}])).to_table("id", updates="retract")
+    with pytest.raises(FlowDefinitionError, match=r"to_table\('tweet', updates='retract'\)"):
+        t.join(f, on="author", right_on="followee")
