@@ -30,6 +30,9 @@ def encode_key_groups(groups: dict[int, pa.Table]) -> tuple[bytes, dict[int, int
     >>> data, index = encode_key_groups({9: pa.table({"k": [1, 2]}), 3: pa.table({"k": [5]})})
     >>> index
     {3: 0, 9: 1}
+    >>> data, _ = encode_key_groups({1: pa.table({"k": [1]}), 2: pa.table({"k": [2], "__deleted": [True]})})
+    >>> pa.ipc.open_file(data).read_all().to_pylist()
+    [{'k': 1, '__deleted': None}, {'k': 2, '__deleted': True}]
     """
     groups = {kg: t for kg, t in sorted(groups.items()) if t.num_rows}
     schema = pa.unify_schemas([t.schema for t in groups.values()], promote_options="permissive") if groups else pa.schema([])
@@ -37,9 +40,20 @@ def encode_key_groups(groups: dict[int, pa.Table]) -> tuple[bytes, dict[int, int
     index: dict[int, int] = {}
     with pa.ipc.new_file(sink, schema) as writer:
         for batch_index, (kg, table) in enumerate(groups.items()):
-            writer.write_table(table.cast(schema).combine_chunks(), max_chunksize=table.num_rows)
+            writer.write_table(_conform(table, schema).combine_chunks(), max_chunksize=table.num_rows)
             index[kg] = batch_index
     return sink.getvalue(), index
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``'s columns in its order: a column it lacks
+    (a full key group beside deltas with tombstones) is null."""
+    if table.schema == schema:
+        return table
+    for f in schema:
+        if f.name not in table.column_names:
+            table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
+    return table.select(schema.names).cast(schema)
 
 
 def write_key_groups(storage: JobStorage, checkpoint_id: int, step: str, subtask: int, attempt: str,

@@ -99,20 +99,27 @@ def clicked(batch: pa.RecordBatch) -> pa.RecordBatch:
 def build(output: str = OUTPUT, rows_per_partition: int = ROWS_PER_PARTITION,
           rows_per_second: float = ROWS_PER_SECOND) -> Dataflow:
     flow = Dataflow("search_clicks")
-    searched = flow.source(GeneratorSource(searches, PARTITIONS, rows_per_second / 2, rows_per_partition),
-                           name="searches").with_event_time("ts", max_out_of_orderness=timedelta(seconds=5))
-    clicked_rows = (flow.source(GeneratorSource(clicks, PARTITIONS, rows_per_second, 2 * rows_per_partition),
-                                name="clicks")
-                    .filter(pc.field("kind") == "click", name="only_clicks")
-                    .with_event_time("ts", max_out_of_orderness=timedelta(hours=2)))
-    once = clicked_rows.dedupe("click_id", within=timedelta(minutes=1), name="click_once")
-    joined = searched.join(once.map_batches(lambda b: b.drop_columns(["kind"]), name="click_cols"),
-                           on="sid", within=WITHIN, how="left", name="search_click")
-    ctr = (joined.map_batches(clicked, name="clicked").key_by("query", name="by_query")
-           .aggregate([([], "count_all"), ("clicked", "sum")], name="per_query")
-           .map_batches(add_rate, name="rate"))
-    ctr.sink(ParquetSink(f"{output}/ctr"), name="ctr_out")
+    add_to(flow, output, rows_per_partition, rows_per_second)
     return flow
+
+
+def add_to(flow: Dataflow, output: str, rows_per_partition: int, rows_per_second: float, prefix: str = "") -> None:
+    """This job's steps in ``flow`` (step names start with ``prefix``):
+    sessions are read at ``rows_per_second / 2`` per partition, both
+    streams keeping pace."""
+    searched = flow.source(GeneratorSource(searches, PARTITIONS, rows_per_second / 2, rows_per_partition),
+                           name=f"{prefix}searches").with_event_time("ts", max_out_of_orderness=timedelta(seconds=5))
+    clicked_rows = (flow.source(GeneratorSource(clicks, PARTITIONS, rows_per_second, 2 * rows_per_partition),
+                                name=f"{prefix}clicks")
+                    .filter(pc.field("kind") == "click", name=f"{prefix}only_clicks")
+                    .with_event_time("ts", max_out_of_orderness=timedelta(hours=2)))
+    once = clicked_rows.dedupe("click_id", within=timedelta(minutes=1), name=f"{prefix}click_once")
+    joined = searched.join(once.map_batches(lambda b: b.drop_columns(["kind"]), name=f"{prefix}click_cols"),
+                           on="sid", within=WITHIN, how="left", name=f"{prefix}search_click")
+    ctr = (joined.map_batches(clicked, name=f"{prefix}clicked").key_by("query", name=f"{prefix}by_query")
+           .aggregate([([], "count_all"), ("clicked", "sum")], name=f"{prefix}per_query")
+           .map_batches(add_rate, name=f"{prefix}rate"))
+    ctr.sink(ParquetSink(f"{output}/ctr"), name=f"{prefix}ctr_out")
 
 
 def expected_ctr(rows_per_partition: int = ROWS_PER_PARTITION) -> pa.Table:

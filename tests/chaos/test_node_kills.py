@@ -5,7 +5,10 @@ rate-limited input and recoveries, so they share the two cores well):
 - a windowed job, killed ten times in one run with the default restart
   policy: the job keeps running, a checkpoint completes after the last kill,
   and the final windows and the late events are exactly those of the
-  uninterrupted job (computed in batch). The input (30 s of it) is read
+  uninterrupted job (computed in batch). The same flow runs the
+  search/clicks example beside it (dedupe, a window join, a table of rates
+  per query: jobs/examples/search_clicks.py), whose rates must equal the
+  batch answer too. The input (30 s of it) is read
   while the first kills happen; the job runs on until the last kill is
   recovered, however slow the machine (``kill_nodes_during``);
 - the log example end to end into real systems, killed once: a producer
@@ -40,12 +43,14 @@ import json, sys, tempfile
 sys.path.insert(0, {tests!r})
 import windowed_workload as w
 from sluiceway.jobs.demo import kill_nodes_during
+from sluiceway.jobs.examples import search_clicks as sc
 from sluiceway.jobs.jobfile import ship_by_value
 from sluiceway.operators.sinks import read_committed
 ship_by_value(w)
 work = tempfile.mkdtemp()
 rows = {rows}
 flow = w.build(work + "/out", rows, rate={rate})
+sc.add_to(flow, work + "/out/sc", {sc_rows}, {sc_rate}, prefix="sc_")
 r = kill_nodes_during(flow, work + "/ckpt", kill_after_epoch=3, log=lambda l: print(l, file=sys.stderr),
                       kills={kills}, checkpoint_every=1, trigger_s=0.5, parallelism=1)
 if "error" not in r:
@@ -54,6 +59,8 @@ if "error" not in r:
     r["windows_equal"] = w.sorted_rows(read_committed(work + "/out/windows"), cols) == w.sorted_rows(windows, cols)
     r["late_equal"] = w.sorted_rows(read_committed(work + "/out/late"), ["id"]) == w.sorted_rows(late, ["id"])
     r["expected_late"] = late.num_rows
+    got, want = sc.final_ctr(read_committed(work + "/out/sc/ctr")), sc.expected_ctr({sc_rows})
+    r["ctr_equal"] = got.equals(want) or [got.to_pylist()[:3], want.to_pylist()[:3]]
 print(json.dumps(r, default=str))
 """
 
@@ -133,7 +140,7 @@ def runs(postgres_dsn, s3_endpoint, redis_server, nats_server, rabbitmq_server):
     with __import__("psycopg").connect(postgres_dsn, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS user_totals")
     scripts = {
-        "windows": WINDOWS.format(tests=TESTS, rows=30_000, rate=1000, kills=KILLS),
+        "windows": WINDOWS.format(tests=TESTS, rows=30_000, rate=1000, kills=KILLS, sc_rows=6000, sc_rate=400),
         "systems": SYSTEMS.format(tests=TESTS, root=s3_bucket, dsn=postgres_dsn, rows=12_000, name="log_clicks_s3",
                                   redis_url=redis_server.url, nats_url=nats_server.url,
                                   amqp_url=rabbitmq_server.url, broker_rows=4000),
@@ -166,6 +173,7 @@ def test_ten_node_kills_in_one_run_give_the_uninterrupted_windows(runs):
     assert r["summary"]["stopped"] == "requested"  # by the harness, once every kill was recovered
     assert r["windows_equal"], "windows differ from the uninterrupted job's"
     assert r["late_equal"] and r["summary"]["late"] == r["expected_late"] > 0
+    assert r["ctr_equal"] is True, f"click-through rates differ from the batch answer: {r['ctr_equal']}"
     after = [c for c in r["checkpoints"] if c["status"] == "complete" and c["started_at"] > r["kills"][-1]]
     assert after, f"no complete checkpoint newer than the last kill: {r['checkpoints']}"
 
