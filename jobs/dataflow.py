@@ -15,6 +15,7 @@ import pyarrow as pa
 from sluiceway.checkpoint.types import DEFAULT_MAX_KEY_GROUPS
 from sluiceway.cluster.graph import JobGraph, Step
 from sluiceway.operators.aggregate import Aggregate
+from sluiceway.operators.cep import Match, Pattern
 from sluiceway.operators.errors import FlowDefinitionError
 from sluiceway.operators.event_time import DEFAULT_IDLE_TIMEOUT, EventTime
 from sluiceway.operators.joins import Enrich, TableJoin, WindowJoin
@@ -168,7 +169,7 @@ class Stream:
         step = self.flow.graph.steps[self.step_id]
         while step is not None:
             if step.kind in ("key_by", "aggregate", "window", "event_time", "table", "dedupe", "enrich", "window_join",
-                             "table_join"):
+                             "table_join", "match"):
                 raise FlowDefinitionError(
                     f"{what} must come before key_by, windows and aggregates, on the source's stream "
                     f"(it follows a {step.kind} step {step.id!r}): watermarks are tracked per source partition"
@@ -397,6 +398,35 @@ class KeyedStream(Stream):
         """
         step = self._then("aggregate", Aggregate(self.key, pairs), name)
         return Table(self.flow, step.step_id, self.key)
+
+    def match(self, pattern: Pattern, *, within: timedelta | None = None, name: str | None = None) -> "WithLate":
+        """Complex event processing: the matches of ``pattern`` (see
+        :class:`~sluiceway.operators.cep.Pattern`) per key, in event-time
+        order, each match's events at most ``within`` apart from its first
+        to its last (``not_followed_by`` has its own bound); one row per
+        matched event with ``match_start``, ``match_end`` and
+        ``match_step``. A match is emitted once the watermark passes its
+        last event (or its negation's bound); matches never share events.
+        Events behind the watermark go to ``late()``. Needs event time.
+
+        >>> from datetime import datetime, timedelta, timezone
+        >>> import pyarrow.compute as pc
+        >>> from sluiceway.operators.sources import ListSource
+        >>> from sluiceway.jobs.testing import run_local, CollectSink
+        >>> t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        >>> pays = [{"card": 7, "status": s, "ts": t0 + timedelta(minutes=m)}
+        ...         for m, s in enumerate(["declined", "declined", "declined", "approved"])]
+        >>> fraud = (Pattern.begin("declined", pc.field("status") == "declined", times=3)
+        ...                 .then("approved", pc.field("status") == "approved"))
+        >>> flow, out = Dataflow("doc_match"), CollectSink()
+        >>> (flow.source(ListSource(pays)).with_event_time("ts").key_by("card")
+        ...      .match(fraud, within=timedelta(minutes=5)).sink(out))
+        >>> epochs = run_local(flow)
+        >>> [(r["ts"].minute, r["match_step"]) for r in out.rows()]
+        [(0, 'declined'), (1, 'declined'), (2, 'declined'), (3, 'approved')]
+        """
+        time_column = self._event_time_column("match")
+        return self._then("match", Match(self.key, time_column, pattern, within), name, cls=WithLate)
 
     def window(self, spec, *, allowed_lateness: timedelta = timedelta(0), emit: str = "final") -> "WindowedStream":
         """Event-time windows per key: ``Tumbling(size)``, ``Hopping(size, hop)``,

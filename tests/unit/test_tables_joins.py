@@ -403,8 +403,11 @@ def _us(seconds: float) -> int:
     return int((at(seconds) - datetime(1970, 1, 1, tzinfo=timezone.utc)) / timedelta(microseconds=1))
 
 
-@pytest.mark.parametrize("kind", ["dedupe", "to_table", "window_join", "table_join", "enrich"])
+@pytest.mark.parametrize("kind", ["dedupe", "to_table", "window_join", "table_join", "enrich", "match"])
 def test_state_restored_from_a_base_and_deltas_continues_exactly(kind):
+    import pyarrow.compute as pc
+
+    from sluiceway.operators.cep import Match, Pattern
     from sluiceway.operators.joins import Enrich, TableJoin
     from sluiceway.operators.tables import ToTable
 
@@ -419,13 +422,16 @@ def test_state_restored_from_a_base_and_deltas_continues_exactly(kind):
 
     ops = {"dedupe": Dedupe("id", "ts", timedelta(seconds=3)), "to_table": ToTable("id"),
            "window_join": WindowJoin("id", "id", "ts", "ts", timedelta(seconds=1), how="outer"),
-           "table_join": TableJoin("id", "id", "id", "id"), "enrich": Enrich("id", "id")}
+           "table_join": TableJoin("id", "id", "id", "id"), "enrich": Enrich("id", "id"),
+           "match": Match("id", "ts", Pattern.begin("low", pc.field("n") < 8, times=2).then("high", pc.field("n") > 12)
+                          .not_followed_by("mid", pc.field("n") == 10, within=timedelta(seconds=1)),
+                          timedelta(seconds=4))}
     op = ops[kind]
     inputs = [epoch_input(e) for e in range(40)]
 
     def feed(logic, e):
         events, changes = inputs[e]
-        if kind in ("dedupe",):
+        if kind in ("dedupe", "match"):
             out = logic.process(events)
         elif kind == "to_table":
             out = logic.process(changes)
