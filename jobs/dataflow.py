@@ -19,6 +19,7 @@ from sluiceway.operators.cep import Match, Pattern
 from sluiceway.operators.errors import FlowDefinitionError
 from sluiceway.operators.event_time import DEFAULT_IDLE_TIMEOUT, EventTime
 from sluiceway.operators.joins import Enrich, TableJoin, WindowJoin
+from sluiceway.operators.search import Range, Search
 from sluiceway.operators.tables import Dedupe, ToTable
 from sluiceway.operators.windows import Hopping, Tumbling, Window
 from sluiceway.operators.sinks import Sink
@@ -169,7 +170,7 @@ class Stream:
         step = self.flow.graph.steps[self.step_id]
         while step is not None:
             if step.kind in ("key_by", "aggregate", "window", "event_time", "table", "dedupe", "enrich", "window_join",
-                             "table_join", "match"):
+                             "table_join", "match", "search"):
                 raise FlowDefinitionError(
                     f"{what} must come before key_by, windows and aggregates, on the source's stream "
                     f"(it follows a {step.kind} step {step.id!r}): watermarks are tracked per source partition"
@@ -328,6 +329,60 @@ class Stream:
         op = Enrich(on, table.key, how, suffix)
         step = self.flow.graph.add(Step(self.flow._step_id("enrich", name), "enrich", self.step_id, parallelism,
                                         operator=op, key=on, right=table.step_id, right_key=table.key,
+                                        right_timed=False))
+        return Stream(self.flow, step.id)
+
+    def search(self, queries: "Table", *, equal: dict[str, str], ranges=(), parallelism: int | None = None,
+               name: str | None = None) -> "Stream":
+        """Standing queries: match every event against the rows of ``queries``
+        (a table of queries keyed by their id, so they can be added, changed
+        and removed while the job runs) and emit one row per match: the
+        event's columns and the query's id. ``equal`` maps event columns to
+        query columns that must be equal; ``ranges`` are ``(event column,
+        op, query column)`` with op ``<=``, ``<``, ``>=`` or ``>``
+        (``("price", "<=", "max_price")``). A null in a query's column
+        matches any event, except in the first ``equal`` attribute, which
+        every query must set: events and queries are partitioned by it. The
+        queries are indexed (by equality values, then by the first range's
+        bound), so an event is not tested against every query. Within an
+        epoch, query changes apply first.
+
+        >>> from sluiceway.operators.sources import ListSource
+        >>> from sluiceway.jobs.testing import run_local, CollectSink
+        >>> flow, out = Dataflow("doc_search"), CollectSink()
+        >>> alerts = flow.source(ListSource([{"alert": 1, "area": "soho", "max_price": 500, "min_rooms": 2},
+        ...                                  {"alert": 2, "area": "soho", "max_price": None, "min_rooms": 4}]))
+        >>> listings = flow.source(ListSource([{"listing": 10, "area": "soho", "price": 450, "rooms": 3},
+        ...                                    {"listing": 11, "area": "soho", "price": 900, "rooms": 5}]))
+        >>> listings.search(alerts.to_table("alert", updates="retract"), equal={"area": "area"},
+        ...                 ranges=[("price", "<=", "max_price"), ("rooms", ">=", "min_rooms")]).sink(out)
+        >>> epochs = run_local(flow)
+        >>> [(r["listing"], r["alert"]) for r in out.rows()]
+        [(10, 1), (11, 2)]
+        """
+        if not isinstance(queries, Table) or queries.flow is not self.flow:
+            raise FlowDefinitionError("search needs a table of queries of the same flow (stream.to_table(id))")
+        if not isinstance(equal, dict):
+            raise FlowDefinitionError(f"search(equal=...) maps event columns to query columns, got {equal!r}")
+        parsed = []
+        for r in ranges:
+            if isinstance(r, Range):
+                parsed.append(r)
+            elif isinstance(r, (tuple, list)) and len(r) == 3:
+                parsed.append(Range(*r))
+            else:
+                raise FlowDefinitionError(f"search ranges are (event column, op, query column), got {r!r}")
+        op = Search(queries.key, equal, parsed)
+        event_column, query_column = op.partition
+        if query_column != queries.key and not queries.retract:
+            raise FlowDefinitionError(
+                f"the queries are partitioned by {query_column!r}, not their key {queries.key!r}: make them with "
+                f"to_table({queries.key!r}, updates='retract'), so that a query whose {query_column!r} changes "
+                "is taken out where it was"
+            )
+        _check_parallelism(parallelism)
+        step = self.flow.graph.add(Step(self.flow._step_id("search", name), "search", self.step_id, parallelism,
+                                        operator=op, key=event_column, right=queries.step_id, right_key=query_column,
                                         right_timed=False))
         return Stream(self.flow, step.id)
 

@@ -403,12 +403,13 @@ def _us(seconds: float) -> int:
     return int((at(seconds) - datetime(1970, 1, 1, tzinfo=timezone.utc)) / timedelta(microseconds=1))
 
 
-@pytest.mark.parametrize("kind", ["dedupe", "to_table", "window_join", "table_join", "enrich", "match"])
+@pytest.mark.parametrize("kind", ["dedupe", "to_table", "window_join", "table_join", "enrich", "match", "search"])
 def test_state_restored_from_a_base_and_deltas_continues_exactly(kind):
     import pyarrow.compute as pc
 
     from sluiceway.operators.cep import Match, Pattern
     from sluiceway.operators.joins import Enrich, TableJoin
+    from sluiceway.operators.search import Range, Search
     from sluiceway.operators.tables import ToTable
 
     rng = random.Random(5)
@@ -425,7 +426,8 @@ def test_state_restored_from_a_base_and_deltas_continues_exactly(kind):
            "table_join": TableJoin("id", "id", "id", "id"), "enrich": Enrich("id", "id"),
            "match": Match("id", "ts", Pattern.begin("low", pc.field("n") < 8, times=2).then("high", pc.field("n") > 12)
                           .not_followed_by("mid", pc.field("n") == 10, within=timedelta(seconds=1)),
-                          timedelta(seconds=4))}
+                          timedelta(seconds=4)),
+           "search": Search("id", {"n": "id"}, [Range("n", ">=", "id")])}
     op = ops[kind]
     inputs = [epoch_input(e) for e in range(40)]
 
@@ -439,7 +441,7 @@ def test_state_restored_from_a_base_and_deltas_continues_exactly(kind):
             out = logic.process_inputs([events, events.rename_columns(["id", "ts", "m"])])
         elif kind == "table_join":
             out = logic.process_inputs([changes, changes.rename_columns(["id", "w", "_op"])])
-        else:
+        else:  # enrich, search
             out = logic.process_inputs([events, changes])
         fired = logic.on_epoch_end(e, _us(e * 2 - 2))
         parts = [o.main if hasattr(o, "main") else o for o in (out, fired)]
