@@ -29,6 +29,18 @@ the same work on the same data.
    query. Reported: events/s (and per core), and the epochs' latency from
    dispatch to commit, p50 and p99.
 
+5. **Tables and joins** (``BENCH_ONLY=joins``): over ``BENCH_JOIN_EVENTS``
+   generated events, all waiting when the job starts, with the defaults a
+   user gets, each beside a single-process pyarrow computation of the same
+   result: a stream-table join (orders enriched with a table of 100,000
+   customers; the loop: a hash join per 1 M-event slice), a window join
+   (searches and clicks on session id within an hour; the loop: one hash
+   join of everything, then the time filter) and search on streams (listings
+   against 10, 10,000 and 1,000,000 standing queries on area, kind, maximum
+   price and minimum rooms; the loop: a hash join on area and kind, then the
+   range filters). Output goes to a checksum sink; the row counts and sums
+   must equal the loop's.
+
 After one discarded warm-up run, the configurations run interleaved,
 ``BENCH_REPEAT`` (5) times each, and the median is reported. Events/s are measured over the processing window: from the first epoch
 being planned to the last one completing. Start-up (creating actors, reading
@@ -44,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import timedelta
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -418,6 +431,135 @@ def nexmark_bench(queries=None, events: int | None = None) -> None:
                   f"{r['rate'] / loop[0]:.2f}")
 
 
+# ------------------------------------------------------------ tables, joins
+JOIN_EVENTS = int(os.environ.get("BENCH_JOIN_EVENTS", "2000000"))
+CUSTOMERS, AREAS = 100_000, 10_000
+
+
+def orders(partition: int, start: int, stop: int) -> pa.RecordBatch:
+    o = pc.add(pc.multiply(offsets(start, stop), 2), partition)
+    return pa.record_batch({"order": o, "customer": pc.remainder(pc.multiply(o, 7919), CUSTOMERS),
+                            "amount": pc.remainder(pc.multiply(o, 31), 1000)})
+
+
+def customers(partition: int, start: int, stop: int) -> pa.RecordBatch:
+    c = offsets(start, stop)
+    return pa.record_batch({"id": c, "segment": pc.remainder(c, 7), "credit": pc.remainder(pc.multiply(c, 13), 5000)})
+
+
+def listings(partition: int, start: int, stop: int) -> pa.RecordBatch:
+    i = pc.add(pc.multiply(offsets(start, stop), 2), partition)
+    return pa.record_batch({"listing": i, "area": pc.remainder(pc.multiply(i, 7919), AREAS),
+                            "kind": pc.remainder(pc.multiply(i, 31), 3),
+                            "price": pc.add(pc.remainder(pc.multiply(i, 104729), 900_000), 100_000),
+                            "rooms": pc.add(pc.remainder(pc.multiply(i, 13), 6), 1)})
+
+
+def standing_queries(partition: int, start: int, stop: int) -> pa.RecordBatch:
+    q = offsets(start, stop)
+    return pa.record_batch({"query": q, "area": pc.remainder(pc.multiply(q, 37), AREAS),
+                            "kind": pc.remainder(pc.multiply(q, 11), 3),
+                            "max_price": pc.add(pc.remainder(pc.multiply(q, 7907), 700_000), 150_000),
+                            "min_rooms": pc.add(pc.remainder(pc.multiply(q, 17), 5), 1)})
+
+
+def _slices(fn, total: int, parts: int = 2):
+    for p in range(parts):
+        end = -(-(total - p) // parts)
+        for start in range(0, end, SLICE // parts):
+            yield fn(p, start, min(end, start + SLICE // parts))
+
+
+def _checksum_run(flow_fn, column: str, work: str) -> dict:
+    out = os.path.join(work, "out")
+    flow = flow_fn(ChecksumSink(out, column))
+    r = engine_run(flow, work)
+    r["rows"], r["sum"] = read_checksums(out)
+    return r
+
+
+def _report(name: str, r: dict, loop_rate: float, loop_rows: int, loop_sum: float, events: int) -> None:
+    same = "same rows and sum" if (r["rows"], r["sum"]) == (loop_rows, loop_sum) else \
+        f"DIFFERENT: {r['rows']} rows / {r['sum']} vs {loop_rows} / {loop_sum}"
+    print(f"   {name:<26} sluiceway {r['rate']:>11,.0f} events/s ({r['rate'] / CORES:>10,.0f} per core); "
+          f"pyarrow loop {loop_rate:>11,.0f} events/s; sluiceway / loop {r['rate'] / loop_rate:.2f}; "
+          f"{r['rows']:,} rows out ({same})")
+
+
+def enrich_bench(work: str, events: int) -> None:
+    def flow_fn(sink):
+        flow = Dataflow("bench_enrich")
+        table = flow.source(GeneratorSource(customers, 1, 1e12, CUSTOMERS), name="customers").to_table("id")
+        flow.source(GeneratorSource(orders, 2, 1e12, events // 2), name="orders") \
+            .enrich(table, on="customer", how="inner").sink(sink)
+        return flow
+
+    r = _checksum_run(flow_fn, "credit", work)
+    t0 = time.perf_counter()
+    table = pa.Table.from_batches(list(_slices(customers, CUSTOMERS, 1)))
+    rows, total = 0, 0
+    for batch in _slices(orders, events):
+        joined = pa.table(batch).join(table, "customer", right_keys="id", join_type="inner")
+        rows, total = rows + joined.num_rows, total + pc.sum(joined["credit"]).as_py()
+    _report("stream-table join", r, events / (time.perf_counter() - t0), rows, total, events)
+
+
+def window_join_bench(work: str, events: int) -> None:
+    from sluiceway.jobs.examples import search_clicks as sc
+
+    sessions = events // 3  # a session is a search and two click rows
+
+    def flow_fn(sink):
+        flow = Dataflow("bench_window_join")
+        searched = flow.source(GeneratorSource(sc.searches, 2, 1e12, sessions // 2), name="searches") \
+            .with_event_time("ts", max_out_of_orderness=timedelta(seconds=5))
+        clicked = flow.source(GeneratorSource(sc.clicks, 2, 1e12, sessions), name="clicks") \
+            .filter(pc.field("kind") == "click").with_event_time("ts", max_out_of_orderness=timedelta(hours=2))
+        searched.join(clicked, on="sid", within=sc.WITHIN).sink(sink)
+        return flow
+
+    r = _checksum_run(flow_fn, "sid", work)
+    t0 = time.perf_counter()
+    s = pa.Table.from_batches(list(_slices(sc.searches, sessions)))
+    c = pa.Table.from_batches(list(_slices(sc.clicks, 2 * sessions)))
+    c = c.filter(pc.equal(c["kind"], "click"))
+    j = s.join(c.select(["sid", "ts"]), "sid", join_type="inner", right_suffix="_click")
+    gap = pc.abs(pc.subtract(pc.cast(j["ts"], pa.int64()), pc.cast(j["ts_click"], pa.int64())))
+    j = j.filter(pc.less_equal(gap, int(sc.WITHIN.total_seconds() * 1_000_000)))
+    _report("window join", r, 3 * sessions / (time.perf_counter() - t0), j.num_rows, pc.sum(j["sid"]).as_py(), events)
+
+
+def search_bench(work: str, events: int, queries: int) -> None:
+    def flow_fn(sink):
+        flow = Dataflow("bench_search")
+        table = flow.source(GeneratorSource(standing_queries, 1, 1e12, queries), name="queries") \
+            .to_table("query", updates="retract")
+        flow.source(GeneratorSource(listings, 2, 1e12, events // 2), name="listings") \
+            .search(table, equal={"area": "area", "kind": "kind"},
+                    ranges=[("price", "<=", "max_price"), ("rooms", ">=", "min_rooms")]).sink(sink)
+        return flow
+
+    r = _checksum_run(flow_fn, "query", work)
+    t0 = time.perf_counter()
+    q = pa.Table.from_batches(list(_slices(standing_queries, queries, 1)))
+    rows, total = 0, 0
+    for batch in _slices(listings, events):
+        j = pa.table(batch).join(q, ["area", "kind"], join_type="inner")
+        j = j.filter(pc.and_(pc.less_equal(j["price"], j["max_price"]), pc.greater_equal(j["rooms"], j["min_rooms"])))
+        rows, total = rows + j.num_rows, total + (pc.sum(j["query"]).as_py() or 0)
+    _report(f"search, {queries:,} queries", r, events / (time.perf_counter() - t0), rows, total, events)
+
+
+def joins_bench(events: int | None = None) -> None:
+    events = events or JOIN_EVENTS
+    print(f"\n5. Tables and joins: {events:,} events, all waiting, the defaults a user gets (one run each)")
+    with tempfile.TemporaryDirectory() as work:
+        enrich_bench(os.path.join(work, "enrich"), events)
+        window_join_bench(os.path.join(work, "window"), events)
+        for queries in (10, 10_000, 1_000_000):
+            search_bench(os.path.join(work, f"search-{queries}"), events, queries)
+
+
 def main() -> int:
     from sluiceway.cluster.local import init_embedded
 
@@ -432,6 +574,8 @@ def main() -> int:
             sink_bench()
         if os.environ.get("BENCH_ONLY") in (None, "", "nexmark"):
             nexmark_bench()
+        if os.environ.get("BENCH_ONLY") in (None, "", "joins"):
+            joins_bench()
     finally:
         import ray
 

@@ -97,6 +97,67 @@ def q11(bids: pa.Table, gap_us: int = 10_000_000) -> pa.Table:
 QUERIES = {"q0": q0, "q1": q1, "q2": q2, "q5": q5, "q7": q7, "q11": q11}
 
 
+# ---------------------------------------------------------------- the joins
+def all_events(settings: Settings) -> pa.Table:
+    return NexmarkSource(settings.events, partitions=settings.partitions, event_rate=settings.event_rate,
+                         disorder=DISORDER).all_events()
+
+
+def _kind(events: pa.Table, name: str, code: int) -> pa.Table:
+    rows = events.filter(pc.equal(events["event_type"], code))
+    inner = rows[name].combine_chunks()
+    columns = {f.name: pc.struct_field(inner, f.name) for f in inner.type}
+    columns = {k: pc.cast(v, pa.string()) if pa.types.is_dictionary(v.type) else v for k, v in columns.items()}
+    return pa.table({**columns, "date_time": rows["date_time"]})
+
+
+def q3(events: pa.Table) -> pa.Table:
+    p, a = _kind(events, "person", 0), _kind(events, "auction", 1)
+    p = p.filter(pc.is_in(p["state"], value_set=pa.array(["OR", "ID", "CA"])))
+    a = a.filter(pc.equal(a["category"], 10))
+    j = a.select(["id", "seller"]).rename_columns(["auction", "seller"]).join(
+        p.select(["id", "name", "city", "state"]), "seller", right_keys="id", join_type="inner")
+    return j.select(["name", "city", "state", "auction"])
+
+
+def q4(events: pa.Table) -> pa.Table:
+    a, b = _kind(events, "auction", 1), _kind(events, "bid", 2)
+    j = b.select(["auction", "price", "date_time"]).join(
+        a.select(["id", "category", "expires"]), "auction", right_keys="id", join_type="inner")
+    j = j.filter(pc.less(j["date_time"], j["expires"]))
+    best = j.group_by(["auction", "category"]).aggregate([("price", "max")])
+    avg = best.group_by("category").aggregate([("price_max", "mean")])
+    return pa.table({"category": avg["category"], "average": avg["price_max_mean"]})
+
+
+def q8(events: pa.Table) -> pa.Table:
+    p, a = _kind(events, "person", 0), _kind(events, "auction", 1)
+
+    def start(t):
+        return _ts(pc.multiply(pc.divide(_us(t), WINDOW_US), WINDOW_US))
+
+    persons = pa.table({"id": p["id"], "name": p["name"], "starttime": start(p["date_time"])})
+    sellers = pa.table({"seller": a["seller"], "starttime": start(a["date_time"])}).group_by(
+        ["seller", "starttime"]).aggregate([])
+    return persons.join(sellers, ["id", "starttime"], right_keys=["seller", "starttime"], join_type="inner").select(
+        ["id", "name", "starttime"])
+
+
+def _inserts_only(got: pa.Table) -> pa.Table:
+    assert set(got["_op"].to_pylist()) <= {"insert"}, "Q3's view only grows"
+    return got.drop_columns(["_op"])
+
+
+def _last_per_category(got: pa.Table) -> pa.Table:
+    indexed = got.append_column("__row", pa.array(range(got.num_rows), pa.int64()))
+    last = indexed.group_by("category").aggregate([("__row", "max")])
+    return got.take(last["__row_max"])
+
+
+JOIN_QUERIES = {"q3": q3, "q4": q4, "q8": q8}
+COMMITTED = {"q3": _inserts_only, "q4": _last_per_category}  # from the committed changelog to the answer
+
+
 def same_rows(got: pa.Table, expected: pa.Table) -> tuple[bool, str]:
     """Equal as multisets of rows (committed output comes in epoch order)."""
     columns = expected.column_names

@@ -18,7 +18,7 @@ import pytest
 from sluiceway.jobs.dataflow import Dataflow
 from sluiceway.jobs.testing import CollectSink, run_local
 from sluiceway.operators.base import OperatorContext
-from sluiceway.operators.errors import FlowDefinitionError, UserCodeError, FlowValidationError
+from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError
 from sluiceway.operators.joins import WindowJoin
 from sluiceway.operators.sources import ListSource
 from sluiceway.operators.tables import Dedupe
