@@ -18,7 +18,7 @@ from sluiceway.operators.aggregate import Aggregate
 from sluiceway.operators.cep import Match, Pattern
 from sluiceway.operators.errors import FlowDefinitionError
 from sluiceway.operators.event_time import DEFAULT_IDLE_TIMEOUT, EventTime
-from sluiceway.operators.joins import Enrich, TableJoin, WindowJoin
+from sluiceway.operators.joins import Enrich, TableJoin, VersionedEnrich, WindowJoin
 from sluiceway.operators.search import Range, Search
 from sluiceway.operators.tables import Dedupe, ToTable
 from sluiceway.operators.windows import Hopping, Tumbling, Window
@@ -170,7 +170,7 @@ class Stream:
         step = self.flow.graph.steps[self.step_id]
         while step is not None:
             if step.kind in ("key_by", "aggregate", "window", "event_time", "table", "dedupe", "enrich", "window_join",
-                             "table_join", "match", "search"):
+                             "table_join", "match", "search", "versioned_enrich"):
                 raise FlowDefinitionError(
                     f"{what} must come before key_by, windows and aggregates, on the source's stream "
                     f"(it follows a {step.kind} step {step.id!r}): watermarks are tracked per source partition"
@@ -299,8 +299,8 @@ class Stream:
         keyed = self.key_by(op.columns[0], parallelism=parallelism)
         return keyed._then("dedupe", op, name, cls=WithLate)
 
-    def enrich(self, table: "Table", *, on: str, how: str = "left", suffix: str = "_right",
-               parallelism: int | None = None, name: str | None = None) -> "Stream":
+    def enrich(self, table: "Table", *, on: str, how: str = "left", version: str | None = None,
+               suffix: str = "_right", parallelism: int | None = None, name: str | None = None) -> "Stream":
         """Join each event with ``table``'s row for its ``on`` column (the
         table's key). ``how="left"`` keeps events without a row (the table's
         columns null), ``how="inner"`` drops them. Within an epoch the
@@ -308,6 +308,15 @@ class Stream:
         an event sees the changes planned into its own epoch, so a replay
         gives the same answer. The table's watermark does not hold the
         stream's back.
+
+        With ``version`` (the table's column saying from when each row is
+        valid), each event gets the row *as it was at the event's time*: of
+        the table's changes, each a version of its key from its ``version``
+        time (a delete ends the row from its own), the latest starting at
+        or before the event. The table must come from ``to_table`` over a
+        stream with event time; an event waits until the watermark of both
+        passes it, so the answer depends on no epoch, and events behind the
+        watermark go to ``late()``.
 
         >>> from sluiceway.operators.sources import ListSource
         >>> from sluiceway.jobs.testing import run_local, CollectSink
@@ -326,6 +335,19 @@ class Stream:
         if table.flow is not self.flow:
             raise FlowDefinitionError("enrich joins a table of the same flow")
         _check_parallelism(parallelism)
+        if version is not None:  # the table's own changes are its versions: read what to_table reads
+            steps = self.flow.graph.steps
+            made = steps[table.step_id]
+            if made.kind != "table":
+                raise FlowDefinitionError(f"enrich(version=...) needs a table made with stream.to_table(key); "
+                                          f"{table.step_id!r} is a {made.kind} step")
+            changes = steps[steps[made.upstream].upstream]
+            Stream(self.flow, changes.id)._event_time_column("enrich(version=...)")
+            op = VersionedEnrich(on, table.key, version, self._event_time_column("enrich(version=...)"), how, suffix)
+            step = self.flow.graph.add(Step(self.flow._step_id("enrich", name), "versioned_enrich", self.step_id,
+                                            parallelism, operator=op, key=on, right=changes.id,
+                                            right_key=table.key))
+            return WithLate(self.flow, step.id)
         op = Enrich(on, table.key, how, suffix)
         step = self.flow.graph.add(Step(self.flow._step_id("enrich", name), "enrich", self.step_id, parallelism,
                                         operator=op, key=on, right=table.step_id, right_key=table.key,

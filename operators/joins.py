@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluiceway.operators.base import Operator, OperatorContext, OperatorLogic, Outputs
-from sluiceway.operators.errors import FlowDefinitionError, missing_columns
+from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, missing_columns
 from sluiceway.operators.event_time import event_micros, micros
 from sluiceway.operators.keys import key_groups
 from sluiceway.operators.state import KeyGroupStore, StateChanges
@@ -558,3 +558,186 @@ class TableJoinLogic(OperatorLogic):
 
     def snapshot_changes(self) -> StateChanges:
         return self.store.take_changes()
+
+
+# ------------------------------------------------------- versioned lookups
+class VersionedEnrich(Operator):
+    """``stream.enrich(table, on=..., version=column)``: each event joined
+    with the table's row *as it was at the event's time*: of the key's
+    versions (each row valid from its ``version`` time until the key's next
+    version; a delete's version ends the row), the latest that starts at or
+    before the event.
+
+    The answer does not depend on epochs: an event waits in state until the
+    watermark (the lower of the stream's and the table's) passes its time,
+    when every version that can apply to it has arrived, then is joined and
+    emitted. A key keeps the versions the watermark has not passed and the
+    newest one it has, so state is bounded by the out-of-orderness. Events
+    behind the watermark when they arrive go to ``late()``.
+
+    >>> from datetime import datetime, timezone
+    >>> t = lambda s: datetime(2026, 1, 1, 0, 0, s, tzinfo=timezone.utc)
+    >>> op = VersionedEnrich("sku", "sku", "since", "ts")
+    >>> logic = op.build(OperatorContext("v", 0, 1, 128), None)
+    >>> prices = pa.table({"sku": [1, 1], "price": [10, 12], "since": [t(0), t(30)]})
+    >>> logic.process_inputs([pa.table({"sku": [1, 1], "ts": [t(20), t(40)]}), prices])
+    >>> [(r["ts"].second, r["price"]) for r in logic.on_epoch_end(1, 2**62).to_pylist()]
+    [(20, 10), (40, 12)]
+    """
+
+    kind = "versioned_enrich"
+    stateful = True
+    state_key = None
+
+    def __init__(self, on: str, table_key: str, version: str, time_column: str, how: str = "left",
+                 suffix: str = "_right"):
+        _check_how(how, ("inner", "left"), "enrich")
+        self.on, self.table_key, self.version, self.time_column = on, table_key, version, time_column
+        self.how, self.suffix = how, suffix
+        self.keys, self.times = (on, table_key), (time_column, version)
+        self.within = 0  # what the window join's state layout reads: nothing waits past its own time
+
+    def build(self, context: OperatorContext, restored: dict[int, pa.Table] | None) -> OperatorLogic:
+        return VersionedEnrichLogic(self, context, restored)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "on": self.on, "table_key": self.table_key, "version": self.version,
+                "how": self.how}
+
+
+GONE = "__gone"
+
+
+class VersionedEnrichLogic(WindowJoinLogic):
+    """State per key group, as the window join keeps it: waiting events
+    (side 0) and versions (side 1, ``__gone`` for a delete's), with their
+    key, time and arrival number."""
+
+    def __init__(self, op: VersionedEnrich, context: OperatorContext, restored: dict[int, pa.Table] | None):
+        super().__init__(op, context, restored)  # the window join's state layout, due times and ids
+        self.due = {}
+        for kg, table in self.store.groups.items():
+            waiting = table.filter(pc.equal(table.column(SIDE), 0))
+            if waiting.num_rows:
+                self.due[kg] = int(pc.min(waiting.column(TIME)).as_py())
+
+    def _new_rows(self, side: int, table: pa.Table | None):
+        if side == 1 and table is not None and table.num_rows:
+            from sluiceway.operators.tables import DELETE, ops_of
+
+            op = self.op
+            if op.version in table.column_names and table.column(op.version).null_count:
+                raise FlowValidationError(self.context.step, "enrich",
+                                          f"a table change has no {op.version!r}: each change (deletes too) must "
+                                          f"say from when it holds; fill it in map_batches before to_table")
+
+            gone = pc.equal(ops_of(table, self.context.step), DELETE)
+            table = table.drop_columns([c for c in CHANGELOG_META if c in table.column_names])
+            table = table.append_column(GONE, gone)
+            saved, self.watermark = self.watermark, None  # a version behind the watermark is kept: it may
+            try:                                          # still be the newest one an event can see
+                return super()._new_rows(side, table)
+            finally:
+                self.watermark = saved
+        return super()._new_rows(side, table)
+
+    def process_inputs(self, tables: list[pa.Table | None]) -> Outputs | None:
+        self.first_new_id = self.next_id
+        new, late = zip(*(self._new_rows(side, table) for side, table in enumerate(tables)))
+        new = [n for n in new if n is not None]
+        if new:
+            rows = self._conform(pa.concat_tables(new, promote_options="permissive") if len(new) > 1 else new[0])
+            max_kg = self.context.max_key_groups
+            groups = set(pc.unique(key_groups(rows.column(KEY), max_kg)).to_pylist())
+            old = self.store.read(groups)
+            both = rows if old is None else pa.concat_tables([self._conform(old), rows], promote_options="permissive")
+            self.store.rewrite(groups, self._conform(both).combine_chunks(), KEY, max_kg)
+            waiting = rows.filter(pc.equal(rows.column(SIDE), 0))
+            if waiting.num_rows:
+                for kg, first in _earliest_per_group(waiting, max_kg).items():
+                    self.due[kg] = min(self.due.get(kg, 2**63 - 1), first)
+            for kg in groups:  # new versions: prune there at the next watermark
+                self.due.setdefault(kg, -2**62)
+        lates = [t for t in late if t is not None]
+        if lates:
+            return Outputs(None, {"late": pa.concat_tables(lates, promote_options="permissive")})
+        return None
+
+    def on_epoch_end(self, epoch: int, watermark: int | None) -> pa.Table | None:
+        if watermark is None or (self.watermark is not None and watermark <= self.watermark):
+            return None
+        self.watermark = watermark
+        max_kg = self.context.max_key_groups
+        groups = {kg for kg, due in self.due.items() if due <= watermark}
+        for kg in groups:
+            self.due.pop(kg, None)
+        state = self.store.read(groups) if groups else None
+        if state is None:
+            return None
+        state = self._conform(state).combine_chunks()
+        is_event = pc.equal(state.column(SIDE), 0)
+        ready = pc.and_(is_event, pc.less_equal(state.column(TIME), watermark))
+        events, versions = state.filter(ready), state.filter(pc.invert(is_event))
+        out = self._lookup(events, versions) if events.num_rows else None
+        # Keep: waiting events not yet passed; versions the watermark has not passed, and per key the newest it has.
+        passed = pc.and_(pc.invert(is_event), pc.less_equal(state.column(TIME), watermark))
+        newest = _newest_per_key(state.filter(passed))
+        keep = pc.or_(pc.and_(is_event, pc.invert(ready)),
+                      pc.or_(pc.and_(pc.invert(is_event), pc.invert(passed)), pc.is_in(state.column(ID), value_set=newest)))
+        kept = state.filter(keep)
+        self.store.rewrite(groups, kept, KEY, max_kg)
+        waiting = kept.filter(pc.equal(kept.column(SIDE), 0))
+        for kg, first in _earliest_per_group(waiting, max_kg).items():
+            self.due[kg] = min(self.due.get(kg, 2**63 - 1), first)
+        pending_versions = kept.filter(pc.and_(pc.equal(kept.column(SIDE), 1), pc.greater(kept.column(TIME), watermark)))
+        for kg, first in _earliest_per_group(pending_versions, max_kg).items():
+            self.due[kg] = min(self.due.get(kg, 2**63 - 1), first)
+        return out
+
+    def _lookup(self, events: pa.Table, versions: pa.Table) -> pa.Table | None:
+        op = self.op
+        events = events.sort_by([(TIME, "ascending"), (ID, "ascending")])
+        ei, vi = match(events.column(KEY).combine_chunks(), versions.column(KEY).combine_chunks(), "left")
+        vt = pc.take(versions.column(TIME), vi)
+        applies = pc.fill_null(pc.less_equal(vt, pc.take(events.column(TIME), ei)), False)
+        pairs = pa.table({"e": ei, "t": vt, "id": pc.take(versions.column(ID), vi), "v": vi}).filter(applies)
+        # Per event, the version with the latest start (the later arrival on a tie).
+        best = pairs.sort_by([("e", "ascending"), ("t", "descending"), ("id", "descending")])
+        e = best.column("e").to_numpy()
+        head = np.ones(len(e), dtype=bool)
+        head[1:] = e[1:] != e[:-1]
+        best = best.filter(pa.array(head))
+        at = np.full(events.num_rows, -1, dtype=np.int64)
+        at[best.column("e").to_numpy()] = best.column("v").to_numpy()
+        rows = _rows_of(events.column(ROWS[0]))
+        found = pa.array(at, mask=at < 0)
+        table_rows = _rows_of(versions.column(ROWS[1])).take(found) if versions.num_rows else None
+        if table_rows is None:
+            matched = np.zeros(events.num_rows, dtype=bool)
+        else:
+            matched = ~np.asarray(pc.fill_null(table_rows.column(GONE), True))
+            table_rows = table_rows.drop_columns([GONE])
+        if op.how == "inner":
+            rows = rows.filter(pa.array(matched))
+            table_rows = None if table_rows is None else table_rows.filter(pa.array(matched))
+        if rows.num_rows == 0:
+            return None
+        if table_rows is None:
+            return rows
+        gone_mask = pa.array(~matched[matched] if op.how == "inner" else ~matched)
+        blank = {name: pc.if_else(gone_mask, pa.scalar(None, table_rows.column(name).type), table_rows.column(name))
+                 for name in table_rows.column_names}
+        table_rows = pa.table(blank)
+        return side_by_side(rows, table_rows, [op.table_key], op.suffix)
+
+
+def _newest_per_key(versions: pa.Table) -> pa.Array:
+    """The ids of each key's newest version (latest time, then latest arrival)."""
+    if versions.num_rows == 0:
+        return pa.array([], pa.int64())
+    ordered = versions.select([KEY, TIME, ID]).sort_by([(KEY, "ascending"), (TIME, "descending"), (ID, "descending")])
+    keys = ordered.column(KEY).combine_chunks()
+    head = np.ones(len(keys), dtype=bool)
+    if len(keys) > 1:
+        head[1:] = np.asarray(pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1)).fill_null(True))
+    return ordered.column(ID).filter(pa.array(head)).combine_chunks()

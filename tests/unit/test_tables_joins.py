@@ -403,12 +403,13 @@ def _us(seconds: float) -> int:
     return int((at(seconds) - datetime(1970, 1, 1, tzinfo=timezone.utc)) / timedelta(microseconds=1))
 
 
-@pytest.mark.parametrize("kind", ["dedupe", "to_table", "window_join", "table_join", "enrich", "match", "search"])
+@pytest.mark.parametrize("kind", ["dedupe", "to_table", "window_join", "table_join", "enrich", "match", "search",
+                                  "versioned"])
 def test_state_restored_from_a_base_and_deltas_continues_exactly(kind):
     import pyarrow.compute as pc
 
     from sluiceway.operators.cep import Match, Pattern
-    from sluiceway.operators.joins import Enrich, TableJoin
+    from sluiceway.operators.joins import Enrich, TableJoin, VersionedEnrich
     from sluiceway.operators.search import Range, Search
     from sluiceway.operators.tables import ToTable
 
@@ -427,7 +428,8 @@ def test_state_restored_from_a_base_and_deltas_continues_exactly(kind):
            "match": Match("id", "ts", Pattern.begin("low", pc.field("n") < 8, times=2).then("high", pc.field("n") > 12)
                           .not_followed_by("mid", pc.field("n") == 10, within=timedelta(seconds=1)),
                           timedelta(seconds=4)),
-           "search": Search("id", {"n": "id"}, [Range("n", ">=", "id")])}
+           "search": Search("id", {"n": "id"}, [Range("n", ">=", "id")]),
+           "versioned": VersionedEnrich("id", "id", "since", "ts")}
     op = ops[kind]
     inputs = [epoch_input(e) for e in range(40)]
 
@@ -439,6 +441,8 @@ def test_state_restored_from_a_base_and_deltas_continues_exactly(kind):
             out = logic.process(changes)
         elif kind == "window_join":
             out = logic.process_inputs([events, events.rename_columns(["id", "ts", "m"])])
+        elif kind == "versioned":
+            out = logic.process_inputs([events, changes.append_column("since", events.column("ts"))])
         elif kind == "table_join":
             out = logic.process_inputs([changes, changes.rename_columns(["id", "w", "_op"])])
         else:  # enrich, search
@@ -457,3 +461,49 @@ def test_state_restored_from_a_base_and_deltas_continues_exactly(kind):
             if e % 6 == 5:
                 logic = _restored(op, chains, _us(e * 2 - 2))
     assert got == expected
+
+
+# ------------------------------------------------------ versioned lookups
+def versioned_oracle(events: list[dict], changes: list[dict], how: str) -> Counter:
+    out = Counter()
+    for e in events:
+        valid = [(c["since"], i, c) for i, c in enumerate(changes) if c["sku"] == e["sku"] and c["since"] <= e["ts"]]
+        row = max(valid, key=lambda v: (v[0], v[1]))[2] if valid else None
+        price = None if row is None or row["_op"] == "delete" else row["price"]
+        if price is not None or how == "left":
+            out[(e["n"], price)] += 1
+    return out
+
+
+@pytest.mark.parametrize("k,parallelism,how", [(5, 1, "left"), (40, 2, "left"), (17, 2, "inner")])
+def test_versioned_enrich_gives_the_row_as_it_was_at_each_events_time_whatever_the_epochs(k, parallelism, how):
+    rng = random.Random(k)
+    changes = []
+    for i in range(300):
+        op = "delete" if rng.random() < 0.1 else "update"
+        changes.append({"sku": rng.randrange(12), "price": None if op == "delete" else i,
+                        "since": at(i + rng.choice([0, -3, 2])), "_op": op})
+    events = [{"n": i, "sku": rng.randrange(14), "ts": at(i * 0.8 + rng.choice([0, -2, 1]))} for i in range(350)]
+    flow, out, late = Dataflow("versioned"), CollectSink(), CollectSink()
+    prices = flow.source(ListSource(changes)).with_event_time("since", max_out_of_orderness=timedelta(seconds=5)) \
+        .to_table("sku")
+    looked_up = flow.source(ListSource(events)).with_event_time("ts", max_out_of_orderness=timedelta(seconds=5)) \
+        .enrich(prices, on="sku", version="since", how=how, parallelism=parallelism)
+    looked_up.sink(out)
+    looked_up.late().sink(late)
+    run_local(flow, max_records_per_epoch=k)
+    assert late.rows() == []
+    expected = versioned_oracle(events, changes, how)
+    assert Counter((r["n"], r["price"]) for r in out.rows()) == expected
+    assert len(expected) > 200 and (how == "inner" or any(p is None for _, p in expected))
+
+
+def test_versioned_enrich_needs_a_table_from_to_table_with_event_time():
+    flow = Dataflow("versioned_bad")
+    events = flow.source(ListSource([{"sku": 1, "ts": T0}])).with_event_time("ts")
+    untimed = flow.source(ListSource([{"sku": 1, "since": T0}])).to_table("sku")
+    with pytest.raises(FlowDefinitionError, match=r"enrich\(version=...\) needs event time"):
+        events.enrich(untimed, on="sku", version="since")
+    agg = flow.source(ListSource([{"sku": 1, "n": 1}])).key_by("sku").aggregate([("n", "sum")])
+    with pytest.raises(FlowDefinitionError, match="made with stream.to_table"):
+        events.enrich(agg, on="sku", version="since")
