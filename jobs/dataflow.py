@@ -396,12 +396,7 @@ class Stream:
                 raise FlowDefinitionError(f"search ranges are (event column, op, query column), got {r!r}")
         op = Search(queries.key, equal, parsed)
         event_column, query_column = op.partition
-        if query_column != queries.key and not queries.retract:
-            raise FlowDefinitionError(
-                f"the queries are partitioned by {query_column!r}, not their key {queries.key!r}: make them with "
-                f"to_table({queries.key!r}, updates='retract'), so that a query whose {query_column!r} changes "
-                "is taken out where it was"
-            )
+        queries._check_partitioned_on(query_column, "the queries are")
         _check_parallelism(parallelism)
         step = self.flow.graph.add(Step(self.flow._step_id("search", name), "search", self.step_id, parallelism,
                                         operator=op, key=event_column, right=queries.step_id, right_key=query_column,
@@ -613,6 +608,17 @@ class Table(Stream):
     def __repr__(self) -> str:
         return f"Table({self.flow.name!r}, {self.step_id!r}, key={self.key!r})"
 
+    def _check_partitioned_on(self, column: str, what: str) -> None:
+        """A step partitioning this table by ``column`` (not its key) needs
+        updates retracted: a row whose ``column`` changes must be taken out
+        in the task that has it."""
+        if column != self.key and not self.retract:
+            raise FlowDefinitionError(
+                f"{what} partitioned by {column!r}, not the key {self.key!r}: make the table with "
+                f"to_table({self.key!r}, updates='retract'), so that a row whose {column!r} changes "
+                "is taken out where it was"
+            )
+
     def join(self, other: "Table", *, on: str, right_on: str | None = None, suffix: str = "_right",
              parallelism: int | None = None, name: str | None = None) -> Stream:
         """The inner join of two tables on ``on`` (``right_on`` for the other
@@ -642,12 +648,7 @@ class Table(Stream):
         for table, column, side in ((self, on, "left"), (other, right_on, "right")):
             if not isinstance(column, str) or not column:
                 raise FlowDefinitionError(f"table.join needs the {side} table's join column, got {column!r}")
-            if column != table.key and not table.retract:
-                raise FlowDefinitionError(
-                    f"the {side} table is joined on {column!r}, not its key {table.key!r}: make it with "
-                    f"to_table({table.key!r}, updates='retract'), so that a row whose {column!r} changes "
-                    "is taken out of the join where it was"
-                )
+            table._check_partitioned_on(column, f"the {side} table is")
         _check_parallelism(parallelism)
         op = TableJoin(on, right_on, self.key, other.key, suffix)
         step = self.flow.graph.add(Step(self.flow._step_id("table_join", name), "table_join", self.step_id,

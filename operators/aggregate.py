@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sluiceway.operators.base import Operator, OperatorContext, OperatorLogic
+from sluiceway.operators.base import KeyedLogic, Operator, OperatorContext, OperatorLogic
 from sluiceway.operators.errors import FlowDefinitionError, missing_columns
 from sluiceway.operators.keys import key_groups
-from sluiceway.operators.state import KeyGroupStore, StateChanges, split_by_key_group
+from sluiceway.operators.state import KeyGroupStore, split_by_key_group
 
 SUPPORTED_FUNCTIONS = ("count", "count_all", "sum", "min", "max", "mean")
 
@@ -198,7 +198,7 @@ class Aggregate(Operator):
         return {"kind": self.kind, "key": self.key, "pairs": [[c, f] for c, f in self.pairs]}
 
 
-class AggregateLogic(OperatorLogic):
+class AggregateLogic(KeyedLogic):
     def __init__(self, op: Aggregate, context: OperatorContext, restored: dict[int, pa.Table] | None):
         self.op = op
         self.context = context
@@ -245,9 +245,3 @@ class AggregateLogic(OperatorLogic):
             changed={kg: part.column(key).combine_chunks() for kg, part in parts.items()},
         )
         return op.acc.finalize(merged, [key])
-
-    def snapshot(self) -> dict[int, pa.Table]:
-        return self.store.full()
-
-    def snapshot_changes(self) -> StateChanges:
-        return self.store.take_changes()

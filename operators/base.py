@@ -70,6 +70,24 @@ class OperatorLogic:
         return None
 
 
+class KeyedLogic(OperatorLogic):
+    """Live state of an operator that keeps it in one
+    :class:`~sluiceway.operators.state.KeyGroupStore` (``self.store``):
+    checkpoints take it from there."""
+
+    store = None  # a KeyGroupStore, set by the subclass
+
+    def snapshot(self) -> dict[int, pa.Table]:
+        return self.store.full()
+
+    def snapshot_changes(self) -> StateChanges:
+        return self.store.take_changes()
+
+    def state_rows(self) -> int:
+        """Rows of state this task holds (for tests and metrics)."""
+        return len(self.store)
+
+
 class Operator:
     """Picklable operator configuration."""
 

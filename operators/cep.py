@@ -43,11 +43,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sluiceway.operators.base import Operator, OperatorContext, OperatorLogic, Outputs
+from sluiceway.operators.base import KeyedLogic, Operator, OperatorContext, OperatorLogic, Outputs
 from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, missing_columns
 from sluiceway.operators.event_time import event_micros, micros
 from sluiceway.operators.keys import key_groups
-from sluiceway.operators.state import KeyGroupStore, StateChanges
+from sluiceway.operators.state import KeyGroupStore, earliest_per_group
 
 KEY, TIME, SEQ, ROW = "__key", "__t", "__seq", "__row"
 
@@ -164,7 +164,7 @@ def _flag(i: int) -> str:
     return f"__c{i}"
 
 
-class MatchLogic(OperatorLogic):
+class MatchLogic(KeyedLogic):
     """State per key group: the events that satisfy a condition (their
     time, arrival number, which conditions they satisfy, the event itself),
     from the last match's last event of their key on, and no older than the
@@ -237,7 +237,7 @@ class MatchLogic(OperatorLogic):
         old = self.store.read(groups)
         both = new if old is None else pa.concat_tables([old, new], promote_options="permissive").combine_chunks()
         self.store.rewrite(groups, both, KEY, max_kg)
-        for kg, first in _min_time_per_group(new, max_kg).items():
+        for kg, first in earliest_per_group(new, KEY, TIME, max_kg).items():
             self.due[kg] = min(self.due.get(kg, 2**63 - 1), first - 1)
 
     # --------------------------------------------------------------- firing
@@ -279,18 +279,9 @@ class MatchLogic(OperatorLogic):
         if due:
             rows = pa.table({KEY: state.column(KEY).take(pa.array(list(due), pa.int64())),
                              TIME: pa.array(list(due.values()), pa.int64())})
-            for kg, first in _min_time_per_group(rows, max_kg).items():
+            for kg, first in earliest_per_group(rows, KEY, TIME, max_kg).items():
                 self.due[kg] = min(self.due.get(kg, 2**63 - 1), first)
         return out
-
-    def snapshot(self) -> dict[int, pa.Table]:
-        return self.store.full()
-
-    def snapshot_changes(self) -> StateChanges:
-        return self.store.take_changes()
-
-    def state_rows(self) -> int:
-        return len(self.store)
 
 
 class _Run:
@@ -391,11 +382,3 @@ def _evaluate(table: pa.Table, condition: pc.Expression) -> pa.Array:
     import pyarrow.dataset as ds
 
     return ds.dataset(table).to_table(columns={"c": condition}).column("c").combine_chunks()
-
-
-def _min_time_per_group(table: pa.Table, max_key_groups: int) -> dict[int, int]:
-    if table.num_rows == 0:
-        return {}
-    kg = key_groups(table.column(KEY), max_key_groups)
-    firsts = pa.table({"kg": kg, "t": table.column(TIME)}).group_by("kg", use_threads=False).aggregate([("t", "min")])
-    return dict(zip(firsts.column("kg").to_pylist(), firsts.column("t_min").to_pylist()))

@@ -22,11 +22,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sluiceway.operators.base import Operator, OperatorContext, OperatorLogic, Outputs
+from sluiceway.operators.base import KeyedLogic, Operator, OperatorContext, OperatorLogic, Outputs
 from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, missing_columns
 from sluiceway.operators.event_time import event_micros, micros
 from sluiceway.operators.keys import key_groups
-from sluiceway.operators.state import KeyGroupStore, StateChanges
+from sluiceway.operators.state import KeyGroupStore, earliest_per_group
 from sluiceway.operators.tables import TableState
 
 CHANGELOG_META = ("_op", "_lsn", "_table")  # what a changelog row carries besides the table's columns
@@ -106,7 +106,7 @@ class Enrich(Operator):
         return {"kind": self.kind, "on": self.on, "table_key": self.table_key, "how": self.how}
 
 
-class EnrichLogic(OperatorLogic):
+class EnrichLogic(KeyedLogic):
     def __init__(self, op: Enrich, context: OperatorContext, restored: dict[int, pa.Table] | None):
         self.op, self.context = op, context
         self.table = TableState(op.table_key, context, restored)
@@ -134,12 +134,6 @@ class EnrichLogic(OperatorLogic):
     @property
     def store(self) -> KeyGroupStore:
         return self.table.store
-
-    def snapshot(self) -> dict[int, pa.Table]:
-        return self.store.full()
-
-    def snapshot_changes(self) -> StateChanges:
-        return self.store.take_changes()
 
 
 # ----------------------------------------------------------- window join
@@ -207,7 +201,30 @@ def _rows_of(column) -> pa.Table:
     return pa.Table.from_struct_array(array)
 
 
-class WindowJoinLogic(OperatorLogic):
+class _TwoSided(KeyedLogic):
+    """State rows of two sides in one table per key group: each row holds
+    its side's row as a struct column (``__left`` or ``__right``), the other
+    side's null. ``schemas``: each side's row schema, once seen."""
+
+    schemas: list
+
+    def _struct_type(self, side: int) -> pa.DataType:
+        schema = self.schemas[side]
+        return pa.struct(list(schema)) if schema is not None else pa.struct([])
+
+    def _conform(self, rows: pa.Table) -> pa.Table:
+        """Rows whose struct columns have the current type of each side (a
+        side seen for the first time this epoch fills the other's nulls)."""
+        for i, name in enumerate(ROWS):
+            want = self._struct_type(i)
+            if rows.schema.field(name).type != want:
+                column = rows.column(name)
+                fixed = [c if c.null_count < len(c) else pa.nulls(len(c), want) for c in column.chunks]
+                rows = rows.set_column(rows.schema.get_field_index(name), name, pa.chunked_array(fixed, want))
+        return rows
+
+
+class WindowJoinLogic(_TwoSided):
     """State per key group: one row per kept event: its side, key, time, id,
     whether it has paired, and the event itself (a struct column per side)."""
 
@@ -252,9 +269,6 @@ class WindowJoinLogic(OperatorLogic):
             columns[name] = structs[i] if structs[i] is not None else pa.nulls(n, self._struct_type(i))
         return pa.table(columns), late
 
-    def _struct_type(self, side: int) -> pa.DataType:
-        schema = self.schemas[side]
-        return pa.struct(list(schema)) if schema is not None else pa.struct([])
 
     def process_inputs(self, tables: list[pa.Table | None]) -> pa.Table | Outputs | None:
         self.first_new_id = self.next_id  # rows with an id from here on came this epoch
@@ -271,16 +285,6 @@ class WindowJoinLogic(OperatorLogic):
             side["late"] = pa.concat_tables(lates, promote_options="permissive") if len(lates) > 1 else lates[0]
         return Outputs(out, side) if side else out
 
-    def _conform(self, rows: pa.Table) -> pa.Table:
-        """Rows whose struct columns have the current type of each side (a
-        side seen for the first time this epoch fills the other's nulls)."""
-        for i, name in enumerate(ROWS):
-            want = self._struct_type(i)
-            if rows.schema.field(name).type != want:
-                column = rows.column(name)
-                fixed = [c if c.null_count < len(c) else pa.nulls(len(c), want) for c in column.chunks]
-                rows = rows.set_column(rows.schema.get_field_index(name), name, pa.chunked_array(fixed, want))
-        return rows
 
     def _join(self, new: pa.Table) -> pa.Table | None:
         """Pairs of this epoch's events with each other and with kept ones;
@@ -310,7 +314,7 @@ class WindowJoinLogic(OperatorLogic):
             left, right = _rows_of(lefts.column(ROWS[0]).take(li)), _rows_of(rights.column(ROWS[1]).take(ri))
             out = side_by_side(left, right, [op.keys[1]] if op.keys[0] == op.keys[1] else [], op.suffix)
         self.store.rewrite(groups, both, KEY, max_kg)
-        for kg, first in _earliest_per_group(new, max_kg).items():
+        for kg, first in earliest_per_group(new, KEY, TIME, max_kg).items():
             self.due[kg] = min(self.due.get(kg, 2**63 - 1), first + op.within)
         return out
 
@@ -331,7 +335,7 @@ class WindowJoinLogic(OperatorLogic):
         self.store.rewrite(groups, table, KEY, max_kg)
         for kg in groups:
             self.due.pop(kg, None)
-        self.due.update({kg: first + op.within for kg, first in _earliest_per_group(table, max_kg).items()})
+        self.due.update({kg: first + op.within for kg, first in earliest_per_group(table, KEY, TIME, max_kg).items()})
         out = []
         drop = [op.keys[1]] if op.keys[0] == op.keys[1] else []
         for side in (0, 1):
@@ -353,24 +357,6 @@ class WindowJoinLogic(OperatorLogic):
         if not out:
             return None
         return out[0] if len(out) == 1 else pa.concat_tables(out, promote_options="permissive")
-
-    def snapshot(self) -> dict[int, pa.Table]:
-        return self.store.full()
-
-    def snapshot_changes(self) -> StateChanges:
-        return self.store.take_changes()
-
-    def state_rows(self) -> int:
-        return len(self.store)
-
-
-def _earliest_per_group(table: pa.Table, max_key_groups: int) -> dict[int, int]:
-    """The earliest event time in each key group of state rows."""
-    if table.num_rows == 0:
-        return {}
-    kg = key_groups(table.column(KEY), max_key_groups)
-    firsts = pa.table({"kg": kg, "t": table.column(TIME)}).group_by("kg", use_threads=False).aggregate([("t", "min")])
-    return dict(zip(firsts.column("kg").to_pylist(), firsts.column("t_min").to_pylist()))
 
 
 def _blank_like(schema: pa.Schema | None, n: int) -> pa.Table:
@@ -424,7 +410,7 @@ class TableJoin(Operator):
         return {"kind": self.kind, "on": list(self.ons), "keys": list(self.keys)}
 
 
-class TableJoinLogic(OperatorLogic):
+class TableJoinLogic(_TwoSided):
     """State per key group: one row per table row: its side, join value,
     key (as text) and the row itself (a struct column per side)."""
 
@@ -467,18 +453,7 @@ class TableJoinLogic(OperatorLogic):
             columns[name] = structs[i] if structs[i] is not None else pa.nulls(n, self._struct_type(i))
         return pa.table(columns), deleted, named
 
-    def _struct_type(self, side: int) -> pa.DataType:
-        schema = self.schemas[side]
-        return pa.struct(list(schema)) if schema is not None else pa.struct([])
 
-    def _conform(self, rows: pa.Table) -> pa.Table:
-        for i, name in enumerate(ROWS):
-            want = self._struct_type(i)
-            if rows.schema.field(name).type != want:
-                column = rows.column(name)
-                fixed = [c if c.null_count < len(c) else pa.nulls(len(c), want) for c in column.chunks]
-                rows = rows.set_column(rows.schema.get_field_index(name), name, pa.chunked_array(fixed, want))
-        return rows
 
     def process_inputs(self, tables: list[pa.Table | None]) -> pa.Table | None:
         changes = [self._changes(side, table) for side, table in enumerate(tables)]
@@ -552,12 +527,6 @@ class TableJoinLogic(OperatorLogic):
         if not tables:
             return None
         return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
-
-    def snapshot(self) -> dict[int, pa.Table]:
-        return self.store.full()
-
-    def snapshot_changes(self) -> StateChanges:
-        return self.store.take_changes()
 
 
 # ------------------------------------------------------- versioned lookups
@@ -654,7 +623,7 @@ class VersionedEnrichLogic(WindowJoinLogic):
             self.store.rewrite(groups, self._conform(both).combine_chunks(), KEY, max_kg)
             waiting = rows.filter(pc.equal(rows.column(SIDE), 0))
             if waiting.num_rows:
-                for kg, first in _earliest_per_group(waiting, max_kg).items():
+                for kg, first in earliest_per_group(waiting, KEY, TIME, max_kg).items():
                     self.due[kg] = min(self.due.get(kg, 2**63 - 1), first)
             for kg in groups:  # new versions: prune there at the next watermark
                 self.due.setdefault(kg, -2**62)
@@ -687,10 +656,10 @@ class VersionedEnrichLogic(WindowJoinLogic):
         kept = state.filter(keep)
         self.store.rewrite(groups, kept, KEY, max_kg)
         waiting = kept.filter(pc.equal(kept.column(SIDE), 0))
-        for kg, first in _earliest_per_group(waiting, max_kg).items():
+        for kg, first in earliest_per_group(waiting, KEY, TIME, max_kg).items():
             self.due[kg] = min(self.due.get(kg, 2**63 - 1), first)
         pending_versions = kept.filter(pc.and_(pc.equal(kept.column(SIDE), 1), pc.greater(kept.column(TIME), watermark)))
-        for kg, first in _earliest_per_group(pending_versions, max_kg).items():
+        for kg, first in earliest_per_group(pending_versions, KEY, TIME, max_kg).items():
             self.due[kg] = min(self.due.get(kg, 2**63 - 1), first)
         return out
 

@@ -36,10 +36,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sluiceway.operators.base import Operator, OperatorContext, OperatorLogic
+from sluiceway.operators.base import KeyedLogic, Operator, OperatorContext, OperatorLogic
 from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, missing_columns
 from sluiceway.operators.keys import key_groups
-from sluiceway.operators.state import KeyGroupStore, StateChanges
+from sluiceway.operators.state import KeyGroupStore
 
 OPS = {"<=": "less_equal", "<": "less", ">=": "greater_equal", ">": "greater"}
 
@@ -176,7 +176,7 @@ def _event_bounds(value, first: Range, values: np.ndarray) -> tuple[np.ndarray, 
     return np.zeros(len(v), dtype=np.int64), high
 
 
-class SearchLogic(OperatorLogic):
+class SearchLogic(KeyedLogic):
     """State per key group (of the first equality attribute): the queries."""
 
     def __init__(self, op: Search, context: OperatorContext, restored: dict[int, pa.Table] | None):
@@ -277,9 +277,3 @@ class SearchLogic(OperatorLogic):
 
     def query_count(self) -> int:
         return len(self.store)
-
-    def snapshot(self) -> dict[int, pa.Table]:
-        return self.store.full()
-
-    def snapshot_changes(self) -> StateChanges:
-        return self.store.take_changes()

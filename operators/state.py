@@ -98,6 +98,23 @@ def split_by_key_group(table: pa.Table, key_groups: pa.Array) -> dict[int, pa.Ta
     return out
 
 
+def earliest_per_group(table: pa.Table, key_column: str, time_column: str, max_key_groups: int) -> dict[int, int]:
+    """The smallest ``time_column`` value in each key group of ``table``'s
+    rows (by ``key_column``): when each group next has something to do.
+
+    >>> earliest_per_group(pa.table({"k": ["a", "b", "a"], "t": [5, 3, 2]}), "k", "t", 128)
+    {67: 2, 121: 3}
+    """
+    from sluiceway.operators.keys import key_groups
+
+    if table.num_rows == 0:
+        return {}
+    groups = key_groups(table.column(key_column), max_key_groups)
+    firsts = pa.table({"kg": groups, "t": table.column(time_column)}).group_by("kg", use_threads=False) \
+        .aggregate([("t", "min")]).sort_by("kg")
+    return dict(zip(firsts.column("kg").to_pylist(), firsts.column("t_min").to_pylist()))
+
+
 class KeyGroupStore:
     """Tables of state, one per key group, for one operator in one subtask.
     ``key`` names the column that identifies a state row (``None``: no

@@ -33,11 +33,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sluiceway.operators.base import Operator, OperatorContext, OperatorLogic, Outputs
+from sluiceway.operators.base import KeyedLogic, Operator, OperatorContext, OperatorLogic, Outputs
 from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, missing_columns
 from sluiceway.operators.event_time import event_micros, micros
 from sluiceway.operators.keys import key_groups
-from sluiceway.operators.state import KeyGroupStore, StateChanges
+from sluiceway.operators.state import KeyGroupStore, earliest_per_group
 
 OP = "_op"
 INSERT, UPDATE, DELETE = "insert", "update", "delete"
@@ -207,7 +207,7 @@ class ToTable(Operator):
         return {"kind": self.kind, "key": self.key, "updates": self.updates}
 
 
-class ToTableLogic(OperatorLogic):
+class ToTableLogic(KeyedLogic):
     def __init__(self, op: ToTable, context: OperatorContext, restored: dict[int, pa.Table] | None):
         self.op = op
         self.table = TableState(op.key, context, restored)
@@ -221,12 +221,6 @@ class ToTableLogic(OperatorLogic):
             return None
         before, last, deleted = self.table.apply(table)
         return changelog_out(before, last, deleted, self.op.key, retract=self.op.updates == "retract")
-
-    def snapshot(self) -> dict[int, pa.Table]:
-        return self.store.full()
-
-    def snapshot_changes(self) -> StateChanges:
-        return self.store.take_changes()
 
 
 # ------------------------------------------------------------- deduplication
@@ -291,7 +285,7 @@ class Dedupe(Operator):
                 "within_s": self.within / 1e6}
 
 
-class DedupeLogic(OperatorLogic):
+class DedupeLogic(KeyedLogic):
     """State per key group: ``__id`` and the kept event's time; per key group
     the earliest time an id expires, so an epoch opens only groups with
     something to forget."""
@@ -375,10 +369,7 @@ class DedupeLogic(OperatorLogic):
     def _update_due(self, rows: pa.Table) -> None:
         if rows.num_rows == 0:
             return
-        kg = key_groups(rows.column("__id"), self.context.max_key_groups)
-        firsts = pa.table({"kg": kg, "t": rows.column(FIRST_SEEN)}).group_by("kg", use_threads=False) \
-            .aggregate([("t", "min")])
-        for group, first in zip(firsts.column("kg").to_pylist(), firsts.column("t_min").to_pylist()):
+        for group, first in earliest_per_group(rows, "__id", FIRST_SEEN, self.context.max_key_groups).items():
             self.due[group] = first + self.op.within
 
     def on_epoch_end(self, epoch: int, watermark: int | None) -> None:
@@ -397,9 +388,3 @@ class DedupeLogic(OperatorLogic):
         self.store.rewrite(groups, table, "__id", self.context.max_key_groups, changed=gone)
         self._update_due(table)
         return None
-
-    def snapshot(self) -> dict[int, pa.Table]:
-        return self.store.full()
-
-    def snapshot_changes(self) -> StateChanges:
-        return self.store.take_changes()

@@ -55,11 +55,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluiceway.operators.aggregate import Accumulators
-from sluiceway.operators.base import Operator, OperatorContext, OperatorLogic, Outputs
+from sluiceway.operators.base import KeyedLogic, Operator, OperatorContext, OperatorLogic, Outputs
 from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, missing_columns
 from sluiceway.operators.event_time import event_micros, micros, to_timestamps
 from sluiceway.operators.keys import key_groups
-from sluiceway.operators.state import KeyGroupStore, StateChanges, split_by_key_group
+from sluiceway.operators.state import KeyGroupStore, split_by_key_group
 
 START, END, TIME = "__start", "__end", "__t"  # state columns: window bounds ([start, end)), an event's time
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -313,7 +313,7 @@ class Window(Operator):
         return t + self.size + 2  # sliding: its right window ends at t + 1 + size, closes one µs later
 
 
-class WindowLogic(OperatorLogic):
+class WindowLogic(KeyedLogic):
     """One task's windows: state per key group, the watermark in force, and
     per key group the earliest time anything in it can close (so an epoch
     only opens key groups with something to fire)."""
@@ -639,12 +639,6 @@ class WindowLogic(OperatorLogic):
         seconds = pc.divide(pc.cast(pc.subtract(pc.cast(out.column("window_end"), pa.int64()),
                                                 pc.cast(out.column("window_start"), pa.int64())), pa.float64()), 1e6)
         return out.append_column("events_per_s", pc.divide(pc.cast(out.column("count_all"), pa.float64()), seconds))
-
-    def snapshot(self) -> dict[int, pa.Table]:
-        return self.store.full()
-
-    def snapshot_changes(self) -> StateChanges:
-        return self.store.take_changes()
 
 
 def _pair_windows(rank: np.ndarray, start: np.ndarray) -> np.ndarray:

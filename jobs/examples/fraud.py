@@ -71,15 +71,20 @@ def add_to(flow: Dataflow, output: str, rows_per_partition: int, rows_per_second
 
 
 def expected_matches(rows_per_partition: int = ROWS_PER_PARTITION) -> set[tuple[int, ...]]:
-    """The matches as tuples of payment ids, by a direct search: per card in
-    time order, the approved payment that ends a match earliest (three
-    declined after the previous match, the first at most five minutes
-    before it), with the earliest first declined that works."""
+    """The matches as tuples of payment ids, by :func:`direct_matches` over the whole input."""
     events = pa.Table.from_batches([payments(p, 0, rows_per_partition) for p in range(PARTITIONS)])
-    events = events.sort_by([("card", "ascending"), ("ts", "ascending")]).to_pylist()
-    within = WITHIN.total_seconds()
+    return direct_matches(events.to_pylist(), WITHIN.total_seconds())
+
+
+def direct_matches(events: list[dict], within_s: float) -> set[tuple[int, ...]]:
+    """The fraud pattern's matches found by searching, not by running
+    automata: per card in time order (ties by ``id``), repeatedly the
+    approved payment that ends a match earliest (three declined after the
+    previous match, the first at most ``within_s`` before it), with the
+    earliest first declined that works; the declined ones are the first
+    three from there. Returns tuples of payment ids."""
     out, by_card = set(), {}
-    for e in events:
+    for e in sorted(events, key=lambda e: (e["ts"], e["id"])):
         by_card.setdefault(e["card"], []).append(e)
     for rows in by_card.values():
         begin = 0
@@ -89,7 +94,7 @@ def expected_matches(rows_per_partition: int = ROWS_PER_PARTITION) -> set[tuple[
                 if rows[a]["status"] != "approved":
                     continue
                 for j in range(begin, a):
-                    if rows[j]["status"] == "declined" and (rows[a]["ts"] - rows[j]["ts"]).total_seconds() <= within:
+                    if rows[j]["status"] == "declined" and (rows[a]["ts"] - rows[j]["ts"]).total_seconds() <= within_s:
                         declined = [k for k in range(j, a) if rows[k]["status"] == "declined"][:3]
                         if len(declined) == 3:
                             match = declined + [a]

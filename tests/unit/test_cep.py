@@ -1,6 +1,7 @@
 """Complex event processing against oracles that search for matches
-directly (not by running automata): out-of-order input cut into epochs,
-events exactly at the bound, late events, negation, bounded state."""
+directly (not by running automata; the fraud example's ``direct_matches``):
+out-of-order input cut into epochs, events exactly at the bound, late
+events, negation, bounded state."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pyarrow.compute as pc
 import pytest
 
 from sluiceway.jobs.dataflow import Dataflow
+from sluiceway.jobs.examples.fraud import direct_matches
 from sluiceway.jobs.testing import CollectSink, run_local
 from sluiceway.operators.base import OperatorContext
 from sluiceway.operators.cep import Match, Pattern
@@ -35,38 +37,6 @@ def payments(seed: int, n: int = 1500) -> list[dict]:
     return rows
 
 
-def fraud_oracle(rows: list[dict], within_s: float) -> set[tuple]:
-    """Per card, in time order: repeatedly the approved event that ends a
-    match earliest (three declined after the last match, the first of them
-    at most ``within_s`` before it), with the earliest first declined that
-    works; the declined events are the first three from there."""
-    out = set()
-    for card in {r["card"] for r in rows}:
-        events = sorted((r for r in rows if r["card"] == card), key=lambda r: (r["ts"], r["id"]))
-        begin = 0
-        while True:
-            match = None
-            for a in range(begin, len(events)):
-                if events[a]["status"] != "approved":
-                    continue
-                for j in range(begin, a):
-                    if events[j]["status"] != "declined":
-                        continue
-                    if (events[a]["ts"] - events[j]["ts"]).total_seconds() > within_s:
-                        continue
-                    declined = [k for k in range(j, a) if events[k]["status"] == "declined"][:3]
-                    if len(declined) == 3:
-                        match = declined + [a]
-                        break
-                if match:
-                    break
-            if not match:
-                break
-            out.add(tuple(events[k]["id"] for k in match))
-            begin = match[-1] + 1
-    return out
-
-
 def matches(rows: list[dict]) -> set[tuple]:
     groups = {}
     for r in rows:
@@ -84,7 +54,7 @@ def test_fraud_pattern_against_a_direct_search(k, parallelism):
     found.late().sink(late)
     run_local(flow, max_records_per_epoch=k)
     assert late.rows() == []
-    expected = fraud_oracle(rows, 300)
+    expected = direct_matches(rows, 300)
     assert matches(out.rows()) == expected and len(expected) > 20
     steps = [r["match_step"] for r in out.rows()]
     assert steps.count("approved") == len(expected) and steps.count("declined") == 3 * len(expected)
