@@ -112,6 +112,25 @@ def call_with_retry(what: str, url: str, fn, retry: StorageRetry, on_wait: WaitL
         return result
 
 
+
+def arrow_buffer(data: bytes):
+    """``data`` copied into memory that Arrow owns (a ``pyarrow.Buffer``), to read files from.
+
+    A buffer that wraps Python bytes is released by whichever thread drops
+    it last; when that is one of Arrow's reader threads it must take the
+    GIL, and if the interpreter is exiting by then the process aborts.
+    Arrow's own memory is freed without the GIL.
+
+    >>> arrow_buffer(b"abc").to_pybytes()
+    b'abc'
+    """
+    import pyarrow as pa
+
+    out = pa.BufferOutputStream()
+    out.write(data)
+    return out.getvalue()
+
+
 def absolute_url(url: str) -> str:
     """A local path made absolute here, so that a process with another
     working directory (a Ray worker) finds the same folder; URLs of other

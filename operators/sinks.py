@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 from sluiceway.checkpoint.storage import (
     StorageRetry,
     absolute_url,
+    arrow_buffer,
     atomic_write,
     call_with_retry,
     create_exclusive,
@@ -252,9 +253,10 @@ def read_committed(url: str, include_epoch: bool = False) -> pa.Table:
     for epoch in layout.committed_epochs():
         for entry in layout.read_marker(epoch)["files"]:
             with layout.fs.open(posixpath.join(layout.base, entry["path"]), "rb") as f:
-                # Whole, then parsed: Arrow's reader threads never call back into a Python file
-                # object (such a read still in flight when the interpreter exits aborts it).
-                table = pq.read_table(pa.py_buffer(f.read()))
+                # Whole, then parsed from Arrow's memory: Arrow's reader threads never call back into
+                # Python (a file object, or a buffer of Python bytes, released by one of them as the
+                # interpreter exits aborts the process).
+                table = pq.read_table(arrow_buffer(f.read()))
             if include_epoch:
                 table = table.append_column("epoch", pa.array([epoch] * table.num_rows, pa.int64()))
             tables.append(table)

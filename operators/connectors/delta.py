@@ -35,7 +35,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sluiceway.checkpoint.storage import absolute_url, atomic_write, open_filesystem
+from sluiceway.checkpoint.storage import absolute_url, arrow_buffer, atomic_write, open_filesystem
 from sluiceway.operators.errors import SinkError
 from sluiceway.operators.connectors import requires
 from sluiceway.operators.sinks import Sink, SinkContext, SinkWriter
@@ -148,7 +148,7 @@ class DeltaSink(Sink):
         parts = []
         for f in files:
             with fs.open(posixpath.join(base, f["path"]), "rb") as handle:
-                parts.append(pq.read_table(pa.py_buffer(handle.read())))  # see read_committed
+                parts.append(pq.read_table(arrow_buffer(handle.read())))
         rows = pa.concat_tables(parts, promote_options="permissive")
         missing = [k for k in self.key if k not in rows.column_names]
         if missing:

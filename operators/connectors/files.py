@@ -35,7 +35,8 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from sluiceway.checkpoint.storage import JobStorage, StorageRetry, absolute_url, call_with_retry, open_filesystem
+from sluiceway.checkpoint.storage import (JobStorage, StorageRetry, absolute_url, arrow_buffer, call_with_retry,
+                                         open_filesystem)
 from sluiceway.operators.errors import FlowDefinitionError, SourceError
 from sluiceway.operators.sources import Source, dead_letter
 
@@ -139,7 +140,7 @@ _PAYLOAD_LIMIT = 1 << 20  # dead letters carry the bytes of files up to 1 MiB
 
 def _parse(data: bytes, fmt: str, schema: pa.Schema | None) -> pa.Table:
     """One file's records; with ``schema``, in that schema (or an error saying why not)."""
-    buffer = pa.py_buffer(data)
+    buffer = arrow_buffer(data)
     if fmt == "parquet":
         table = pq.read_table(buffer)
     elif fmt == "csv":

@@ -219,6 +219,10 @@ class _PostgresWriter(SinkWriter):
         pacsv.write_csv(keys, data, pacsv.WriteOptions(include_header=False))
         with conn.cursor().copy(f"COPY {stage} ({names}) FROM STDIN (FORMAT csv)") as copy:
             copy.write(data.getvalue())
+        # An earlier epoch's rows of these keys may be in a prepared transaction not yet committed, which a
+        # DELETE would not see. Claiming each key first waits for such a transaction, as an upsert does (the
+        # unique index makes it wait), and leaves a row of it to delete (so other columns must allow nulls).
+        conn.execute(f"INSERT INTO {target} ({names}) SELECT {names} FROM {stage} ON CONFLICT ({names}) DO NOTHING")
         match = " AND ".join(f"{target}.{_ident(k)} = {stage}.{_ident(k)}" for k in keys.column_names)
         conn.execute(f"DELETE FROM {target} USING {stage} WHERE {match}")
         conn.execute(f"DROP TABLE {stage}")
@@ -228,7 +232,8 @@ class PostgresSink(Sink):
     """Rows of each epoch into PostgreSQL table ``table`` (``schema.table``
     allowed), visible per epoch, exactly once. ``mode="upsert"`` needs
     ``key`` (the table's primary key or a unique constraint on it), and
-    takes a changelog too (``_op``: a delete removes the key's row);
+    takes a changelog too (``_op``: a delete removes the key's row; the
+    table's other columns must then allow nulls, see ``_delete``);
     ``create_table=True`` creates a missing table from the stream's schema."""
 
     kind = "postgres"

@@ -44,3 +44,29 @@ def test_a_table_sunk_into_postgres_and_delta_stays_an_exact_copy(postgres_dsn, 
     delta = deltalake.DeltaTable(str(tmp_path / "delta")).to_pyarrow_table()
     assert delta.column_names == ["id", "v"]
     assert dict(zip(delta.column("id").to_pylist(), delta.column("v").to_pylist())) == final
+
+
+def test_a_delete_waits_for_the_epoch_in_flight_that_wrote_its_key(postgres_dsn):
+    """Epoch 2 is pre-committed while epoch 1 is still only prepared (as on
+    Ray, epochs overlap): its delete must not miss epoch 1's row."""
+    import threading
+
+    import pyarrow as pa
+
+    from sluiceway.operators.connectors.postgres import PostgresSink
+    from sluiceway.operators.sinks import SinkContext
+
+    sink = PostgresSink(postgres_dsn, "in_flight", mode="upsert", key=["id"], create_table=True)
+    writer = sink.open(SinkContext("out", 0, 1, "unit", attempt="f1g0"))
+    first = writer.precommit(1, pa.table({"id": [1, 2], "v": ["a", "b"], "_op": ["insert", "insert"]}))
+    second = {}
+    delete = threading.Thread(target=lambda: second.update(h=writer.precommit(
+        2, pa.table({"id": [1], "v": [None], "_op": ["delete"]}))))
+    delete.start()
+    delete.join(1.0)
+    assert delete.is_alive(), "the delete did not wait for the epoch that wrote its key"
+    sink.commit(1, [first])
+    delete.join(30)
+    sink.commit(2, [second["h"]])
+    with psycopg.connect(postgres_dsn) as conn:
+        assert conn.execute("SELECT id, v FROM in_flight").fetchall() == [(2, "b")]
