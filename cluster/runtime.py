@@ -103,9 +103,9 @@ def partition_by_key(table: pa.Table, key: str, parallelism: int, max_key_groups
     """Rows grouped by the downstream subtask owning their key group; order kept within each."""
     if key not in table.column_names:
         raise missing_columns(None, "key_by", [key], table.column_names, f"fix the column name in key_by({key!r})")
-    kg = key_groups(table.column(key), max_key_groups)
     if parallelism == 1:
         return [table]
+    kg = key_groups(table.column(key), max_key_groups)
     target = pc.divide(pc.multiply(kg, parallelism), max_key_groups)
     return [table.filter(pc.equal(target, j)) for j in range(parallelism)]
 

@@ -26,7 +26,7 @@ from sluiceway.operators.base import KeyedLogic, Operator, OperatorContext, Oper
 from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, missing_columns
 from sluiceway.operators.event_time import event_micros, micros
 from sluiceway.operators.keys import key_groups
-from sluiceway.operators.state import KeyGroupStore, earliest_per_group
+from sluiceway.operators.state import KeyGroupStore, earliest_per_group, split_by_key_group
 from sluiceway.operators.tables import TableState
 
 CHANGELOG_META = ("_op", "_lsn", "_table")  # what a changelog row carries besides the table's columns
@@ -128,8 +128,12 @@ class EnrichLogic(KeyedLogic):
                 return None
             return events
         rows = rows.drop_columns([c for c in CHANGELOG_META if c in rows.column_names])
-        at, found = match(keys, rows.column(op.table_key).combine_chunks(), op.how)
-        return side_by_side(events.take(at), rows.take(found), [op.table_key], op.suffix)
+        # A table has one row per key: a hash lookup per event, in event order, no join and no sort.
+        found = pc.index_in(keys, value_set=rows.column(op.table_key).combine_chunks())
+        if op.how == "inner":
+            hit = pc.is_valid(found)
+            events, found = events.filter(hit), found.filter(hit)
+        return side_by_side(events, rows.take(found), [op.table_key], op.suffix)
 
     @property
     def store(self) -> KeyGroupStore:
@@ -288,54 +292,76 @@ class WindowJoinLogic(_TwoSided):
 
     def _join(self, new: pa.Table) -> pa.Table | None:
         """Pairs of this epoch's events with each other and with kept ones;
-        then the new events join the state, and paired rows are marked. The
-        key groups the epoch touches are read, joined and written back at once."""
+        then the new events join the state, and paired rows are marked.
+
+        The touched key groups are laid out one after the other (each its
+        kept rows, then its new ones) without copying; pairs are found on
+        the light columns (side, key, time, id), and only the paired rows'
+        events are gathered. Each group's state is the old chunks plus the
+        new: nothing kept is sorted or copied again (chunks are combined
+        now and then, so a group never fragments)."""
         op, max_kg = self.op, self.context.max_key_groups
-        groups = set(pc.unique(key_groups(new.column(KEY), max_kg)).to_pylist())
-        old = self.store.read(groups)
-        both = new if old is None else pa.concat_tables([self._conform(old), new], promote_options="permissive")
-        both = self._conform(both).combine_chunks()
-        is_left = pc.equal(both.column(SIDE), 0)
-        lefts, rights = both.filter(is_left), both.filter(pc.invert(is_left))
-        li, ri = match(lefts.column(KEY).combine_chunks(), rights.column(KEY).combine_chunks())
-        if len(li):
-            tl, tr = pc.take(lefts.column(TIME), li), pc.take(rights.column(TIME), ri)
-            close = pc.less_equal(pc.abs(pc.subtract(tl, tr)), op.within)
-            fresh = pc.or_(pc.greater_equal(pc.take(lefts.column(ID), li), self.first_new_id),  # old pairs were
-                           pc.greater_equal(pc.take(rights.column(ID), ri), self.first_new_id))  # emitted before
-            keep = pc.and_(close, fresh)
-            li, ri = li.filter(keep), ri.filter(keep)
-        out = None
-        if len(li):
-            paired = pa.concat_arrays([pc.take(lefts.column(ID), li).combine_chunks(),
-                                       pc.take(rights.column(ID), ri).combine_chunks()])
-            both = both.set_column(both.schema.get_field_index(MATCHED), MATCHED,
-                                   pc.or_(both.column(MATCHED), pc.is_in(both.column(ID), value_set=paired)))
-            left, right = _rows_of(lefts.column(ROWS[0]).take(li)), _rows_of(rights.column(ROWS[1]).take(ri))
+        parts = split_by_key_group(new, key_groups(new.column(KEY), max_kg))
+        segments, pieces, start = {}, [], 0
+        for kg, part in parts.items():
+            old = self.store.groups.get(kg)
+            group = [self._conform(t) for t in ((old, part) if old is not None else (part,))]
+            pieces += group
+            n = sum(t.num_rows for t in group)
+            segments[kg] = (start, n)
+            start += n
+        both = pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces, promote_options="permissive")
+        side = both.column(SIDE).to_numpy()
+        t, ids = both.column(TIME).to_numpy(), both.column(ID).to_numpy()
+        keys = both.column(KEY).combine_chunks()
+        lefts, rights = np.flatnonzero(side == 0), np.flatnonzero(side == 1)
+        li, ri = match(keys.take(pa.array(lefts)), keys.take(pa.array(rights)))
+        left_rows, right_rows = lefts[li.to_numpy()], rights[ri.to_numpy()]
+        keep = (np.abs(t[left_rows] - t[right_rows]) <= op.within) & (
+            (ids[left_rows] >= self.first_new_id) | (ids[right_rows] >= self.first_new_id))  # old pairs: emitted
+        left_rows, right_rows = left_rows[keep], right_rows[keep]
+        out, matched = None, None
+        if len(left_rows):
+            left = _rows_of(both.column(ROWS[0]).take(pa.array(left_rows)))
+            right = _rows_of(both.column(ROWS[1]).take(pa.array(right_rows)))
             out = side_by_side(left, right, [op.keys[1]] if op.keys[0] == op.keys[1] else [], op.suffix)
-        self.store.rewrite(groups, both, KEY, max_kg)
-        for kg, first in earliest_per_group(new, KEY, TIME, max_kg).items():
-            self.due[kg] = min(self.due.get(kg, 2**63 - 1), first + op.within)
+            if op.how != "inner":  # only outer joins need to know what never paired
+                matched = both.column(MATCHED).to_numpy(zero_copy_only=False).copy()
+                matched[left_rows] = True
+                matched[right_rows] = True
+        writes = {}
+        for kg, (first, n) in segments.items():
+            group = both.slice(first, n)
+            if matched is not None:
+                group = group.set_column(group.schema.get_field_index(MATCHED), MATCHED,
+                                         pa.array(matched[first:first + n]))
+            writes[kg] = group.combine_chunks() if group.column(0).num_chunks > 16 else group
+        self.store.write(writes)
+        for kg, first_time in earliest_per_group(new, KEY, TIME, max_kg).items():
+            self.due[kg] = min(self.due.get(kg, 2**63 - 1), first_time + op.within)
         return out
 
     def on_epoch_end(self, epoch: int, watermark: int | None) -> pa.Table | None:
         if watermark is None or (self.watermark is not None and watermark <= self.watermark):
             return None
         self.watermark = watermark
-        op, max_kg = self.op, self.context.max_key_groups
+        op = self.op
         groups = {kg for kg, due in self.due.items() if due < watermark}
-        table = self.store.read(groups) if groups else None
-        if table is None:
-            for kg in groups:
-                self.due.pop(kg, None)
-            return None
-        expired = pc.less(pc.add(table.column(TIME), op.within), watermark)
-        gone = table.filter(expired)
-        table = table.filter(pc.invert(expired))
-        self.store.rewrite(groups, table, KEY, max_kg)
-        for kg in groups:
+        gone, writes = [], {}
+        for kg in sorted(groups):
             self.due.pop(kg, None)
-        self.due.update({kg: first + op.within for kg, first in earliest_per_group(table, KEY, TIME, max_kg).items()})
+            group = self.store.groups.get(kg)
+            if group is None:
+                continue
+            expired = pc.less(pc.add(group.column(TIME), op.within), watermark)
+            gone.append(self._conform(group.filter(expired)))
+            writes[kg] = group.filter(pc.invert(expired))
+            if writes[kg].num_rows:
+                self.due[kg] = int(pc.min(writes[kg].column(TIME)).as_py()) + op.within
+        self.store.write(writes)
+        if not gone:
+            return None
+        gone = pa.concat_tables(gone, promote_options="permissive")
         out = []
         drop = [op.keys[1]] if op.keys[0] == op.keys[1] else []
         for side in (0, 1):
