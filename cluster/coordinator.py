@@ -665,7 +665,7 @@ class Coordinator:
             "dead_letters": dead_letters,
             "late": late,
             "waiting": plan.waiting,  # source lag when it was planned: records readable and left for later
-            "lag": {step: {"records": lag.records, "oldest_s": lag.oldest_s} for step, lag in self.lag.items()},
+            "lag": plan.lag,  # each source's lag as of the same plan
             "checkpoint": plan.checkpoint,
             "generation": self.generation,
             "fencing": self.lease.fencing,
@@ -708,7 +708,7 @@ class Coordinator:
             generation=self.generation,
             savepoint=plan.epoch if plan.savepoint else None,
             replay=plan_s is None,
-            lag={step: {"records": lag.records, "oldest_s": lag.oldest_s} for step, lag in self.lag.items()},
+            lag=plan.lag,
             phases={
                 "plan": round(plan_s or 0.0, 6),
                 "process": round(max((a.duration_s - a.snapshot_s for a in ordered), default=0.0), 6),
@@ -842,7 +842,9 @@ class Coordinator:
     def _write_and_dispatch(self, ranges, *, checkpoint: bool, now: float, waiting: int = 0,
                             savepoint: bool = False, gaps=None) -> None:
         active_at, ended = watermark_marks(self.sources, ranges, self.active_at, now)
-        plan = EpochPlan(self.next_epoch, ranges, checkpoint, now, waiting, savepoint, gaps or {}, active_at, ended)
+        lag = {step: {"records": lag.records, "oldest_s": lag.oldest_s} for step, lag in self.lag.items()}
+        plan = EpochPlan(self.next_epoch, ranges, checkpoint, now, waiting, savepoint, gaps or {}, active_at, ended,
+                         lag)
         if checkpoint:
             self.unconfirmed_recovery = False
         self._check_lease()

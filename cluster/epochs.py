@@ -32,6 +32,8 @@ class EpochPlan:
     # something to read (idle partitions), and which are read to their end.
     active_at: dict[str, dict[int, float]] = field(default_factory=dict)
     ended: dict[str, list[int]] = field(default_factory=dict)
+    # Each source's lag when this epoch was planned ({"records", "oldest_s"}), for the commit log and the page.
+    lag: dict[str, dict] = field(default_factory=dict)
 
     def source_epoch(self, step: str) -> SourceEpoch:
         """What the tasks of source ``step`` need to know for watermarks."""
@@ -57,6 +59,7 @@ class EpochPlan:
             **({"active_at": {s: {str(p): t for p, t in parts.items()} for s, parts in self.active_at.items()}}
                if self.active_at else {}),
             **({"ended": self.ended} if self.ended else {}),
+            **({"lag": self.lag} if self.lag else {}),
         }
 
     @classmethod
@@ -92,8 +95,11 @@ class EpochPlan:
         active_at = {step: {int(p): float(t) for p, t in parts.items()}
                      for step, parts in doc.get("active_at", {}).items()}
         ended = {step: [int(p) for p in parts] for step, parts in doc.get("ended", {}).items()}
+        lag = doc.get("lag", {})
+        if not isinstance(lag, dict):
+            raise ValueError(f"its 'lag' is {lag!r}, not an object")
         return cls(doc["epoch"], ranges, doc["checkpoint"], doc["planned_at"], int(doc.get("waiting", 0)), savepoint,
-                   gaps, active_at, ended)
+                   gaps, active_at, ended, lag)
 
 
 @dataclass
