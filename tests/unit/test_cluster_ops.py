@@ -187,3 +187,12 @@ def test_delta_sink_commits_an_epoch_once_and_aborts_what_never_completed(tmp_pa
     assert sorted(table.to_pyarrow_table().column("x").to_pylist()) == [1, 2, 3, 4]
     assert table.transaction_version("sluiceway/job/out") == 2
     assert not [f for f in os.listdir(tmp_path / "table") if f.startswith("part-e0000000003")]
+
+
+def test_an_offsets_entry_keeps_each_sources_lag_as_planned():
+    plan = EpochPlan(3, {"src": {0: (0, 10)}}, False, 1.0, 7, lag={"src": {"records": 7, "oldest_s": 0.5}})
+    again = EpochPlan.from_json(json.loads(json.dumps(plan.to_json())))
+    assert again == plan and again.lag["src"]["records"] == plan.waiting
+    assert EpochPlan.from_json({k: v for k, v in plan.to_json().items() if k != "lag"}).lag == {}  # older entries
+    with pytest.raises(ValueError, match="'lag'"):
+        EpochPlan.from_json({**plan.to_json(), "lag": [1]})
