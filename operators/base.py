@@ -76,6 +76,15 @@ class KeyedLogic(OperatorLogic):
     checkpoints take it from there."""
 
     store = None  # a KeyGroupStore, set by the subclass
+    watermark: int | None = None  # the watermark in force (operators that expire state by it)
+
+    def _take_watermark(self, watermark: int | None) -> bool:
+        """Take an epoch's watermark if it is known and past the one in
+        force; False when there is nothing new to expire or fire."""
+        if watermark is None or (self.watermark is not None and watermark <= self.watermark):
+            return False
+        self.watermark = watermark
+        return True
 
     def snapshot(self) -> dict[int, pa.Table]:
         return self.store.full()

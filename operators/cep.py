@@ -242,9 +242,8 @@ class MatchLogic(KeyedLogic):
 
     # --------------------------------------------------------------- firing
     def on_epoch_end(self, epoch: int, watermark: int | None) -> pa.Table | None:
-        if watermark is None or (self.watermark is not None and watermark <= self.watermark):
+        if not self._take_watermark(watermark):
             return None
-        self.watermark = watermark
         groups = {kg for kg, due in self.due.items() if due < watermark}
         state = self.store.read(groups) if groups else None
         for kg in groups:

@@ -342,9 +342,8 @@ class WindowJoinLogic(_TwoSided):
         return out
 
     def on_epoch_end(self, epoch: int, watermark: int | None) -> pa.Table | None:
-        if watermark is None or (self.watermark is not None and watermark <= self.watermark):
+        if not self._take_watermark(watermark):
             return None
-        self.watermark = watermark
         op = self.op
         groups = {kg for kg, due in self.due.items() if due < watermark}
         gone, writes = [], {}
@@ -659,9 +658,8 @@ class VersionedEnrichLogic(WindowJoinLogic):
         return None
 
     def on_epoch_end(self, epoch: int, watermark: int | None) -> pa.Table | None:
-        if watermark is None or (self.watermark is not None and watermark <= self.watermark):
+        if not self._take_watermark(watermark):
             return None
-        self.watermark = watermark
         max_kg = self.context.max_key_groups
         groups = {kg for kg, due in self.due.items() if due <= watermark}
         for kg in groups:

@@ -373,9 +373,8 @@ class DedupeLogic(KeyedLogic):
             self.due[group] = first + self.op.within
 
     def on_epoch_end(self, epoch: int, watermark: int | None) -> None:
-        if watermark is None or (self.watermark is not None and watermark <= self.watermark):
+        if not self._take_watermark(watermark):
             return None
-        self.watermark = watermark
         groups = {kg for kg, due in self.due.items() if due < watermark}
         table = self.store.read(groups) if groups else None
         for kg in groups:
