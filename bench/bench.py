@@ -478,7 +478,7 @@ def _checksum_run(flow_fn, column: str, work: str) -> dict:
     return r
 
 
-def _report(name: str, r: dict, loop_rate: float, loop_rows: int, loop_sum: float, events: int) -> None:
+def _report(name: str, r: dict, loop_rate: float, loop_rows: int, loop_sum: float) -> None:
     same = "same rows and sum" if (r["rows"], r["sum"]) == (loop_rows, loop_sum) else \
         f"DIFFERENT: {r['rows']} rows / {r['sum']} vs {loop_rows} / {loop_sum}"
     print(f"   {name:<26} sluiceway {r['rate']:>11,.0f} events/s ({r['rate'] / CORES:>10,.0f} per core); "
@@ -501,7 +501,7 @@ def enrich_bench(work: str, events: int) -> None:
     for batch in _slices(orders, events):
         joined = pa.table(batch).join(table, "customer", right_keys="id", join_type="inner")
         rows, total = rows + joined.num_rows, total + pc.sum(joined["credit"]).as_py()
-    _report("stream-table join", r, events / (time.perf_counter() - t0), rows, total, events)
+    _report("stream-table join", r, events / (time.perf_counter() - t0), rows, total)
 
 
 def window_join_bench(work: str, events: int) -> None:
@@ -526,7 +526,7 @@ def window_join_bench(work: str, events: int) -> None:
     j = s.join(c.select(["sid", "ts"]), "sid", join_type="inner", right_suffix="_click")
     gap = pc.abs(pc.subtract(pc.cast(j["ts"], pa.int64()), pc.cast(j["ts_click"], pa.int64())))
     j = j.filter(pc.less_equal(gap, int(sc.WITHIN.total_seconds() * 1_000_000)))
-    _report("window join", r, 3 * sessions / (time.perf_counter() - t0), j.num_rows, pc.sum(j["sid"]).as_py(), events)
+    _report("window join", r, 3 * sessions / (time.perf_counter() - t0), j.num_rows, pc.sum(j["sid"]).as_py())
 
 
 def search_bench(work: str, events: int, queries: int) -> None:
@@ -547,7 +547,7 @@ def search_bench(work: str, events: int, queries: int) -> None:
         j = pa.table(batch).join(q, ["area", "kind"], join_type="inner")
         j = j.filter(pc.and_(pc.less_equal(j["price"], j["max_price"]), pc.greater_equal(j["rooms"], j["min_rooms"])))
         rows, total = rows + j.num_rows, total + (pc.sum(j["query"]).as_py() or 0)
-    _report(f"search, {queries:,} queries", r, events / (time.perf_counter() - t0), rows, total, events)
+    _report(f"search, {queries:,} queries", r, events / (time.perf_counter() - t0), rows, total)
 
 
 def joins_bench(events: int | None = None) -> None:

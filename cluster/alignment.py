@@ -15,7 +15,7 @@ after its barrier belongs to *e+1* and is held back.
 >>> a.handle(BarrierEvent("up1", Barrier(1, checkpoint=True, watermark=3)))
 [Aligned(barrier=Barrier(epoch=1, checkpoint=True, watermark=3, savepoint=False, idle=False), tables=['rows-a'], channels=['up0'])]
 
-A channel named ``untimed`` (a table read for lookups) never holds the
+A channel in ``untimed`` (a table read for lookups) never holds the
 watermark back: its barriers count as idle ones.
 """
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sluiceway.checkpoint.types import DEFAULT_MAX_KEY_GROUPS, TaskId
+from sluiceway.cluster.alignment import BarrierAligner
 from sluiceway.operators.base import Operator
 from sluiceway.operators.errors import FlowDefinitionError
 from sluiceway.operators.sinks import Sink
@@ -155,10 +156,16 @@ class PhysicalPlan:
         stage = self.stages[stage_id]
         return [(t, port) for port, i in enumerate(stage.inputs) for t in self.stages[i.stage].tasks()]
 
-    def untimed_channels(self, stage_id: str) -> set[tuple[TaskId, int]]:
-        """The channels whose watermark does not hold the stage's back."""
+    def aligner(self, stage_id: str, first_epoch: int) -> BarrierAligner | None:
+        """The barrier aligner of a task of ``stage_id`` (``None`` for a
+        source stage): its channels, those whose watermark does not hold the
+        stage's back (a table read for lookups)."""
         stage = self.stages[stage_id]
-        return {(t, port) for port, i in enumerate(stage.inputs) if not i.timed for t in self.stages[i.stage].tasks()}
+        channels = self.input_channels(stage_id)
+        if not channels:
+            return None
+        untimed = {(t, port) for port, i in enumerate(stage.inputs) if not i.timed for t in self.stages[i.stage].tasks()}
+        return BarrierAligner(channels, first_epoch, untimed)
 
     def sources(self) -> dict[str, Source]:
         return {s.id: s.source for s in self.graph.steps.values() if s.source is not None}

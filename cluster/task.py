@@ -67,9 +67,7 @@ class TaskActor:
         self._early_plans = {}
         self._first_barrier_at = {}
         self.next_source_epoch = first_epoch
-        channels = self.plan.input_channels(self.task.stage)
-        untimed = self.plan.untimed_channels(self.task.stage)
-        self.aligner = BarrierAligner(channels, first_epoch, untimed) if channels else None
+        self.aligner = self.plan.aligner(self.task.stage, first_epoch)
         try:
             self.runtime.restore(manifest, attempt=f"f{fencing}g{generation}", committed_through=committed_through)
         except CorruptCheckpointError:

@@ -509,13 +509,7 @@ class KeyedStream(Stream):
         result every epoch it changes (``emit="updates"``); events after it
         fired go to ``late()``. Needs ``with_event_time`` upstream.
         """
-        event_time = self.flow.graph.upstream_event_time(self.step_id)
-        if event_time is None:
-            raise FlowDefinitionError(
-                "window needs event time: call with_event_time(column, ...) or with_ingestion_time() "
-                "on the source's stream, before key_by"
-            )
-        return WindowedStream(self, event_time.operator.column, spec, allowed_lateness, emit)
+        return WindowedStream(self, self._event_time_column("window"), spec, allowed_lateness, emit)
 
     def rolling_mean(self, column: str, size: timedelta, hop: timedelta, *, name: str | None = None) -> "WindowResult":
         """The mean of ``column`` over the last ``size``, every ``hop``: a hopping window's mean per key."""
@@ -524,6 +518,15 @@ class KeyedStream(Stream):
     def event_rate(self, size: timedelta, *, name: str | None = None) -> "WindowResult":
         """Events per key in tumbling windows of ``size``: ``count_all`` and ``events_per_s``."""
         return self.window(Tumbling(size))._add(dict(aggregate=[([], "count_all")], rate=True), name)
+
+
+class WithLate(Stream):
+    """A stream with a side stream of the events that came too late for it."""
+
+    def late(self, *, name: str | None = None) -> Stream:
+        """The events that arrived behind the watermark, as they came in:
+        sink them like any stream. Counted per epoch in the job's metrics (``late``)."""
+        return self._then("late", None, name)
 
 
 class WindowedStream:
@@ -567,7 +570,7 @@ class WindowedStream:
         return self.result.late(name=name)
 
 
-class WindowResult(Stream):
+class WindowResult(WithLate):
     """What a window emits; :meth:`late` is its side stream of late events."""
 
     def late(self, *, name: str | None = None) -> Stream:
@@ -590,7 +593,7 @@ class WindowResult(Stream):
         >>> [r["count_all"] for r in out.rows()], [r["ts"].second for r in late.rows()]
         ([1, 1], [2])
         """
-        return self._then("late", None, name)
+        return super().late(name=name)
 
 
 class Table(Stream):
@@ -655,12 +658,3 @@ class Table(Stream):
                                         parallelism, operator=op, key=on, right=other.step_id, right_key=right_on,
                                         right_timed=False))
         return Stream(self.flow, step.id)
-
-
-class WithLate(Stream):
-    """A stream with a side stream of the events that came too late for it."""
-
-    def late(self, *, name: str | None = None) -> Stream:
-        """The events that arrived behind the watermark, as they came in:
-        sink them like any stream. Counted per epoch in the job's metrics (``late``)."""
-        return self._then("late", None, name)

@@ -35,7 +35,7 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from sluiceway.checkpoint.storage import JobStorage
-from sluiceway.cluster.alignment import Barrier, BarrierAligner, BarrierEvent, Data
+from sluiceway.cluster.alignment import Barrier, BarrierEvent, Data
 from sluiceway.cluster.epochs import EpochPlan, plan_epoch, sources_exhausted, watermark_marks
 from sluiceway.cluster.graph import plan as physical_plan
 from sluiceway.cluster.runtime import TaskRuntime
@@ -92,10 +92,7 @@ def run_local(flow, *, parallelism: int | None = None, max_records_per_epoch: in
     tasks = {t: TaskRuntime(plan, t, storage) for t in plan.tasks()}
     for runtime in tasks.values():
         runtime.restore(None)
-    aligners = {
-        t: BarrierAligner(plan.input_channels(t.stage), 1, plan.untimed_channels(t.stage))
-        for t in tasks if plan.input_channels(t.stage)
-    }
+    aligners = {t: plan.aligner(t.stage, 1) for t in tasks if plan.input_channels(t.stage)}
     sources = plan.sources()
     offsets: dict = {}
     active_at: dict = {}

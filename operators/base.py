@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from sluiceway.operators.state import StateChanges
+from sluiceway.operators.state import StateChanges, earliest_per_group
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,12 @@ class KeyedLogic(OperatorLogic):
 
     store = None  # a KeyGroupStore, set by the subclass
     watermark: int | None = None  # the watermark in force (operators that expire state by it)
+
+    def _due_by(self, rows: pa.Table, key_column: str, time_column: str, plus: int = 0) -> None:
+        """Bring each key group's next work (``self.due``: key group -> time)
+        forward to the earliest ``time_column`` of its ``rows``, plus ``plus``."""
+        for kg, first in earliest_per_group(rows, key_column, time_column, self.context.max_key_groups).items():
+            self.due[kg] = min(self.due.get(kg, 2**63 - 1), first + plus)
 
     def _take_watermark(self, watermark: int | None) -> bool:
         """Take an epoch's watermark if it is known and past the one in

@@ -45,9 +45,9 @@ import pyarrow.compute as pc
 
 from sluiceway.operators.base import KeyedLogic, Operator, OperatorContext, OperatorLogic, Outputs
 from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, missing_columns
-from sluiceway.operators.event_time import event_micros, micros
+from sluiceway.operators.event_time import micros, split_late
 from sluiceway.operators.keys import key_groups
-from sluiceway.operators.state import KeyGroupStore, earliest_per_group
+from sluiceway.operators.state import KeyGroupStore, as_struct, rows_of
 
 KEY, TIME, SEQ, ROW = "__key", "__t", "__seq", "__row"
 
@@ -183,9 +183,8 @@ class MatchLogic(KeyedLogic):
         self.row_type: pa.DataType | None = None
         for table in self.store.groups.values():
             self.row_type = table.schema.field(ROW).type
-        self.due: dict[int, int] = {}  # key group -> work once the watermark passes this
-        for kg, table in self.store.groups.items():  # restored: every group may have a pending negation
-            self.due[kg] = -2**62
+        # key group -> work once the watermark passes this; restored, every group may have a pending negation
+        self.due: dict[int, int] = dict.fromkeys(self.store.groups, -2**62)
 
     # ---------------------------------------------------------------- input
     def process(self, table: pa.Table) -> Outputs | None:
@@ -196,11 +195,7 @@ class MatchLogic(KeyedLogic):
             if column not in table.column_names:
                 raise missing_columns(self.context.step, "match", [op.key, op.time_column], table.column_names,
                                       "fix the column names in key_by(...) or with_event_time(...)")
-        t, valid = event_micros(table, op.time_column, self.context.step)
-        late_mask = ~valid if self.watermark is None else (~valid | (t < self.watermark))
-        late = table.filter(pa.array(late_mask)) if late_mask.any() else None
-        if late is not None:
-            table, t = table.filter(pa.array(~late_mask)), t[~late_mask]
+        table, t, late = split_late(table, op.time_column, self.watermark, self.context.step)
         flags = []
         for i, condition in enumerate(op.pattern.conditions):
             try:
@@ -219,8 +214,7 @@ class MatchLogic(KeyedLogic):
     def _keep(self, table: pa.Table, t: np.ndarray, flags: list[np.ndarray]) -> None:
         n = table.num_rows
         rows = table.combine_chunks()
-        struct = pa.StructArray.from_arrays([c.chunk(0) if c.num_chunks else pa.array([], c.type)
-                                             for c in rows.columns], names=rows.column_names)
+        struct = as_struct(rows)
         if self.row_type is None:
             self.row_type = struct.type
         elif struct.type != self.row_type:
@@ -237,8 +231,7 @@ class MatchLogic(KeyedLogic):
         old = self.store.read(groups)
         both = new if old is None else pa.concat_tables([old, new], promote_options="permissive").combine_chunks()
         self.store.rewrite(groups, both, KEY, max_kg)
-        for kg, first in earliest_per_group(new, KEY, TIME, max_kg).items():
-            self.due[kg] = min(self.due.get(kg, 2**63 - 1), first - 1)
+        self._due_by(new, KEY, TIME, plus=-1)
 
     # --------------------------------------------------------------- firing
     def on_epoch_end(self, epoch: int, watermark: int | None) -> pa.Table | None:
@@ -267,7 +260,7 @@ class MatchLogic(KeyedLogic):
             start = end
         out = None
         if found:
-            rows = pa.Table.from_struct_array(state.column(ROW).take(pa.array([i for i, _, _, _ in found])))
+            rows = rows_of(state.column(ROW).take(pa.array([i for i, _, _, _ in found])))
             ts = pa.timestamp("us", tz="UTC")
             out = (rows.append_column("match_start", pa.array([s for _, s, _, _ in found], pa.int64()).cast(ts))
                        .append_column("match_end", pa.array([e for _, _, e, _ in found], pa.int64()).cast(ts))
@@ -278,8 +271,7 @@ class MatchLogic(KeyedLogic):
         if due:
             rows = pa.table({KEY: state.column(KEY).take(pa.array(list(due), pa.int64())),
                              TIME: pa.array(list(due.values()), pa.int64())})
-            for kg, first in earliest_per_group(rows, KEY, TIME, max_kg).items():
-                self.due[kg] = min(self.due.get(kg, 2**63 - 1), first)
+            self._due_by(rows, KEY, TIME)
         return out
 
 

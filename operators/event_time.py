@@ -105,6 +105,25 @@ def event_micros(table: pa.Table, column: str, step: str | None = None) -> np.nd
     return as_int.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False), valid
 
 
+def split_late(table: pa.Table, column: str, watermark: int | None, step: str | None = None
+               ) -> tuple[pa.Table, np.ndarray, pa.Table | None]:
+    """``table``'s rows whose event time is known and not behind
+    ``watermark`` (``None``: nothing is behind it), their times, and the
+    other rows (``None`` if there are none): what an operator that drops
+    state by the watermark sends to ``late()``.
+
+    >>> t = pa.table({"ts": pa.array([5, None, 1], pa.timestamp("us"))})
+    >>> on_time, times, late = split_late(t, "ts", watermark=3)
+    >>> times.tolist(), late.num_rows
+    ([5], 2)
+    """
+    t, valid = event_micros(table, column, step)
+    late = ~valid if watermark is None else (~valid | (t < watermark))
+    if not late.any():
+        return table, t, None
+    return table.filter(pa.array(~late)), t[~late], table.filter(pa.array(late))
+
+
 def to_timestamps(values) -> pa.Array:
     """Microseconds since the Unix epoch as a ``timestamp[us, UTC]`` array."""
     return pa.array(np.asarray(values, dtype=np.int64), pa.int64()).cast(TIMESTAMP)

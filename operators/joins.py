@@ -24,12 +24,11 @@ import pyarrow.compute as pc
 
 from sluiceway.operators.base import KeyedLogic, Operator, OperatorContext, OperatorLogic, Outputs
 from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, missing_columns
-from sluiceway.operators.event_time import event_micros, micros
+from sluiceway.operators.event_time import micros, split_late
 from sluiceway.operators.keys import key_groups
-from sluiceway.operators.state import KeyGroupStore, earliest_per_group, split_by_key_group
-from sluiceway.operators.tables import TableState
-
-CHANGELOG_META = ("_op", "_lsn", "_table")  # what a changelog row carries besides the table's columns
+from sluiceway.operators.state import KeyGroupStore, as_struct, rows_of, split_by_key_group
+from sluiceway.operators.tables import (DELETE, INSERT, OP, UPDATE, TableState, changes_by_key, ops_of,
+                                        without_meta)
 JOIN_KINDS = ("inner", "left", "outer")
 
 
@@ -127,7 +126,7 @@ class EnrichLogic(KeyedLogic):
             if op.how == "inner":
                 return None
             return events
-        rows = rows.drop_columns([c for c in CHANGELOG_META if c in rows.column_names])
+        rows = without_meta(rows)
         # A table has one row per key: a hash lookup per event, in event order, no join and no sort.
         found = pc.index_in(keys, value_set=rows.column(op.table_key).combine_chunks())
         if op.how == "inner":
@@ -194,23 +193,17 @@ class WindowJoin(Operator):
         return self.how == "outer" or (self.how == "left" and side == 0)
 
 
-def _as_struct(table: pa.Table) -> pa.StructArray:
-    table = table.combine_chunks()
-    return pa.StructArray.from_arrays([c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns],
-                                      names=table.column_names)
-
-
-def _rows_of(column) -> pa.Table:
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return pa.Table.from_struct_array(array)
-
-
 class _TwoSided(KeyedLogic):
     """State rows of two sides in one table per key group: each row holds
     its side's row as a struct column (``__left`` or ``__right``), the other
     side's null. ``schemas``: each side's row schema, once seen."""
 
     schemas: list
+
+    def _restored_schemas(self) -> list[pa.Schema | None]:
+        """Each side's row schema as the restored state holds it (``None`` before any state)."""
+        first = next(iter(self.store.groups.values()), None)
+        return [None if first is None else pa.schema(list(first.schema.field(name).type)) for name in ROWS]
 
     def _struct_type(self, side: int) -> pa.DataType:
         schema = self.schemas[side]
@@ -237,12 +230,16 @@ class WindowJoinLogic(_TwoSided):
         self.store = KeyGroupStore(restored, key=None)
         self.watermark = context.watermark
         self.next_id = 1 + max((int(pc.max(t.column(ID)).as_py()) for t in self.store.groups.values()), default=0)
-        self.schemas: list[pa.Schema | None] = [None, None]  # each side's row schema, once seen
-        for table in self.store.groups.values():
-            for side in (0, 1):
-                if self.schemas[side] is None:
-                    self.schemas[side] = pa.schema(list(table.schema.field(ROWS[side]).type))
-        self.due = {kg: int(pc.min(t.column(TIME)).as_py()) + op.within for kg, t in self.store.groups.items()}
+        self.schemas = self._restored_schemas()
+        self.due = self._restored_due()
+
+    def _restored_due(self) -> dict[int, int]:
+        """Per restored key group, when it next has something to drop."""
+        return {kg: int(pc.min(t.column(TIME)).as_py()) + self.op.within for kg, t in self.store.groups.items()}
+
+    def _late_before(self, side: int) -> int | None:
+        """Events of ``side`` behind this are late."""
+        return self.watermark
 
     def _new_rows(self, side: int, table: pa.Table | None) -> tuple[pa.Table | None, pa.Table | None]:
         """One side's events of the epoch as state rows, and its late events."""
@@ -254,17 +251,13 @@ class WindowJoinLogic(_TwoSided):
             raise missing_columns(self.context.step, "join", [key, time], table.column_names,
                                   f"fix {which} of the join's {('left', 'right')[side]} side")
         self.schemas[side] = table.schema
-        t, valid = event_micros(table, time, self.context.step)
-        late_mask = ~valid if self.watermark is None else (~valid | (t < self.watermark))
-        late = table.filter(pa.array(late_mask)) if late_mask.any() else None
-        if late is not None:
-            table, t = table.filter(pa.array(~late_mask)), t[~late_mask]
+        table, t, late = split_late(table, time, self._late_before(side), self.context.step)
         n = table.num_rows
         if n == 0:
             return None, late
         ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
         self.next_id += n
-        structs = [_as_struct(table), None]
+        structs = [as_struct(table), None]
         if side == 1:
             structs.reverse()
         columns = {SIDE: pa.repeat(pa.scalar(side, pa.int8()), n), KEY: table.column(key).combine_chunks(),
@@ -322,8 +315,8 @@ class WindowJoinLogic(_TwoSided):
         left_rows, right_rows = left_rows[keep], right_rows[keep]
         out, matched = None, None
         if len(left_rows):
-            left = _rows_of(both.column(ROWS[0]).take(pa.array(left_rows)))
-            right = _rows_of(both.column(ROWS[1]).take(pa.array(right_rows)))
+            left = rows_of(both.column(ROWS[0]).take(pa.array(left_rows)))
+            right = rows_of(both.column(ROWS[1]).take(pa.array(right_rows)))
             out = side_by_side(left, right, [op.keys[1]] if op.keys[0] == op.keys[1] else [], op.suffix)
             if op.how != "inner":  # only outer joins need to know what never paired
                 matched = both.column(MATCHED).to_numpy(zero_copy_only=False).copy()
@@ -337,8 +330,7 @@ class WindowJoinLogic(_TwoSided):
                                          pa.array(matched[first:first + n]))
             writes[kg] = group.combine_chunks() if group.column(0).num_chunks > 16 else group
         self.store.write(writes)
-        for kg, first_time in earliest_per_group(new, KEY, TIME, max_kg).items():
-            self.due[kg] = min(self.due.get(kg, 2**63 - 1), first_time + op.within)
+        self._due_by(new, KEY, TIME, plus=op.within)
         return out
 
     def on_epoch_end(self, epoch: int, watermark: int | None) -> pa.Table | None:
@@ -369,7 +361,7 @@ class WindowJoinLogic(_TwoSided):
             lonely = gone.filter(pc.and_(pc.equal(gone.column(SIDE), side), pc.invert(gone.column(MATCHED))))
             if lonely.num_rows == 0:
                 continue
-            rows = _rows_of(lonely.sort_by([(TIME, "ascending"), (ID, "ascending")]).column(ROWS[side]))
+            rows = rows_of(lonely.sort_by([(TIME, "ascending"), (ID, "ascending")]).column(ROWS[side]))
             if side == 0:
                 out.append(side_by_side(rows, _blank_like(self.schemas[1], rows.num_rows), drop, op.suffix))
             else:
@@ -442,18 +434,13 @@ class TableJoinLogic(_TwoSided):
     def __init__(self, op: TableJoin, context: OperatorContext, restored: dict[int, pa.Table] | None):
         self.op, self.context = op, context
         self.store = KeyGroupStore(restored, key=None)
-        self.schemas: list[pa.Schema | None] = [None, None]
-        self.key_type: pa.DataType | None = None
-        for table in self.store.groups.values():
-            self.schemas = [pa.schema(list(table.schema.field(ROWS[s]).type)) for s in (0, 1)]
-            self.key_type = table.schema.field(KEY).type
+        self.schemas = self._restored_schemas()
+        self.key_type: pa.DataType | None = next((t.schema.field(KEY).type for t in self.store.groups.values()), None)
 
     def _changes(self, side: int, table: pa.Table | None) -> tuple[pa.Table | None, pa.Array | None, pa.Array | None]:
         """One side's epoch of changes as state rows (the last per row key),
         which of them are deletes, and every join value the changes name
         (a row's earlier changes in the epoch may have had another)."""
-        from sluiceway.operators.tables import OP, changes_by_key
-
         if table is None or table.num_rows == 0:
             return None, None, None
         on, key = self.op.ons[side], self.op.keys[side]
@@ -461,7 +448,7 @@ class TableJoinLogic(_TwoSided):
             raise missing_columns(self.context.step, "join", [on], table.column_names,
                                   f"fix the join column of the {('left', 'right')[side]} table")
         last, deleted = changes_by_key(table, key, self.context.step)
-        rows = last.drop_columns([c for c in CHANGELOG_META if c in last.column_names and c != OP])
+        rows = without_meta(last)
         self.schemas[side] = rows.schema
         values = rows.column(on).combine_chunks()
         if self.key_type is None:
@@ -469,7 +456,7 @@ class TableJoinLogic(_TwoSided):
         values = values.cast(self.key_type)
         named = table.column(on).combine_chunks().cast(self.key_type)
         n = rows.num_rows
-        structs = [_as_struct(rows), None]
+        structs = [as_struct(rows), None]
         if side == 1:
             structs.reverse()
         columns = {SIDE: pa.repeat(pa.scalar(side, pa.int8()), n), KEY: values,
@@ -526,8 +513,6 @@ class TableJoinLogic(_TwoSided):
                          ROWS[0]: pc.take(left.column(ROWS[0]), li), ROWS[1]: pc.take(right.column(ROWS[1]), ri)})
 
     def _difference(self, old: pa.Table | None, new: pa.Table | None, changed: list[pa.Array]) -> pa.Table | None:
-        from sluiceway.operators.tables import DELETE, INSERT, OP, UPDATE
-
         out = []
         old_ids = None if old is None else old.column("__pair").combine_chunks()
         new_ids = None if new is None else new.column("__pair").combine_chunks()
@@ -546,7 +531,7 @@ class TableJoinLogic(_TwoSided):
         for pairs, op_name in out:
             if pairs.num_rows == 0:
                 continue
-            joined = side_by_side(_rows_of(pairs.column(ROWS[0])), _rows_of(pairs.column(ROWS[1])), drop,
+            joined = side_by_side(rows_of(pairs.column(ROWS[0])), rows_of(pairs.column(ROWS[1])), drop,
                                   self.op.suffix)
             tables.append(joined.append_column(OP, pa.repeat(pa.scalar(op_name), joined.num_rows)))
         if not tables:
@@ -589,7 +574,6 @@ class VersionedEnrich(Operator):
         self.on, self.table_key, self.version, self.time_column = on, table_key, version, time_column
         self.how, self.suffix = how, suffix
         self.keys, self.times = (on, table_key), (time_column, version)
-        self.within = 0  # what the window join's state layout reads: nothing waits past its own time
 
     def build(self, context: OperatorContext, restored: dict[int, pa.Table] | None) -> OperatorLogic:
         return VersionedEnrichLogic(self, context, restored)
@@ -607,32 +591,28 @@ class VersionedEnrichLogic(WindowJoinLogic):
     (side 0) and versions (side 1, ``__gone`` for a delete's), with their
     key, time and arrival number."""
 
-    def __init__(self, op: VersionedEnrich, context: OperatorContext, restored: dict[int, pa.Table] | None):
-        super().__init__(op, context, restored)  # the window join's state layout, due times and ids
-        self.due = {}
+    def _restored_due(self) -> dict[int, int]:
+        """Per restored key group, the earliest waiting event (and its versions are pruned then)."""
+        due = {}
         for kg, table in self.store.groups.items():
             waiting = table.filter(pc.equal(table.column(SIDE), 0))
             if waiting.num_rows:
-                self.due[kg] = int(pc.min(waiting.column(TIME)).as_py())
+                due[kg] = int(pc.min(waiting.column(TIME)).as_py())
+        return due
+
+    def _late_before(self, side: int) -> int | None:
+        # A version behind the watermark is kept: it may still be the newest one an event can see.
+        return self.watermark if side == 0 else None
 
     def _new_rows(self, side: int, table: pa.Table | None):
         if side == 1 and table is not None and table.num_rows:
-            from sluiceway.operators.tables import DELETE, ops_of
-
             op = self.op
             if op.version in table.column_names and table.column(op.version).null_count:
                 raise FlowValidationError(self.context.step, "enrich",
                                           f"a table change has no {op.version!r}: each change (deletes too) must "
                                           f"say from when it holds; fill it in map_batches before to_table")
-
             gone = pc.equal(ops_of(table, self.context.step), DELETE)
-            table = table.drop_columns([c for c in CHANGELOG_META if c in table.column_names])
-            table = table.append_column(GONE, gone)
-            saved, self.watermark = self.watermark, None  # a version behind the watermark is kept: it may
-            try:                                          # still be the newest one an event can see
-                return super()._new_rows(side, table)
-            finally:
-                self.watermark = saved
+            table = without_meta(table).append_column(GONE, gone)
         return super()._new_rows(side, table)
 
     def process_inputs(self, tables: list[pa.Table | None]) -> Outputs | None:
@@ -647,9 +627,7 @@ class VersionedEnrichLogic(WindowJoinLogic):
             both = rows if old is None else pa.concat_tables([self._conform(old), rows], promote_options="permissive")
             self.store.rewrite(groups, self._conform(both).combine_chunks(), KEY, max_kg)
             waiting = rows.filter(pc.equal(rows.column(SIDE), 0))
-            if waiting.num_rows:
-                for kg, first in earliest_per_group(waiting, KEY, TIME, max_kg).items():
-                    self.due[kg] = min(self.due.get(kg, 2**63 - 1), first)
+            self._due_by(waiting, KEY, TIME)
             for kg in groups:  # new versions: prune there at the next watermark
                 self.due.setdefault(kg, -2**62)
         lates = [t for t in late if t is not None]
@@ -680,11 +658,9 @@ class VersionedEnrichLogic(WindowJoinLogic):
         kept = state.filter(keep)
         self.store.rewrite(groups, kept, KEY, max_kg)
         waiting = kept.filter(pc.equal(kept.column(SIDE), 0))
-        for kg, first in earliest_per_group(waiting, KEY, TIME, max_kg).items():
-            self.due[kg] = min(self.due.get(kg, 2**63 - 1), first)
+        self._due_by(waiting, KEY, TIME)
         pending_versions = kept.filter(pc.and_(pc.equal(kept.column(SIDE), 1), pc.greater(kept.column(TIME), watermark)))
-        for kg, first in earliest_per_group(pending_versions, KEY, TIME, max_kg).items():
-            self.due[kg] = min(self.due.get(kg, 2**63 - 1), first)
+        self._due_by(pending_versions, KEY, TIME)
         return out
 
     def _lookup(self, events: pa.Table, versions: pa.Table) -> pa.Table | None:
@@ -702,9 +678,9 @@ class VersionedEnrichLogic(WindowJoinLogic):
         best = best.filter(pa.array(head))
         at = np.full(events.num_rows, -1, dtype=np.int64)
         at[best.column("e").to_numpy()] = best.column("v").to_numpy()
-        rows = _rows_of(events.column(ROWS[0]))
+        rows = rows_of(events.column(ROWS[0]))
         found = pa.array(at, mask=at < 0)
-        table_rows = _rows_of(versions.column(ROWS[1])).take(found) if versions.num_rows else None
+        table_rows = rows_of(versions.column(ROWS[1])).take(found) if versions.num_rows else None
         if table_rows is None:
             matched = np.zeros(events.num_rows, dtype=bool)
         else:

@@ -40,6 +40,7 @@ from sluiceway.operators.base import KeyedLogic, Operator, OperatorContext, Oper
 from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, missing_columns
 from sluiceway.operators.keys import key_groups
 from sluiceway.operators.state import KeyGroupStore
+from sluiceway.operators.tables import changes_by_key, combined_key, without_meta
 
 OPS = {"<=": "less_equal", "<": "less", ">=": "greater_equal", ">": "greater"}
 
@@ -105,7 +106,7 @@ class _Group:
 
     def __init__(self, columns: list[str], queries: pa.Table, first: Range | None, values: np.ndarray | None):
         self.columns = columns  # the equality attributes these queries set (query columns)
-        keys = _combined(queries, columns)
+        keys = combined_key(queries, columns)
         self.buckets = pc.unique(keys)
         bucket = np.asarray(pc.index_in(keys, value_set=self.buckets))
         self.first, self.values = first, values  # ``values``: the sorted distinct bounds of the first range
@@ -122,7 +123,9 @@ class _Group:
     def candidates(self, events: pa.Table, equal: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
         """(event rows, query positions) of the pairs that pass equality and the first range."""
         event_columns = [e for e, q in equal.items() if q in self.columns]
-        keys = _combined(events, event_columns, like=self.buckets.type)
+        keys = combined_key(events, event_columns)
+        if keys.type != self.buckets.type:  # one equality column of another type on each side
+            keys = keys.cast(self.buckets.type)
         bucket = pc.index_in(keys, value_set=self.buckets)
         found = np.asarray(pc.is_valid(bucket))
         rows = np.flatnonzero(found)
@@ -137,16 +140,6 @@ class _Group:
         event_rows = np.repeat(rows, counts)
         offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
         return event_rows, np.repeat(start, counts) + offsets
-
-
-def _combined(table: pa.Table, columns: list[str], like: pa.DataType | None = None) -> pa.Array:
-    """One hashable value per row for ``columns``."""
-    if len(columns) == 1:
-        values = table.column(columns[0]).combine_chunks()
-        return values.cast(like) if like is not None and values.type != like else values
-    parts = [pc.fill_null(pc.cast(table.column(c), pa.string()), "\x00") for c in columns]
-    joined = pc.binary_join_element_wise(*parts, "\x1f")
-    return joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
 
 
 def _bound_ranks(queries: pa.Table, first: Range, values: np.ndarray) -> np.ndarray:
@@ -185,9 +178,6 @@ class SearchLogic(KeyedLogic):
         self.groups: list[_Group] | None = None  # the index, rebuilt after query changes
 
     def _apply(self, changes: pa.Table) -> None:
-        from sluiceway.operators.joins import CHANGELOG_META
-        from sluiceway.operators.tables import changes_by_key
-
         op, max_kg = self.op, self.context.max_key_groups
         partition = op.partition[1]
         wanted = [op.query_id] + list(op.equal.values()) + [r.query_column for r in op.ranges]
@@ -200,7 +190,7 @@ class SearchLogic(KeyedLogic):
                                       f"a query has no {partition!r}: every query must set the first equality "
                                       f"attribute (events and queries are partitioned by it)")
         last, deleted = changes_by_key(changes, op.query_id, self.context.step)
-        last = last.drop_columns([c for c in CHANGELOG_META if c in last.column_names])
+        last = without_meta(last)
         groups = set(pc.unique(key_groups(named.combine_chunks(), max_kg)).to_pylist())
         old = self.store.read(groups)
         ids = last.column(op.query_id).combine_chunks()

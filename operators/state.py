@@ -98,6 +98,24 @@ def split_by_key_group(table: pa.Table, key_groups: pa.Array) -> dict[int, pa.Ta
     return out
 
 
+def as_struct(table: pa.Table) -> pa.StructArray:
+    """Each row of ``table`` as one struct value: how state of two kinds of
+    rows (a join's two sides, any event) keeps a row of any schema in one column.
+
+    >>> rows_of(as_struct(pa.table({"a": [1], "b": ["x"]}))).to_pylist()
+    [{'a': 1, 'b': 'x'}]
+    """
+    table = table.combine_chunks()
+    return pa.StructArray.from_arrays([c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns],
+                                      names=table.column_names)
+
+
+def rows_of(column) -> pa.Table:
+    """The rows kept by :func:`as_struct`, as a table again."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return pa.Table.from_struct_array(array)
+
+
 def earliest_per_group(table: pa.Table, key_column: str, time_column: str, max_key_groups: int) -> dict[int, int]:
     """The smallest ``time_column`` value in each key group of ``table``'s
     rows (by ``key_column``): when each group next has something to do.

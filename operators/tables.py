@@ -35,14 +35,24 @@ import pyarrow.compute as pc
 
 from sluiceway.operators.base import KeyedLogic, Operator, OperatorContext, OperatorLogic, Outputs
 from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, missing_columns
-from sluiceway.operators.event_time import event_micros, micros
+from sluiceway.operators.event_time import micros, split_late
 from sluiceway.operators.keys import key_groups
 from sluiceway.operators.state import KeyGroupStore, earliest_per_group
 
 OP = "_op"
 INSERT, UPDATE, DELETE = "insert", "update", "delete"
 OPS = (INSERT, UPDATE, DELETE)
+CHANGELOG_META = (OP, "_lsn", "_table")  # what a changelog row carries besides the table's columns
 _INDEX = "__i"
+
+
+def without_meta(table: pa.Table) -> pa.Table:
+    """A changelog's rows as the table's rows: without ``_op``, ``_lsn``, ``_table``.
+
+    >>> without_meta(pa.table({"id": [1], "_op": ["insert"], "_lsn": ["0/0"]})).column_names
+    ['id']
+    """
+    return table.drop_columns([c for c in CHANGELOG_META if c in table.column_names])
 
 
 def _indexed(table: pa.Table) -> pa.Table:
@@ -237,8 +247,8 @@ def combined_key(table: pa.Table, columns: list[str]) -> pa.Array:
     if len(columns) == 1:
         return table.column(columns[0]).combine_chunks()
     parts = [pc.fill_null(pc.cast(table.column(c), pa.string()), "\x00") for c in columns]
-    return pc.binary_join_element_wise(*parts, "\x1f").combine_chunks() if isinstance(
-        parts[0], pa.ChunkedArray) else pc.binary_join_element_wise(*parts, "\x1f")
+    joined = pc.binary_join_element_wise(*parts, "\x1f")
+    return joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
 
 
 class Dedupe(Operator):
@@ -306,11 +316,7 @@ class DedupeLogic(KeyedLogic):
         if any(c not in table.column_names for c in wanted):
             raise missing_columns(self.context.step, "dedupe", wanted, table.column_names,
                                   "fix the column names in dedupe(...) or with_event_time(...)")
-        t, valid = event_micros(table, op.time_column, self.context.step)
-        late_mask = ~valid if self.watermark is None else (~valid | (t < self.watermark))
-        late = table.filter(pa.array(late_mask)) if late_mask.any() else None
-        if late is not None:
-            table, t = table.filter(pa.array(~late_mask)), t[~late_mask]
+        table, t, late = split_late(table, op.time_column, self.watermark, self.context.step)
         kept = None
         if table.num_rows:
             ids = combined_key(table, op.columns)
