@@ -27,7 +27,8 @@ def test_two_views_of_one_log_and_a_replay_into_fresh_views_end_identical(postgr
         conn.execute("DROP TABLE IF EXISTS carts; DROP TABLE IF EXISTS carts_replay")
     flow = shop.build(log_dir, postgres_dsn, str(tmp_path / "out"), rows)
     killer = TaskKiller("by_cart[0]", after_epoch=3)
-    summary = run(flow, str(tmp_path / "ckpt"), trigger_s=0.2, checkpoint_every=2, max_records_per_epoch=1000,
+    # Twenty epochs of backlog: the kill after epoch 3 lands while the job still reads.
+    summary = run(flow, str(tmp_path / "ckpt"), trigger_s=0.2, checkpoint_every=2, max_records_per_epoch=400,
                   on_event=killer)
     assert killer.killed.is_set() and summary["restarts"] == 1, summary["failures"]
     carts, revenue = _carts(postgres_dsn, "carts"), shop.expected_revenue(rows)

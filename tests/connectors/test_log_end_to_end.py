@@ -26,7 +26,9 @@ def test_log_to_delta_and_totals_through_a_task_kill_while_producing(tmp_path):
     root = str(tmp_path)
     log_url, out, ckpt = f"{root}/log", f"{root}/out", f"{root}/ckpt"
     topic(log_url)
-    producer = threading.Thread(target=produce, args=(log_url, rows, 6000.0, 500, 0, lambda line: None))
+    # Six seconds of input: the kill after epoch 3 lands while the job still reads (at 6000 events/s the job
+    # could read and commit everything before the kill was made, and finish without noticing it).
+    producer = threading.Thread(target=produce, args=(log_url, rows, 2000.0, 500, 0, lambda line: None))
     producer.start()
     flow = Dataflow("clicks_from_log")
     events = flow.source(LogSource("clicks", log_url, bounded={p: rows for p in range(example.PARTITIONS)}),
