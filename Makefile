@@ -11,7 +11,7 @@ METRICS_STAMP := $(METRICS_VENV)/.installed-$(shell cat pyproject.toml | cksum |
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 
-.PHONY: demo test bench install clean browser servers metrics-venv
+.PHONY: demo test bench install clean browser servers metrics-venv sim
 
 # Python packages with uv (several times faster than pip on a fresh machine), pip if uv cannot be had.
 $(STAMP): pyproject.toml
@@ -62,3 +62,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(METRICS_VENV) .sluiceway .sluiceway-output build *.egg-info
+
+# The deterministic simulation of the job protocol: SEEDS seeds from FIRST (make test runs 1,000).
+SEEDS ?= 10000
+FIRST ?= 0
+sim: $(STAMP)
+	$(PY) -m sluiceway.cluster.simulation --seeds $(SEEDS) --first $(FIRST)

@@ -14,8 +14,9 @@ files in an older checkpoint's folder. Retention therefore works on files:
 2. Collect every file that a retained manifest refers to.
 3. For each checkpoint that goes: if retained manifests still refer to some
    of its files, mark it ``RETIRED.json``; delete its manifest (it is no
-   longer a restore point), then its files that nothing refers to, and the
-   whole folder once nothing in it is referenced.
+   longer a restore point). Then, once every doomed manifest is gone, delete
+   their files that nothing refers to, and each whole folder once nothing in
+   it is referenced.
 """
 
 from __future__ import annotations
@@ -62,15 +63,19 @@ def apply_retention(storage: JobStorage, keep: int) -> list[int]:
         if i not in doomed and c.manifest is not None
         for path in (c.manifest.get("files") or {})
     }
+    # Every doomed manifest goes before any file: storage that fails half way
+    # must not leave a manifest that names a deleted file (found by the simulation).
+    folders = {}
     for checkpoint_id in doomed:
-        folder = storage.checkpoint_path(checkpoint_id)
-        present = storage.files_under(folder)
+        present = storage.files_under(storage.checkpoint_path(checkpoint_id))
         still_used = [p for p in present if storage.relative(p) in referenced]
         if still_used:
             storage.write_json(storage.retired_path(checkpoint_id), {"checkpoint": checkpoint_id, "kept": len(still_used)})
         storage.delete_file(storage.manifest_path(checkpoint_id))
+        folders[checkpoint_id] = (present, still_used)
+    for checkpoint_id, (present, still_used) in folders.items():
         if not still_used:
-            storage.delete_tree(folder)
+            storage.delete_tree(storage.checkpoint_path(checkpoint_id))
             continue
         for path in present:
             unused = storage.relative(path) not in referenced

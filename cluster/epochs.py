@@ -330,14 +330,14 @@ class EpochBook:
         if ack.generation != self.generation or ack.epoch not in self.plans or ack.task not in self.tasks:
             self.stale_acks += 1
             return False
-        self.acks[ack.epoch][ack.task] = ack
+        self.acks[ack.epoch][ack.task] = ack  # a task's repeated ack replaces its first: counted once
         return True
 
     def pop_complete(self) -> list[tuple[EpochPlan, dict[TaskId, TaskAck]]]:
         """Complete epochs, lowest first, stopping at the first incomplete one."""
         out = []
         for epoch in sorted(self.plans):
-            if set(self.acks[epoch]) != self.tasks:
+            if len(self.acks[epoch]) != len(self.tasks):  # acks are keyed by task, and only of known tasks
                 break
             out.append((self.plans.pop(epoch), self.acks.pop(epoch)))
         return out

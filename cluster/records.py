@@ -1,7 +1,10 @@
-"""The coordinator's history records, built as plain dicts (see
-:mod:`sluiceway.checkpoint.timeline`). No Ray here."""
+"""What the controller records: history records, built as plain dicts (see
+:mod:`sluiceway.checkpoint.timeline`), and :class:`EpochRecord`, the typed
+record of one completed epoch. No Ray here."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from sluiceway.checkpoint.timeline import step_sizes
 from sluiceway.cluster.epochs import EpochPlan, TaskAck
@@ -65,3 +68,55 @@ def recovery(failure: Failure, detect_s: float, restore_s: float, delay_s: float
         "replay_epochs": replay,
         "restarted_tasks": restarted,
     }
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One completed epoch's facts, made once where the acks come together
+    and projected into the commit log entry, the ``epoch`` event and the
+    run's totals: a new counter is one field here and its projections.
+
+    >>> from sluiceway.checkpoint.types import TaskId
+    >>> plan = EpochPlan(4, {"s": {0: (10, 30)}}, False, 100.0, waiting=5)
+    >>> acks = [TaskAck(TaskId("s", 0), 0, 4, rows_in=20, rows_out=20, sink_handles={"out": {"subtask": 0}}),
+    ...         TaskAck(TaskId("s", 1), 0, 4, rows_in=0, late=2)]
+    >>> r = EpochRecord.of(plan, acks, completed_at=100.5, duration_s=0.5, generation=1, fencing=3, sinks=["out"])
+    >>> r.rows_in, r.late, r.sinks
+    (20, 2, {'out': [{'subtask': 0}]})
+    >>> r.commit_json()["waiting"]
+    5
+    """
+
+    epoch: int
+    planned_at: float
+    completed_at: float
+    duration_s: float
+    rows_in: int
+    rows_out: int
+    dead_letters: int
+    late: int
+    waiting: int  # records readable and left for later when it was planned
+    lag: dict  # each source's lag as of the same plan
+    checkpoint: bool
+    generation: int
+    fencing: int
+    sinks: dict  # sink step -> each task's pre-commit handle, in task order
+
+    COUNTERS = ("rows_in", "rows_out", "dead_letters", "late")  # summed over tasks, and over a run
+
+    @classmethod
+    def of(cls, plan: EpochPlan, acks: list[TaskAck], *, completed_at: float, duration_s: float, generation: int,
+           fencing: int, sinks) -> "EpochRecord":
+        return cls(
+            epoch=plan.epoch, planned_at=plan.planned_at, completed_at=completed_at,
+            duration_s=round(duration_s, 6),
+            **{name: sum(getattr(a, name) for a in acks) for name in cls.COUNTERS},
+            waiting=plan.waiting, lag=plan.lag, checkpoint=plan.checkpoint, generation=generation, fencing=fencing,
+            sinks={step: [a.sink_handles[step] for a in acks if step in a.sink_handles] for step in sinks},
+        )
+
+    def commit_json(self) -> dict:
+        """The commit log entry (``commits/<epoch>.json``)."""
+        return {name: getattr(self, name) for name in (
+            "epoch", "planned_at", "completed_at", "duration_s", *self.COUNTERS, "waiting", "lag", "checkpoint",
+            "generation", "fencing", "sinks")}

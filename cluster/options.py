@@ -1,0 +1,49 @@
+"""How a job runs: one :class:`RunOptions` for ``run()``, the CLI, ``submit``
+and the supervisor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sluiceway.checkpoint.lease import DEFAULT_TTL_S
+from sluiceway.cluster.restart import RestartPolicy
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a job runs. Durations in seconds."""
+
+    trigger_s: float = 1.0
+    checkpoint_every: int = 5
+    max_epochs_in_flight: int = 2
+    max_records_per_epoch: int = 1_000_000
+    keep_checkpoints: int = 3
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    until_idle: bool = False
+    lease_ttl_s: float = DEFAULT_TTL_S
+    epoch_timeout_s: float | None = None  # None: 10x the slowest recent epoch, at least 60 s
+    epochs: int | None = None  # stop after this many new epochs in this run
+    restore_checkpoint: int | None = None  # start from this retained checkpoint, not the latest
+
+    def __post_init__(self):
+        problems = []
+        if self.trigger_s < 0:
+            problems.append(f"trigger must be >= 0 seconds, got {self.trigger_s}")
+        if self.checkpoint_every < 1:
+            problems.append(f"checkpoint_every must be >= 1 epoch, got {self.checkpoint_every}")
+        if self.max_epochs_in_flight < 1:
+            problems.append(f"max_epochs_in_flight must be >= 1, got {self.max_epochs_in_flight}")
+        if self.max_records_per_epoch < 1:
+            problems.append(f"max_records_per_epoch must be >= 1, got {self.max_records_per_epoch}")
+        if self.keep_checkpoints < 1:
+            problems.append(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.epoch_timeout_s is not None and self.epoch_timeout_s <= 0:
+            problems.append(f"epoch_timeout_s must be > 0 seconds or None, got {self.epoch_timeout_s}")
+        if self.lease_ttl_s <= 0:
+            problems.append(f"lease_ttl_s must be > 0 seconds, got {self.lease_ttl_s}")
+        if self.restore_checkpoint is not None and self.restore_checkpoint < 1:
+            problems.append(f"restore_checkpoint must be a checkpoint id (>= 1), got {self.restore_checkpoint}")
+        if self.epochs is not None and self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if problems:
+            raise ValueError("; ".join(problems))
