@@ -29,6 +29,11 @@ the same work on the same data.
    query. Reported: events/s (and per core), and the epochs' latency from
    dispatch to commit, p50 and p99.
 
+0. **The controller at scale** (``BENCH_ONLY=controller``): the job
+   controller's CPU time per epoch, driven by the simulation at 10, 100,
+   1,000 and 2,000 tasks over 10 to 200 nodes, with acks sent per task and
+   gathered per node. Goal: 1 s epochs at 2,000 tasks within 10% of a core.
+
 5. **Tables and joins** (``BENCH_ONLY=joins``): over ``BENCH_JOIN_EVENTS``
    generated events, all waiting when the job starts, with the defaults a
    user gets, each beside a single-process pyarrow computation of the same
@@ -560,12 +565,26 @@ def joins_bench(events: int | None = None) -> None:
             search_bench(os.path.join(work, f"search-{queries}"), events, queries)
 
 
+def controller_bench() -> None:
+    """The job controller's CPU per epoch at 10 to 2,000 simulated tasks (no Ray, no storage: its decisions only)."""
+    from sluiceway.cluster.simulation import scale_table
+
+    print("\n## Controller at scale (simulated tasks; 1 s epochs, checkpoints every 5)", flush=True)
+    print(f"{'tasks':>6} {'nodes':>6} {'acks':>9} {'CPU ms/epoch':>13} {'share of a core':>16} {'messages/epoch':>15}")
+    for r in scale_table():
+        print(f"{r['tasks']:>6} {r['nodes']:>6} {'per node' if r['gathered'] else 'per task':>9} "
+              f"{r['cpu_ms_per_epoch']:>13.2f} {100 * r['core_share_at_1s']:>15.2f}% {r['messages_per_epoch']:>15}",
+              flush=True)
+
+
 def main() -> int:
     from sluiceway.cluster.local import init_embedded
 
     print(f"sluiceway bench on {CORES} cores (python {sys.version.split()[0]}, pyarrow {pa.__version__})", flush=True)
     init_embedded(num_cpus=CORES)
     try:
+        if os.environ.get("BENCH_ONLY") in (None, "", "controller"):
+            controller_bench()
         if os.environ.get("BENCH_ONLY") in (None, "", "backlog"):
             backlog_bench()
         if os.environ.get("BENCH_ONLY") in (None, "", "keyed"):

@@ -27,12 +27,11 @@ A run goes through these phases:
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from typing import Callable
 
 from sluiceway.checkpoint.errors import CorruptCheckpointError, IncompatibleJobError
-from sluiceway.checkpoint.manifest import assemble_state, build_manifest, commit_record_from
+from sluiceway.checkpoint.manifest import commit_record_from
 from sluiceway.checkpoint.timeline import RecordKind
 from sluiceway.checkpoint.types import TaskId
 from sluiceway.cluster import protocol as p
@@ -42,41 +41,12 @@ from sluiceway.cluster.epochs import EpochBook, EpochPlan, EpochSizer, TaskAck, 
 from sluiceway.cluster.graph import PhysicalPlan
 from sluiceway.cluster.options import RunOptions
 from sluiceway.cluster.records import EpochRecord
-from sluiceway.cluster.restart import Failure, FailureKind, GiveUp, RestartTracker, primary
-
-STUCK_FLOOR_S = 60.0  # an epoch is stuck after 10x the slowest recent epoch, and never sooner than this
-REPORT_AFTER_S = 10.0  # an epoch in flight this long is reported, naming the tasks it waits for
-NAMES_SHOWN = 8  # tasks named in one line; the rest are counted
+from sluiceway.cluster.recovery import STUCK_FLOOR_S, Phase, Recovery
+from sluiceway.cluster.restart import Failure, FailureKind, RestartTracker
 
 
-class Phase(str, enum.Enum):
-    RESTORING = "restoring"  # waiting for the restore point, the sinks to settle, the tasks to reset
-    RUNNING = "running"
-    DELAYING = "delaying"  # a failure happened: waiting out the restart delay
-    FINDING = "finding"  # probing for dead tasks
-    ENDED = "ended"
 
-
-def names(tasks, shown: int = NAMES_SHOWN) -> str:
-    """Task names for one line: the first few, then how many more.
-
-    >>> names([TaskId("w", i) for i in range(3)]), names([TaskId("w", i) for i in range(12)], shown=2)
-    ('w[0], w[1], w[2]', 'w[0], w[1] and 10 more')
-    """
-    tasks = [str(t) for t in tasks]
-    more = f" and {len(tasks) - shown} more" if len(tasks) > shown else ""
-    return ", ".join(tasks[:shown]) + more
-
-
-def _stage_watermarks(acks: list[TaskAck]) -> dict[str, int | None]:
-    """Each stage's lowest task watermark after an epoch (for the epoch event)."""
-    by_stage: dict[str, list[int | None]] = {}
-    for a in acks:
-        by_stage.setdefault(a.task.stage, []).append(a.watermark)
-    return {stage: None if None in marks else min(marks) for stage, marks in by_stage.items()}
-
-
-class JobController:
+class JobController(Recovery):
     """One run of one job, as ``handle(event) -> instructions`` (see module doc)."""
 
     def __init__(self, plan: PhysicalPlan, options: RunOptions, *, fencing: int, clock: Callable[[], float]):
@@ -312,32 +282,6 @@ class JobController:
             return self._recover(now)
         return out + self._plan(now)
 
-    def _check_stuck(self, now: float, silent: dict) -> list[p.Instruction]:
-        """An epoch overdue while storage answers fails the run, naming the
-        tasks that have not acknowledged it; one in flight for long is reported."""
-        if self.storage_waits:
-            return []  # waiting for storage is a pause, not a hang
-        bound = self.epoch_bound_s()
-        overdue = self.book.overdue(now, min(bound, REPORT_AFTER_S))
-        if overdue is None:
-            return []
-        epoch, missing = overdue
-        waited = now - self.book.dispatched_at[epoch]
-        if waited <= bound:
-            if now - self._reported.get(epoch, -1e18) < REPORT_AFTER_S:
-                return []
-            self._reported[epoch] = now
-            return [self._emit("waiting_for", epoch=epoch, waited_s=round(waited, 3), tasks=len(self.tasks),
-                               missing=[str(t) for t in missing[:NAMES_SHOWN]], missing_count=len(missing),
-                               bound_s=bound)]
-        hung = [t for t in missing if silent.get(t, 0.0) > bound / 2]
-        self.known_dead.update(hung)
-        restart = f"; restarting {names(hung)}, which stopped answering" if hung else ""
-        self.pending_failures.append(Failure(
-            FailureKind.STUCK, f"epoch {epoch} did not complete within {bound:g} s: {names(missing)} have not "
-            f"acknowledged it{restart}", epoch=epoch))
-        return []
-
     # ---------------------------------------------------------------- plan
     def _plan(self, now: float) -> list[p.Instruction]:
         if self.phase is not Phase.RUNNING or self._awaiting is not None or self.pending_failures:
@@ -466,35 +410,8 @@ class JobController:
         return out + [p.WriteCommit(plan.epoch, record.commit_json()), p.CommitSinks(plan.epoch, record.sinks)]
 
     def _manifest(self, plan: EpochPlan, acks: list[TaskAck], now: float) -> dict:
-        tasks = [{
-            "task": str(a.task), "stage": a.task.stage, "subtask": a.task.subtask,
-            "written": [f["path"] for f in a.state_files],
-            "written_bytes": sum(f["size_bytes"] for f in a.state_files),
-            "snapshot_s": round(a.snapshot_s, 6), "duration_s": round(a.duration_s, 6),
-            **{name: getattr(a, name) for name in EpochRecord.COUNTERS},
-        } for a in acks]
-        state, files = assemble_state([a.state for a in acks], [f for a in acks for f in a.state_files],
-                                      self.previous_files)
-        return build_manifest(
-            job=self.plan.job, checkpoint_id=plan.epoch, epoch=plan.epoch,
-            offsets={s: {str(k): o for k, o in parts.items()} for s, parts in plan.next_offsets().items()},
-            watermarks={str(a.task): a.watermark for a in acks}, event_time=self._event_time_marks(acks),
-            tasks=tasks, state=state, files=files, fencing=self.fencing, started_at=plan.planned_at,
-            completed_at=now, parallelism=self.plan.parallelism(), max_key_groups=self.plan.max_key_groups,
-            sink_handles={str(a.task): a.sink_handles for a in acks}, savepoint=plan.savepoint,
-        )
-
-    def _event_time_marks(self, acks: list[TaskAck]) -> dict:
-        """Per event-time step, each partition's largest event time and each
-        source task's watermark floor: what a restore gives the source tasks."""
-        marks: dict[str, dict] = {}
-        for a in acks:
-            for step, m in a.event_time.items():
-                entry = marks.setdefault(step, {"partitions": {}, "floors": {},
-                                                "parallelism": self.plan.stages[a.task.stage].parallelism})
-                entry["partitions"].update(m["partitions"])
-                entry["floors"][str(a.task.subtask)] = m["floor"]
-        return marks
+        return records.manifest(self.plan, plan, acks, previous_files=self.previous_files, fencing=self.fencing,
+                                completed_at=now)
 
     def _on_sinks_committed(self, event: p.SinksCommitted) -> list[p.Instruction]:
         if self.phase is Phase.RESTORING:
@@ -526,7 +443,7 @@ class JobController:
         snapshot_s = max((a.snapshot_s for a in acks), default=0.0)
         event = self._emit(
             "epoch", epoch=plan.epoch, rows_in=record.rows_in, rows_out=record.rows_out,
-            dead_letters=record.dead_letters, late=record.late, watermark=_stage_watermarks(acks),
+            dead_letters=record.dead_letters, late=record.late, watermark=records.stage_watermarks(acks),
             duration_s=round(record.duration_s, 4),
             rows_per_s=round(record.rows_in / record.duration_s, 1) if record.duration_s > 0 else None,
             checkpoint=plan.epoch if plan.checkpoint else None, last_checkpoint=self.last_checkpoint,
@@ -549,81 +466,7 @@ class JobController:
         self._completion = {}
         return [event] + self._complete_next()
 
-    def _on_sink_commit_failed(self, event: p.SinkCommitFailed) -> list[p.Instruction]:
-        if self.phase is Phase.RESTORING:  # settling: the commit log says it completed, and it cannot commit
-            self.phase = Phase.ENDED
-            return [p.Fail(event.failure.message, event.failure.detail)]
-        self._completing.clear()
-        self._completion = {}
-        self.pending_failures.append(event.failure)
-        return self._recover(self.clock())
-
-    # ------------------------------------------------------------- recover
-    def _on_task_failed(self, event: p.TaskFailed) -> list[p.Instruction]:
-        if event.generation == self.generation and self.phase is Phase.RUNNING:
-            self.pending_failures.append(event.failure)
-        return []
-
-    def _on_task_lost(self, event: p.TaskLost) -> list[p.Instruction]:
-        self.known_dead.add(event.task)
-        if self.phase is Phase.RUNNING:
-            self.pending_failures.append(Failure(
-                FailureKind.TASK_LOST, f"task {event.task} died: its actor or node was lost", task=str(event.task)))
-        return []
-
-    def _recover(self, now: float) -> list[p.Instruction]:
-        """Decide on the failures heard of: give up, or halt (a new generation
-        makes every message in flight stale) and restart after the delay."""
-        failure = primary(self.pending_failures)
-        self.pending_failures = []
-        self.failures.append(failure.text())
-        decision = self.tracker.on_failure(failure, now)
-        giving_up = isinstance(decision, GiveUp)
-        self.restarts += not giving_up
-        out: list[p.Instruction] = [self._emit(
-            "failure", error=failure.message, failure_kind=failure.kind.value, restarts=self.restarts,
-            delay_s=None if giving_up else decision.delay_s)]
-        if giving_up:
-            self.phase = Phase.ENDED
-            return out + self._checkpoints_lost("aborted", f"the job stopped: {failure.message}", now) + [p.Fail(
-                failure.message,
-                f"job {self.plan.job!r} stopped: {decision.reason}; committed output stays as of epoch "
-                f"{self.last_completed}" + (f"\n{failure.detail}" if failure.detail else ""))]
-        out += self._checkpoints_lost("failed", failure.message, now)
-        self.generation += 1
-        self.book = EpochBook(self.tasks, self.generation)
-        self._completing.clear()
-        self._reported.clear()
-        self._recovery = {"failure": failure, "at": now, "delay_s": decision.delay_s,
-                          "resume_at": now + decision.delay_s}
-        self.phase = Phase.DELAYING
-        return out + (self._find_dead() if decision.delay_s <= 0 else [])
-
-    def _find_dead(self) -> list[p.Instruction]:
-        self.phase = Phase.FINDING
-        return [p.FindDead(frozenset(self.known_dead))]
-
-    def _on_dead_found(self, event: p.DeadFound) -> list[p.Instruction]:
-        dead = tuple(sorted(event.dead | self.known_dead))
-        self.known_dead = set()
-        self.storage_waits.clear()
-        self._recovery["restarted"] = dead
-        self._to_start = dead
-        return self._read_restore_point()
-
-    def _checkpoints_lost(self, status: str, reason: str, now: float) -> list[p.Instruction]:
-        return [p.WriteHistory(RecordKind.CHECKPOINT.value,
-                               records.checkpoint_not_completed(plan, acked, status, reason, now), now)
-                for plan, acked in self.book.pending_checkpoints()]
-
     # --------------------------------------------------------------- other
-    def _on_storage_wait(self, event: p.StorageWait) -> list[p.Instruction]:
-        if event.waiting:
-            self.storage_waits.setdefault(event.who, self.clock())
-        else:
-            self.storage_waits.pop(event.who, None)
-        return []
-
     def _on_stop_requested(self, event: p.StopRequested) -> list[p.Instruction]:
         self.savepoint_requested = self.savepoint_requested or event.savepoint
         if self.stop_reason is None:

@@ -47,6 +47,13 @@ def format_event(event: dict) -> str | None:
         return f"WAITING ({event['who']}): {event['error']}; retrying for up to {event['deadline_s']:g} s"
     if kind == "storage_resumed":  # storage, or a source's or sink's server
         return f"back ({event['who']}): {event['message']}"
+    if kind == "waiting_for":  # an epoch in flight for long: what it waits for, before it counts as stuck
+        shown = ", ".join(event["missing"])
+        more = f" and {event['missing_count'] - len(event['missing'])} more" if event["missing_count"] > len(
+            event["missing"]) else ""
+        return (f"WAITING (epoch {event['epoch']}): {event['missing_count']} of {event['tasks']} tasks have not "
+                f"acknowledged it after {event['waited_s']:.0f} s: {shown}{more}; it counts as stuck after "
+                f"{event['bound_s']:g} s")
     if kind == "adopted_plan":
         return f"epoch {event['epoch']} was planned by another run; running that plan"
     if kind == "corrupt_checkpoint":

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sluiceway.checkpoint.manifest import assemble_state, build_manifest
 from sluiceway.checkpoint.timeline import step_sizes
 from sluiceway.cluster.epochs import EpochPlan, TaskAck
+from sluiceway.cluster.graph import PhysicalPlan
 from sluiceway.cluster.restart import Failure
 
 
@@ -120,3 +122,46 @@ class EpochRecord:
         return {name: getattr(self, name) for name in (
             "epoch", "planned_at", "completed_at", "duration_s", *self.COUNTERS, "waiting", "lag", "checkpoint",
             "generation", "fencing", "sinks")}
+
+
+def manifest(job: PhysicalPlan, plan: EpochPlan, acks: list[TaskAck], *, previous_files: dict, fencing: int,
+             completed_at: float) -> dict:
+    """A checkpoint's manifest from its epoch's acks (task order): per-task
+    rows, the state map over this and earlier checkpoints' files, marks."""
+    tasks = [{
+        "task": str(a.task), "stage": a.task.stage, "subtask": a.task.subtask,
+        "written": [f["path"] for f in a.state_files],
+        "written_bytes": sum(f["size_bytes"] for f in a.state_files),
+        "snapshot_s": round(a.snapshot_s, 6), "duration_s": round(a.duration_s, 6),
+        **{name: getattr(a, name) for name in EpochRecord.COUNTERS},
+    } for a in acks]
+    state, files = assemble_state([a.state for a in acks], [f for a in acks for f in a.state_files], previous_files)
+    return build_manifest(
+        job=job.job, checkpoint_id=plan.epoch, epoch=plan.epoch,
+        offsets={s: {str(k): o for k, o in parts.items()} for s, parts in plan.next_offsets().items()},
+        watermarks={str(a.task): a.watermark for a in acks}, event_time=event_time_marks(job, acks),
+        tasks=tasks, state=state, files=files, fencing=fencing, started_at=plan.planned_at,
+        completed_at=completed_at, parallelism=job.parallelism(), max_key_groups=job.max_key_groups,
+        sink_handles={str(a.task): a.sink_handles for a in acks}, savepoint=plan.savepoint,
+    )
+
+
+def event_time_marks(job: PhysicalPlan, acks: list[TaskAck]) -> dict:
+    """Per event-time step, each partition's largest event time and each
+    source task's watermark floor: what a restore gives the source tasks."""
+    marks: dict[str, dict] = {}
+    for a in acks:
+        for step, m in a.event_time.items():
+            entry = marks.setdefault(step, {"partitions": {}, "floors": {},
+                                            "parallelism": job.stages[a.task.stage].parallelism})
+            entry["partitions"].update(m["partitions"])
+            entry["floors"][str(a.task.subtask)] = m["floor"]
+    return marks
+
+
+def stage_watermarks(acks: list[TaskAck]) -> dict[str, int | None]:
+    """Each stage's lowest task watermark after an epoch (for the epoch event)."""
+    by_stage: dict[str, list[int | None]] = {}
+    for a in acks:
+        by_stage.setdefault(a.task.stage, []).append(a.watermark)
+    return {stage: None if None in marks else min(marks) for stage, marks in by_stage.items()}

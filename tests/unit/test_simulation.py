@@ -5,7 +5,7 @@ from collections import deque
 
 from sluiceway.cluster import protocol as p
 from sluiceway.cluster.controller import JobController
-from sluiceway.cluster.simulation import FAULT_KINDS, World, main, run_seeds
+from sluiceway.cluster.simulation import FAULT_KINDS, World, main, measure_controller, run_seeds
 
 SEEDS = 1000
 
@@ -60,3 +60,10 @@ def test_a_failing_seed_prints_the_command_that_replays_it(capsys):
     err = capsys.readouterr().err
     assert "seed 5: sink committed epoch 1 before its commit record was durable" in err
     assert "replay: python -m sluiceway.cluster.simulation --seed 5" in err
+
+
+def test_the_controller_is_measured_at_a_given_scale():
+    per_task = measure_controller(100, 10, epochs=6)
+    per_node = measure_controller(100, 10, epochs=6, gathered=True)
+    assert per_task["tasks"] == per_node["tasks"] == 100 and per_task["epochs"] == 6
+    assert per_task["messages_per_epoch"] > 100 and per_node["messages_per_epoch"] < 20  # acks: one per node
