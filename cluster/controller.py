@@ -41,7 +41,7 @@ from sluiceway.cluster.epochs import EpochBook, EpochPlan, EpochSizer, TaskAck, 
 from sluiceway.cluster.graph import PhysicalPlan
 from sluiceway.cluster.options import RunOptions
 from sluiceway.cluster.records import EpochRecord
-from sluiceway.cluster.recovery import STUCK_FLOOR_S, Phase, Recovery
+from sluiceway.cluster.recovery import REPORT_AFTER_S, STUCK_BEFORE_FIRST_EPOCH_S, STUCK_FLOOR_S, Phase, Recovery
 from sluiceway.cluster.restart import Failure, FailureKind, RestartTracker
 
 
@@ -98,6 +98,7 @@ class JobController(Recovery):
         self._completion: dict = {}  # the epoch being completed: its record and timings
         self._recovery: dict = {}  # the recovery in progress: failure, start, delay
         self._reported: dict[int, float] = {}  # epoch -> when it was last reported as waiting
+        self._no_input: tuple[float, float] | None = None  # no source had new records since, next report at
         self._handlers = {
             p.Start: self._on_start, p.Tick: self._on_tick, p.RestorePoint: self._on_restore_point,
             p.TasksReset: self._on_tasks_reset, p.ResetFailed: self._on_reset_failed,
@@ -153,7 +154,9 @@ class JobController(Recovery):
         """How long an epoch may take before it counts as stuck."""
         if self.options.epoch_timeout_s is not None:
             return self.options.epoch_timeout_s
-        return max(STUCK_FLOOR_S, 10 * max(self.recent_latencies, default=0.0))
+        if not self.recent_latencies:
+            return STUCK_BEFORE_FIRST_EPOCH_S
+        return max(STUCK_FLOOR_S, 10 * max(self.recent_latencies))
 
     def summary(self) -> dict:
         return {
@@ -315,7 +318,8 @@ class JobController(Recovery):
                 # No input to carry a checkpoint: an empty epoch checkpoints the recovered state, so the restart
                 # policy sees the recovery complete (and forgives it) on idle input too.
                 return self._write(self._empty_ranges(), checkpoint=True, now=now)
-            return self._plan(self.clock())
+            return self._report_no_input(now) + self._plan(self.clock())
+        self._no_input = None
         self.epochs_planned_this_run += 1
         after = {s: {k: stop for k, (_, stop) in parts.items()} for s, parts in ranges.items()}
         if self.options.until_idle and sources_exhausted(self.sources, after):
@@ -324,6 +328,22 @@ class JobController(Recovery):
             self.stop_reason = "epochs"
         checkpoint = self.stop_reason is not None or self.next_epoch % self.options.checkpoint_every == 0
         return self._write(ranges, checkpoint=checkpoint, now=now, waiting=self.waiting, gaps=planned.gaps)
+
+    def _report_no_input(self, now: float) -> list[p.Instruction]:
+        """No source has new records: said after 10 s, then at doubling
+        intervals (at most every 5 minutes), with where each source stands,
+        so a run that waits for input it will never get is not silent."""
+        if self.book.in_flight or self.stop_reason is not None:
+            return []
+        since, next_at = self._no_input or (now, now + REPORT_AFTER_S)
+        self._no_input = (since, next_at)
+        if now < next_at:
+            return []
+        self._no_input = (since, now + min(300.0, 2 * (next_at - since)))
+        return [self._emit("waiting_for_input", idle_s=round(now - since, 3),
+                           epochs_planned=self.epochs_planned_this_run, epochs=self.options.epochs,
+                           next_offsets={s: {str(k): o for k, o in parts.items()}
+                                         for s, parts in self.next_offsets.items()})]
 
     def _empty_ranges(self):
         return {

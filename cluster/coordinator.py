@@ -75,8 +75,6 @@ class Coordinator(Driver):
         self.storage.on_wait = lambda kind, message: self.storage_event("coordinator", kind, message)
         for step, sink in self.sinks.items():  # commits that wait for their system say so
             sink.on_wait = lambda kind, message, step=step: self.storage_event(f"sink {step}", kind, message)
-        for step, source in self.sources.items():
-            source.bind(self.storage, step)
 
     # ------------------------------------------------------------ messages
     def ack(self, ack: TaskAck) -> None:
@@ -124,6 +122,8 @@ class Coordinator(Driver):
         renewer.start()
         reason, error = "failed", None
         try:
+            for step, source in self.sources.items():  # a source that cannot be read fails the run, named
+                source.bind(self.storage, step)
             self.handle(p.Start())
             while not self.controller.finished:
                 for event in self._collect():
@@ -241,7 +241,7 @@ class Coordinator(Driver):
         downstream = {s.id: [self.actors[t] for t in s.tasks()] for s in self.plan.stages.values()}
         refs = [
             a.reset.remote(instruction.generation, instruction.manifest, downstream, instruction.first_epoch,
-                           self.lease.fencing, instruction.committed_through)
+                           self.lease.fencing, instruction.high_water)
             for a in self.actors.values()
         ]
         try:

@@ -54,6 +54,13 @@ def format_event(event: dict) -> str | None:
         return (f"WAITING (epoch {event['epoch']}): {event['missing_count']} of {event['tasks']} tasks have not "
                 f"acknowledged it after {event['waited_s']:.0f} s: {shown}{more}; it counts as stuck after "
                 f"{event['bound_s']:g} s")
+    if kind == "waiting_for_input":  # nothing readable: a run that waits for input says so, and where it stands
+        planned = (f"{event['epochs_planned']} of {event['epochs']} epochs planned" if event.get("epochs")
+                   else f"{event['epochs_planned']} epochs planned")
+        at = "; ".join(f"{step} at " + ", ".join(f"p{k} {o:,}" for k, o in parts.items())
+                       for step, parts in event["next_offsets"].items())
+        return f"WAITING (input): no source has new records for {event['idle_s']:.0f} s; {planned}" + (
+            f"; {at}" if at else "")
     if kind == "adopted_plan":
         return f"epoch {event['epoch']} was planned by another run; running that plan"
     if kind == "corrupt_checkpoint":

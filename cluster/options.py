@@ -1,11 +1,12 @@
-"""How a job runs: one :class:`RunOptions` for ``run()``, the CLI, ``submit``
-and the supervisor."""
+"""How a job runs: one :class:`RunOptions` for ``run()``, the CLI (``run``
+and ``submit``), :func:`sluiceway.jobs.client.submit` and the supervisor."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 from sluiceway.checkpoint.lease import DEFAULT_TTL_S
+from sluiceway.checkpoint.storage import StorageRetry
 from sluiceway.cluster.restart import RestartPolicy
 
 
@@ -24,6 +25,7 @@ class RunOptions:
     epoch_timeout_s: float | None = None  # None: 10x the slowest recent epoch, at least 60 s
     epochs: int | None = None  # stop after this many new epochs in this run
     restore_checkpoint: int | None = None  # start from this retained checkpoint, not the latest
+    storage_deadline_s: float = StorageRetry.deadline_s  # retry failing checkpoint storage this long (the job pauses)
 
     def __post_init__(self):
         problems = []
@@ -43,7 +45,27 @@ class RunOptions:
             problems.append(f"lease_ttl_s must be > 0 seconds, got {self.lease_ttl_s}")
         if self.restore_checkpoint is not None and self.restore_checkpoint < 1:
             problems.append(f"restore_checkpoint must be a checkpoint id (>= 1), got {self.restore_checkpoint}")
+        if self.storage_deadline_s < 0:
+            problems.append(f"storage_deadline_s must be >= 0 seconds, got {self.storage_deadline_s}")
         if self.epochs is not None and self.epochs < 1:
             problems.append(f"epochs must be >= 1, got {self.epochs}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def with_settings(self, **settings) -> "RunOptions":
+        """These options with some fields replaced; an unknown name is an
+        error that lists the known ones.
+
+        >>> RunOptions().with_settings(trigger_s=0.5).trigger_s
+        0.5
+        >>> RunOptions().with_settings(trigger=0.5)
+        Traceback (most recent call last):
+        ...
+        TypeError: unknown run option 'trigger'; the options are: checkpoint_every, epoch_timeout_s, epochs, keep_checkpoints, lease_ttl_s, max_epochs_in_flight, max_records_per_epoch, restart, restore_checkpoint, storage_deadline_s, trigger_s, until_idle
+        """
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise TypeError(f"unknown run option {', '.join(map(repr, unknown))}; the options are: "
+                            f"{', '.join(sorted(known))}")
+        return replace(self, **settings)

@@ -192,13 +192,13 @@ class StartTasks(Instruction):
 @dataclass(frozen=True)
 class ResetTasks(Question):
     """Drop everything in flight in every task and restore ``manifest``'s
-    state; replays of epochs up to ``committed_through`` skip the sinks.
+    state; replays of epochs up to ``high_water`` skip the sinks.
     Answered by :class:`TasksReset` or :class:`ResetFailed`."""
 
     generation: int
     manifest: dict | None
     first_epoch: int
-    committed_through: int
+    high_water: int
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from sluiceway.cluster.epochs import EpochBook
 from sluiceway.cluster.restart import Failure, FailureKind, GiveUp, primary
 
 STUCK_FLOOR_S = 60.0  # an epoch is stuck after 10x the slowest recent epoch, and never sooner than this
+STUCK_BEFORE_FIRST_EPOCH_S = 120.0  # no epoch of the run completed yet: nothing to compare with
 REPORT_AFTER_S = 10.0  # an epoch in flight this long is reported, naming the tasks it waits for
 NAMES_SHOWN = 8  # tasks named in one line; the rest are counted
 

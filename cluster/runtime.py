@@ -129,19 +129,19 @@ class TaskRuntime:
         self.state_index: dict[str, dict[str, list]] = {}  # step -> key group -> chain of [file, batch]
         self.sink_writers: dict[str, SinkWriter] = {}
         self._buffers: dict[str, list[pa.Table]] = {}
-        self.committed_through = 0
+        self.high_water = 0
         self.event_logic: dict[str, EventTimeLogic] = {}
         self.partitions: list[int] = []
         self._late = 0
 
     # -------------------------------------------------------------- restore
-    def restore(self, manifest: dict | None, attempt: str = "f0g0", committed_through: int = 0) -> None:
+    def restore(self, manifest: dict | None, attempt: str = "f0g0", high_water: int = 0) -> None:
         """Build every step's logic from ``manifest`` (None: empty state).
         ``attempt`` names the files this incarnation writes; epochs up to
-        ``committed_through`` are in the commit log, so a replay of them
+        ``high_water`` are in the commit log, so a replay of them
         rebuilds state and leaves the sinks alone."""
         self.attempt = attempt
-        self.committed_through = committed_through
+        self.high_water = high_water
         graph, stage = self.plan.graph, self.stage
         owned = key_group_range(self.task.subtask, stage.parallelism, self.plan.max_key_groups)
         self.logic, self.sink_writers, self.state_index, self.event_logic = {}, {}, {}, {}
@@ -304,7 +304,7 @@ class TaskRuntime:
         for step_id, writer in self.sink_writers.items():
             table = _concat(self._buffers[step_id])
             self._buffers[step_id] = []
-            if epoch <= self.committed_through:  # committed before: the coordinator committed it again
+            if epoch <= self.high_water:  # committed before: the coordinator committed it again
                 continue
             result.sink_handles[step_id] = self._user_call(step_id, "sink", writer.precommit, epoch, table)
             result.rows_out += 0 if table is None else table.num_rows

@@ -126,86 +126,13 @@ def sim_plan(sink: SimSink, partitions: int, source_parallelism: int, parallelis
 
 
 # ----------------------------------------------------------------- storage
-class SimFiles:
-    """A dict of files with the few filesystem calls :class:`JobStorage`
-    makes: one per simulation, so a listing costs what this job holds."""
-
-    protocol = "sim"
-
-    def __init__(self):
-        self.files: dict[str, bytes] = {}
-
-    def unstrip_protocol(self, path: str) -> str:
-        return f"sim://{path}"
-
-    def makedirs(self, path: str, exist_ok: bool = True) -> None:
-        pass
-
-    def pipe_file(self, path: str, data: bytes) -> None:
-        self.files[path] = bytes(data)
-
-    def mv(self, source: str, target: str) -> None:
-        self.files[target] = self.files.pop(source)
-
-    def open(self, path: str, mode: str):
-        assert mode == "xb", mode
-        if path in self.files:
-            raise FileExistsError(path)
-        files = self.files
-
-        class _Exclusive:
-            def __enter__(self):
-                return self
-
-            def write(self, data):
-                files[path] = bytes(data)
-
-            def __exit__(self, *exc):
-                return False
-        return _Exclusive()
-
-    def cat_file(self, path: str) -> bytes:
-        if path not in self.files:
-            raise FileNotFoundError(path)
-        return self.files[path]
-
-    def size(self, path: str) -> int:
-        return len(self.cat_file(path))
-
-    def exists(self, path: str) -> bool:
-        prefix = path.rstrip("/") + "/"
-        return path in self.files or any(f.startswith(prefix) for f in self.files)
-
-    def find(self, path: str) -> list[str]:
-        prefix = path.rstrip("/") + "/"
-        return sorted(f for f in self.files if f.startswith(prefix))
-
-    def ls(self, path: str, detail: bool = False) -> list[str]:
-        prefix = path.rstrip("/") + "/"
-        children = {prefix + f[len(prefix):].split("/", 1)[0] for f in self.files if f.startswith(prefix)}
-        if not children:
-            raise FileNotFoundError(path)
-        return sorted(children)
-
-    def rm_file(self, path: str) -> None:
-        if self.files.pop(path, None) is None:
-            raise FileNotFoundError(path)
-
-    def rm(self, path: str, recursive: bool = False) -> None:
-        doomed = [f for f in self.files if f == path or f.startswith(path.rstrip("/") + "/")]
-        if not doomed:
-            raise FileNotFoundError(path)
-        for f in doomed:
-            del self.files[f]
-
-
 class SimStorage(JobStorage):
     """Checkpoint storage in memory, no retries, faults on demand; records
     who writes commit points (invariant 5) and what is deleted (invariant 6)."""
 
     def __init__(self, world: "World", fencing: int | None):
         super().__init__("memory://sim", "sim", StorageRetry(deadline_s=0.0))
-        self.fs = world.files
+        self.fs = world.files  # a DictFiles of the world's
         self.world, self.fencing = world, fencing
 
     def _call(self, what: str, path: str, fn, *args, **kwargs):
@@ -238,9 +165,9 @@ class SimTask:
         self.stage = self.plan.stages[task.stage]
         self.is_source = self.stage.source is not None
 
-    def reset(self, generation: int, manifest: dict | None, first_epoch: int, committed_through: int) -> None:
+    def reset(self, generation: int, manifest: dict | None, first_epoch: int, high_water: int) -> None:
         self.generation, self.failed = generation, False
-        self.committed_through = committed_through
+        self.high_water = high_water
         self.next_epoch, self.early = first_epoch, {}
         self.attempt = f"f{self.run.fencing}g{generation}"
         self.aligner = self.plan.aligner(self.task.stage, first_epoch)
@@ -313,7 +240,7 @@ class SimTask:
             self.counts[kg] = self.counts.get(kg, 0) + 1
             self.dirty.add(kg)
         ack = TaskAck(self.task, self.generation, barrier.epoch, rows_out=len(rows))
-        if barrier.epoch > self.committed_through:
+        if barrier.epoch > self.high_water:
             ack.sink_handles = {"out": self.writer.precommit(barrier.epoch, rows)}
         if barrier.checkpoint:
             dirty = self.dirty if not barrier.savepoint else set(self.counts)

@@ -54,7 +54,8 @@ from sluiceway.cluster.epochs import TaskAck
 from sluiceway.cluster.errors import JobFailedError
 from sluiceway.cluster.options import RunOptions
 from sluiceway.cluster.restart import RestartPolicy
-from sluiceway.cluster.simparts import SimCrash, SimFault, SimFiles, SimSink, SimStorage, SimTask, Violation, sim_plan
+from sluiceway.checkpoint.dictfiles import DictFiles
+from sluiceway.cluster.simparts import SimCrash, SimFault, SimSink, SimStorage, SimTask, Violation, sim_plan
 
 __all__ = ["Config", "FAULT_KINDS", "Outcome", "Violation", "World", "main", "run_seeds", "sim_plan", "SimSink"]
 
@@ -91,7 +92,7 @@ class SimDriver(Driver):
             raise Violation(f"restore point {manifest['id']} is not a complete checkpoint")
         for task in sorted(self.run.tasks):
             self.run.tasks[task].reset(instruction.generation, manifest, instruction.first_epoch,
-                                       instruction.committed_through)
+                                       instruction.high_water)
         return p.TasksReset()
 
     def find_dead(self, instruction: p.FindDead) -> p.DeadFound:
@@ -113,7 +114,7 @@ class Run:
     def __init__(self, world: "World", controller_class=JobController):
         self.world = world
         self.plan = world.plan
-        holder = LeaseHolder(f"r{len(world.runs)}", "sim", len(world.runs), world.now)
+        holder = LeaseHolder("sim", len(world.runs), f"r{len(world.runs)}", world.now)
         self.lease = leases.acquire(world.probe, holder, ttl_s=1e9, now=world.now, force=True)
         self.fencing = self.lease.fencing
         world.newest_fencing = max(world.newest_fencing, self.fencing)
@@ -210,7 +211,7 @@ class World:
         )
         self.nodes = config.nodes
         self.dead_nodes: set[int] = set()
-        self.files = SimFiles()
+        self.files = DictFiles()
         self.sink = SimSink(self)
         self.sink_parallelism = config.parallelism
         self.plan = sim_plan(self.sink, config.partitions, config.source_parallelism, config.parallelism, config.records,

@@ -29,9 +29,10 @@ from typing import Callable
 import ray
 
 from sluiceway.checkpoint.errors import CheckpointError
-from sluiceway.checkpoint.storage import JobStorage, StorageRetry
+from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.checkpoint.timeline import RecordKind, read_history
-from sluiceway.cluster.coordinator import Coordinator, RunOptions
+from sluiceway.cluster.coordinator import Coordinator
+from sluiceway.cluster.options import RunOptions
 from sluiceway.cluster.errors import JobFailedError
 from sluiceway.cluster.events import format_event, lowest_watermark
 from sluiceway.operators.event_time import format_watermark
@@ -61,7 +62,6 @@ class JobSpec:
     checkpoint_dir: str
     options: RunOptions
     parallelism: int | None = None
-    storage_deadline_s: float = StorageRetry.deadline_s
     force: bool = False
 
 
@@ -350,7 +350,7 @@ class JobSupervisor:
         try:
             plan = physical_plan(flow.graph, self.parallelism or flow.graph.parallelism or default_parallelism())
             storage, job_doc, lease = open_job(plan, self.spec.checkpoint_dir,
-                                               storage_deadline_s=self.spec.storage_deadline_s, force=force,
+                                               storage_deadline_s=self.spec.options.storage_deadline_s, force=force,
                                                lease_ttl_s=self.spec.options.lease_ttl_s)
         except Exception as exc:  # noqa: BLE001 - shown as the job's error
             self._end(FAILED, str(exc))

@@ -20,7 +20,7 @@ import ray
 from sluiceway.checkpoint.manifest import restorable
 from sluiceway.checkpoint.storage import JobStorage, absolute_url
 from sluiceway.cluster.connect import NAMESPACE
-from sluiceway.cluster.coordinator import RunOptions
+from sluiceway.cluster.options import RunOptions
 from sluiceway.cluster.errors import ClusterError, JobFailedError
 from sluiceway.cluster.supervisor import ACTOR_PREFIX, ENDED, STARTING, JobSpec, JobSupervisor, actor_name
 from sluiceway.jobs.jobfile import load_flow
@@ -61,7 +61,7 @@ def job_runtime_env(job: str) -> dict:
 
 
 def submit(job: str, checkpoint_dir: str, *, name: str | None = None, parallelism: int | None = None,
-           options: RunOptions | None = None, storage_deadline_s: float = 120.0, force: bool = False,
+           options: RunOptions | None = None, force: bool = False,
            wait_s: float = 120.0, flow=None) -> dict:
     """Start ``job`` (``path/to/job.py[:attr]``) as a detached job and return
     its summary once it runs. Connect with :func:`job_runtime_env` first.
@@ -87,7 +87,6 @@ def submit(job: str, checkpoint_dir: str, *, name: str | None = None, parallelis
         checkpoint_dir=absolute_url(checkpoint_dir),
         options=options or RunOptions(),
         parallelism=parallelism,
-        storage_deadline_s=storage_deadline_s,
         force=force,
     )
     head = _head_node()

@@ -11,9 +11,8 @@ from typing import Callable
 import ray
 from ray.exceptions import RayTaskError
 
-from sluiceway.checkpoint.lease import DEFAULT_TTL_S
-from sluiceway.checkpoint.storage import StorageRetry
-from sluiceway.cluster.coordinator import CoordinatorActor, RunOptions
+from sluiceway.cluster.coordinator import CoordinatorActor
+from sluiceway.cluster.options import RunOptions
 from sluiceway.cluster.launch import open_job, release_job
 from sluiceway.cluster.restart import RestartPolicy
 from sluiceway.cluster.graph import PhysicalPlan
@@ -51,25 +50,26 @@ def _ship_user_modules(plan: PhysicalPlan) -> None:
 def run(
     flow,
     checkpoint_dir: str | None = None,
+    options: RunOptions | None = None,
     *,
-    until_idle: bool = True,
-    epochs: int | None = None,
-    trigger_s: float = 1.0,
-    checkpoint_every: int = 5,
     parallelism: int | None = None,
-    max_records_per_epoch: int = 1_000_000,
-    max_epochs_in_flight: int = 2,
-    keep_checkpoints: int = 3,
-    restart_policy: RestartPolicy | None = None,
     force: bool = False,
-    lease_ttl_s: float = DEFAULT_TTL_S,
-    epoch_timeout_s: float | None = None,
-    storage_deadline_s: float = StorageRetry.deadline_s,
     on_event: Callable[[dict], None] | None = None,
     on_started: Callable[[object], None] | None = None,
+    restart_policy: RestartPolicy | None = None,
+    **settings,
 ) -> dict:
     """Run ``flow`` on the Ray cluster this process is connected to, or on an
     embedded one (started here and stopped at the end) when there is none.
+
+    How it runs is a :class:`~sluiceway.cluster.options.RunOptions`, the
+    same the CLI and ``submit`` use: pass one as ``options``, or name its
+    fields as keywords (``trigger_s=0.5``, ``epochs=10``,
+    ``checkpoint_every=2``, ``max_records_per_epoch``, ``epoch_timeout_s``,
+    ``storage_deadline_s``, ``lease_ttl_s`` ...), or both (keywords win).
+    ``restart_policy`` is the ``restart`` field. Without ``options`` the run
+    stops once its bounded sources are exhausted (``until_idle``), unless
+    ``epochs`` is given.
 
     Blocks until the job ends: its bounded sources are exhausted
     (``until_idle``), ``epochs`` new epochs ran, or it fails. A job started
@@ -100,18 +100,13 @@ def run(
     :class:`JobFailedError` for a failure of the job, ``StorageError`` when
     the checkpoint dir cannot be used.
     """
-    options = RunOptions(
-        trigger_s=trigger_s,
-        checkpoint_every=checkpoint_every,
-        max_epochs_in_flight=max_epochs_in_flight,
-        max_records_per_epoch=max_records_per_epoch,
-        keep_checkpoints=keep_checkpoints,
-        restart=restart_policy or RestartPolicy(),
-        lease_ttl_s=lease_ttl_s,
-        epoch_timeout_s=epoch_timeout_s,
-        until_idle=until_idle if epochs is None else False,
-        epochs=epochs,
-    )
+    if restart_policy is not None:
+        settings["restart"] = restart_policy
+    if options is None:
+        options = RunOptions(until_idle=settings.get("epochs") is None)
+    options = options.with_settings(**settings)
+    if options.epochs is not None and options.until_idle:
+        options = options.with_settings(until_idle=False)
     plan = physical_plan(flow.graph, parallelism or flow.graph.parallelism or default_parallelism())
     for step, sink in plan.sinks().items():
         if getattr(sink, "in_process_only", False):
@@ -120,7 +115,8 @@ def run(
             )
     _ship_user_modules(plan)
     storage, job_doc, lease = open_job(plan, checkpoint_dir or default_checkpoint_dir(),
-                                       storage_deadline_s=storage_deadline_s, force=force, lease_ttl_s=lease_ttl_s)
+                                       storage_deadline_s=options.storage_deadline_s, force=force,
+                                       lease_ttl_s=options.lease_ttl_s)
     try:
         embedded = not ray.is_initialized()
         if embedded:

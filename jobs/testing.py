@@ -1,7 +1,7 @@
 """Helpers for testing jobs, shipped so users can test their own.
 
 - :func:`run_local` runs a flow in this process, without Ray, epoch by epoch,
-  through the same task runtime and barrier alignment the cluster uses.
+  through the same controller, task runner and barrier alignment the cluster uses.
 - :class:`CollectSink` keeps committed rows in memory (``run_local`` only).
 - :func:`compare_exactly_once` compares committed output with an independent
   computation and counts duplicates and missing rows.
@@ -18,7 +18,6 @@ import contextlib
 import errno
 import glob
 import json
-import math
 import os
 import shutil
 import signal
@@ -27,18 +26,14 @@ import subprocess
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
-from sluiceway.checkpoint.storage import JobStorage
-from sluiceway.cluster.alignment import Barrier, BarrierEvent, Data
-from sluiceway.cluster.epochs import EpochPlan, plan_epoch, sources_exhausted, watermark_marks
 from sluiceway.cluster.graph import plan as physical_plan
-from sluiceway.cluster.runtime import TaskRuntime
+from sluiceway.cluster.inprocess import InProcessDriver
 from sluiceway.operators.sinks import Sink, SinkContext, SinkWriter
 
 
@@ -86,57 +81,15 @@ def run_local(flow, *, parallelism: int | None = None, max_records_per_epoch: in
     """Run ``flow`` in this process until its bounded sources are exhausted.
     Returns the number of epochs run. Sources must be bounded. Epoch ``n``
     counts as planned at ``start_time + n * trigger_s`` (seconds since the
-    Unix epoch): what ingestion time and idle partitions go by."""
+    Unix epoch): what ingestion time and idle partitions go by.
+
+    The job controller, the task runner and the barrier alignment are the
+    ones a run on Ray uses (:mod:`sluiceway.cluster.inprocess`); a failing
+    step raises its exception at once."""
     plan = physical_plan(flow.graph, parallelism)
-    storage = JobStorage(f"memory://run-local-{uuid.uuid4().hex}", plan.job)
-    tasks = {t: TaskRuntime(plan, t, storage) for t in plan.tasks()}
-    for runtime in tasks.values():
-        runtime.restore(None)
-    aligners = {t: plan.aligner(t.stage, 1) for t in tasks if plan.input_channels(t.stage)}
-    sources = plan.sources()
-    offsets: dict = {}
-    active_at: dict = {}
-    epoch = 0
-    while not sources_exhausted(sources, offsets) and epoch < max_epochs:
-        ranges = plan_epoch(
-            epoch + 1, sources, offsets, now=math.inf, started_at=0.0, max_records_per_epoch=max_records_per_epoch
-        ).ranges
-        if ranges is None:
-            raise RuntimeError("run_local needs bounded sources; a source has nothing to read yet")
-        epoch += 1
-        planned_at = start_time + epoch * trigger_s
-        active_at, ended = watermark_marks(sources, ranges, active_at, planned_at)
-        epoch_plan = EpochPlan(epoch, ranges, False, planned_at, active_at=active_at, ended=ended)
-        offsets = epoch_plan.next_offsets()
-        barrier = Barrier(epoch, checkpoint=False, watermark=None)
-        handles: dict[str, list[dict]] = {}
-        inbox: dict = {t: [] for t in tasks}
-        for task, runtime in tasks.items():  # stages are in topological order
-            stage = plan.stages[task.stage]
-            if stage.source is not None:
-                read = runtime.read_source(ranges[stage.source])
-                runnable = [(barrier, read.tables, read.rows, read.dead_letters, read.partitions,
-                             epoch_plan.source_epoch(stage.source))]
-            else:
-                runnable = []
-                for channel, table, sent in inbox[task]:
-                    events = ([Data(channel, table)] if table is not None else []) + [BarrierEvent(channel, sent)]
-                    for event in events:
-                        runnable += [(a.barrier, a.tables, 0, None, None, None, [p for _, p in a.channels])
-                                     for a in aligners[task].handle(event)]
-            for b, tables, rows, dead, partitions, source_epoch, *ports in runnable:
-                out = runtime.process_epoch(b.epoch, b, tables, rows, dead, partitions, source_epoch,
-                                            ports[0] if ports else None)
-                for exchange, parts in out.exchanges.items():
-                    watermark, idle = out.barriers[exchange]
-                    sent = Barrier(b.epoch, checkpoint=False, watermark=watermark, idle=idle)
-                    for downstream, part in zip(plan.stages[exchange.to_stage].tasks(), parts):
-                        inbox[downstream].append(((task, exchange.port), part, sent))
-                for step, handle in runtime.finish_epoch(b.epoch, b).sink_handles.items():
-                    handles.setdefault(step, []).append(handle)
-        for step, sink in plan.sinks().items():
-            sink.commit(epoch, handles.get(step, []))
-    return epoch
+    driver = InProcessDriver(plan, max_records_per_epoch=max_records_per_epoch, max_epochs=max_epochs,
+                             start_time=start_time, trigger_s=trigger_s)
+    return driver.run()
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ def cmd_submit(args) -> int:
     flow = load_flow(args.job, args.name)  # a broken job file is reported before anything is uploaded
     connect(args.address, runtime_env=client.job_runtime_env(args.job))
     summary = client.submit(args.job, args.checkpoint_dir, flow=flow, name=args.name, parallelism=args.parallelism,
-                            options=run_options(args), storage_deadline_s=args.storage_deadline, force=args.force)
+                            options=run_options(args), force=args.force)
     tasks = summary["placement"]
     print(f"submitted job {summary['name']!r}: {len(tasks)} task(s) running on "
           f"{len(set(tasks.values()))} node(s); checkpoints in {summary['checkpoint_dir']}")

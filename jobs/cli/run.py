@@ -40,7 +40,7 @@ def job_options(r) -> None:
             "seconds to keep retrying checkpoint storage that fails (the job pauses) before the job fails")
     env_arg(r, "--epoch-timeout", "SLUICEWAY_EPOCH_TIMEOUT", None, seconds,
             "seconds after which an epoch counts as stuck and its tasks are restarted "
-            "(default: 10x the slowest recent epoch, at least 60; 600 before the first epoch completes)")
+            "(default: 10x the slowest recent epoch, at least 60; 120 before the first epoch completes)")
     env_switch(r, "--force", "SLUICEWAY_FORCE",
                "take the job over even if another run holds its lease; that run then stops writing")
     stop = r.add_mutually_exclusive_group()
@@ -72,13 +72,13 @@ def restart_policy(args):
 
 
 def run_options(args):
-    """The flags as :class:`RunOptions` (for ``submit``)."""
-    from sluiceway.cluster.coordinator import RunOptions
+    """The flags as :class:`RunOptions`, for ``run`` and ``submit`` alike."""
+    from sluiceway.cluster.options import RunOptions
 
     try:
         return RunOptions(trigger_s=args.trigger, checkpoint_every=args.checkpoint_every,
                           restart=restart_policy(args), epoch_timeout_s=args.epoch_timeout,
-                          until_idle=args.until_idle, epochs=args.epochs)
+                          until_idle=args.until_idle, epochs=args.epochs, storage_deadline_s=args.storage_deadline)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -87,20 +87,14 @@ def cmd_run(args) -> int:
     from sluiceway.jobs.jobfile import load_flow
     from sluiceway.jobs.runner import run
 
-    policy = restart_policy(args)
+    options = run_options(args)
     flow = load_flow(args.job)
     summary = run(
         flow,
         args.checkpoint_dir,
-        until_idle=args.until_idle,
-        epochs=args.epochs,
-        trigger_s=args.trigger,
-        checkpoint_every=args.checkpoint_every,
+        options,
         parallelism=args.parallelism,
-        restart_policy=policy,
         force=args.force,
-        storage_deadline_s=args.storage_deadline,
-        epoch_timeout_s=args.epoch_timeout,
         on_event=print_event,
         on_started=lambda _: print(f"job {flow.name!r}: checkpoints in {args.checkpoint_dir}", flush=True),
     )

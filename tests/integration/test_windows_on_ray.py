@@ -111,7 +111,9 @@ class QuietPartition(Source):
 def test_an_idle_partition_stops_holding_the_watermark_back(tmp_path):
     out = str(tmp_path / "out")
     flow = Dataflow("idle_partition")
-    (flow.source(QuietPartition(3000, rate=1000), name="readings")
+    # Input for far longer than the test may run (600 s at 1000/s), so each of the 8 epochs finds new rows: with
+    # 3000 rows (3 s at a 0.5 s trigger) 6 to 8 epochs had input, by timing, and the job then waited for more.
+    (flow.source(QuietPartition(600_000, rate=1000), name="readings")
          .with_event_time("ts", max_out_of_orderness=timedelta(seconds=2), idle_timeout=timedelta(seconds=1))
          .key_by("sensor").window(Tumbling(timedelta(seconds=1))).aggregate([([], "count_all")])
          .sink(ParquetSink(out)))

@@ -148,7 +148,7 @@ def test_a_replay_of_a_committed_epoch_rebuilds_state_and_leaves_the_sinks_alone
     physical = plan(flow.graph, 1)
     task = [t for t in physical.tasks() if t.stage == "by_k"][0]
     runtime = TaskRuntime(physical, task, JobStorage(str(tmp_path / "ckpt"), "replay"))
-    runtime.restore(None, committed_through=5)
+    runtime.restore(None, high_water=5)
     batch = pa.table({"k": pa.array([1, 1], pa.int64())})
     for epoch, expect_handle in ((5, False), (6, True)):
         barrier = Barrier(epoch, checkpoint=False)

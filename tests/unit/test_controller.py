@@ -289,3 +289,20 @@ def test_a_backlog_is_planned_at_once_and_live_input_once_a_trigger():
     assert c.handle(p.Tick()) == []  # caught up: the next trigger
     clock.now += 1.0
     assert kinds(c.handle(p.Tick())) == ["ProbeSources"]
+
+
+def test_a_run_without_new_input_says_so_and_where_it_stands():
+    from sluiceway.cluster.events import format_event
+
+    c, clock = running(epochs=8)
+    plan_epoch(c, 0, 10)
+    c.handle(acks(c, 1))
+    c.handle(p.SinksCommitted(1))
+    reports = []
+    for _ in range(40):  # 40 s of nothing readable
+        clock.now += 1.0
+        reports += [i.event for i in tick(c) if isinstance(i, p.Emit)]
+    assert [r["type"] for r in reports] == ["waiting_for_input"] * 2  # after 10 s, then 20 s later
+    assert [r["idle_s"] for r in reports] == [10.0, 30.0]
+    assert format_event(reports[0]) == ("WAITING (input): no source has new records for 10 s; 1 of 8 epochs "
+                                        "planned; src at p0 10")
