@@ -34,6 +34,10 @@ the same work on the same data.
    1,000 and 2,000 tasks over 10 to 200 nodes, with acks sent per task and
    gathered per node. Goal: 1 s epochs at 2,000 tasks within 10% of a core.
 
+0b. **Epochs as tasks grow** (``BENCH_ONLY=tasks``): a keyed count at
+   parallelism 2 to 32 on Ray at 4,000 rows/s in all: the epoch latency
+   that is per-task overhead, not rows.
+
 5. **Tables and joins** (``BENCH_ONLY=joins``): over ``BENCH_JOIN_EVENTS``
    generated events, all waiting when the job starts, with the defaults a
    user gets, each beside a single-process pyarrow computation of the same
@@ -565,6 +569,31 @@ def joins_bench(events: int | None = None) -> None:
             search_bench(os.path.join(work, f"search-{queries}"), events, queries)
 
 
+def sensor_readings(partition: int, start: int, stop: int) -> pa.RecordBatch:
+    """Readings of 1,000 sensors, deterministic in their offsets."""
+    i = offsets(start, stop)
+    return pa.record_batch({"sensor": pc.remainder(pc.add(i, partition * 7), 1000), "value": pc.remainder(i, 97)})
+
+
+def tasks_bench(sizes=(2, 4, 8, 16, 32), epochs: int = 12) -> None:
+    """Epoch latency on Ray as the tasks grow: generator -> key_by -> aggregate -> Parquet, both steps at
+    parallelism P, 4,000 rows/s in all, 1 s trigger: what each epoch costs beyond its rows."""
+    from sluiceway.operators.sinks import ParquetSink
+
+    print("\n## Epoch latency as tasks grow (4,000 rows/s, trigger 1 s, both steps at parallelism P)", flush=True)
+    print(f"{'P':>4} {'tasks':>6} {'epoch p50':>10} {'epoch p90':>10}")
+    for size in sizes:
+        with tempfile.TemporaryDirectory() as work:
+            flow = Dataflow(f"bench_tasks_{size}", parallelism=size)
+            flow.source(GeneratorSource(sensor_readings, size, 4000 / size)).key_by("sensor") \
+                .aggregate([([], "count_all"), ("value", "sum")]).sink(ParquetSink(os.path.join(work, "out")))
+            events: list[dict] = []
+            run(flow, os.path.join(work, "ckpt"), epochs=epochs, on_event=events.append)
+            durations = sorted(e["duration_s"] for e in events if e["type"] == "epoch" and e["epoch"] > 2)
+            p50, p90 = durations[len(durations) // 2], durations[int(len(durations) * 0.9)]
+            print(f"{size:>4} {2 * size:>6} {1000 * p50:>8.0f} ms {1000 * p90:>8.0f} ms", flush=True)
+
+
 def controller_bench() -> None:
     """The job controller's CPU per epoch at 10 to 2,000 simulated tasks (no Ray, no storage: its decisions only)."""
     from sluiceway.cluster.simulation import scale_table
@@ -585,6 +614,8 @@ def main() -> int:
     try:
         if os.environ.get("BENCH_ONLY") in (None, "", "controller"):
             controller_bench()
+        if os.environ.get("BENCH_ONLY") in (None, "", "tasks"):
+            tasks_bench()
         if os.environ.get("BENCH_ONLY") in (None, "", "backlog"):
             backlog_bench()
         if os.environ.get("BENCH_ONLY") in (None, "", "keyed"):

@@ -12,6 +12,7 @@ from sluiceway.checkpoint.errors import (
     StorageError,
 )
 from sluiceway.checkpoint.history import CheckpointHistory, CheckpointInfo
+from sluiceway.checkpoint.manifest import Manifest
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.checkpoint.types import CheckpointId, Epoch, KeyGroup, TaskId
 
@@ -25,6 +26,7 @@ __all__ = [
     "IncompatibleJobError",
     "JobStorage",
     "KeyGroup",
+    "Manifest",
     "StorageError",
     "TaskId",
 ]

@@ -67,7 +67,7 @@ class CheckpointHistory:
 
     @staticmethod
     def _row(checkpoint_id: int, record: dict | None, check) -> CheckpointInfo:
-        m = (check.manifest if check else None) or {}
+        m = check.manifest.to_json() if check and check.manifest else {}
         if record is None:  # no record (written before histories existed, or in progress)
             status = check.status.value
         elif record["status"] != "complete":
@@ -108,11 +108,11 @@ class CheckpointHistory:
         return diff_checkpoints(self.record(a), self.record(b))
 
     def show(self, checkpoint_id: int) -> dict:
-        """The manifest of one complete checkpoint."""
+        """The manifest of one complete checkpoint, as its JSON."""
         if checkpoint_id not in self.storage.checkpoint_ids():
             known = ", ".join(str(i) for i in self.storage.checkpoint_ids()) or "none"
             raise CheckpointError(
                 f"job {self.storage.job!r} has no checkpoint {checkpoint_id} under {self.storage.root_url} "
                 f"(checkpoints: {known})"
             )
-        return require_manifest(self.storage, checkpoint_id)
+        return require_manifest(self.storage, checkpoint_id).to_json()

@@ -55,13 +55,13 @@ def apply_retention(storage: JobStorage, keep: int) -> list[int]:
     file a retained manifest refers to; prune the epoch logs below the
     oldest kept checkpoint. Returns the checkpoint ids no longer restorable."""
     checks = {i: check_manifest(storage, i) for i in storage.checkpoint_ids()}
-    savepoints = {i for i, c in checks.items() if c.manifest is not None and c.manifest.get("savepoint")}
+    savepoints = {i for i, c in checks.items() if c.manifest is not None and c.manifest.savepoint}
     doomed = [i for i in plan_retention({i: c.status for i, c in checks.items()}, keep) if i not in savepoints]
     referenced = {
         path
         for i, c in checks.items()
         if i not in doomed and c.manifest is not None
-        for path in (c.manifest.get("files") or {})
+        for path in c.manifest.files
     }
     # Every doomed manifest goes before any file: storage that fails half way
     # must not leave a manifest that names a deleted file (found by the simulation).

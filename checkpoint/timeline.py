@@ -103,15 +103,16 @@ def history(url: str, job: str, kinds=None) -> JobHistory:
     return read_history(JobStorage(url, job), kinds)
 
 
-def step_sizes(manifest: dict) -> dict[str, dict]:
-    """Per step, the rows and bytes of state a manifest refers to (each file
-    counted once per step), for checkpoint records and ``checkpoints diff``."""
+def step_sizes(state: dict, files: dict) -> dict[str, dict]:
+    """Per step, the rows and bytes of state a manifest's state map refers to
+    (each of its ``files`` counted once per step), for checkpoint records and
+    ``checkpoints diff``."""
     out: dict[str, dict] = {}
-    for step, key_groups in manifest.get("state", {}).items():
+    for step, key_groups in state.items():
         paths = {path for chain in key_groups.values() for path, _ in chain}
-        files = [manifest["files"][p] for p in paths]
+        entries = [files[p] for p in paths]
         out[step] = {"key_groups": len(key_groups), "files": len(paths),
-                     "bytes": sum(f["size_bytes"] for f in files), "rows": sum(f["rows"] for f in files)}
+                     "bytes": sum(f["size_bytes"] for f in entries), "rows": sum(f["rows"] for f in entries)}
     return out
 
 

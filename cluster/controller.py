@@ -191,12 +191,12 @@ class JobController(Recovery):
         out: list[p.Instruction] = [self._emit("corrupt_checkpoint", checkpoint=c, problem=problem)
                                     for c, problem in event.corrupt]
         manifest = event.manifest
-        if manifest is not None and manifest.get("max_key_groups") != self.plan.max_key_groups:
+        if manifest is not None and manifest.max_key_groups != self.plan.max_key_groups:
             raise IncompatibleJobError(
-                f"checkpoint {manifest['id']} has max_key_groups {manifest.get('max_key_groups')}, "
+                f"checkpoint {manifest.id} has max_key_groups {manifest.max_key_groups}, "
                 f"the flow has {self.plan.max_key_groups}; max_key_groups is fixed for a job's life"
             )
-        base = manifest["epoch"] if manifest else 0
+        base = manifest.epoch if manifest else 0
         plans = list(event.plans)
         expected = list(range(base + 1, base + 1 + len(plans)))
         if [plan.epoch for plan in plans] != expected:
@@ -205,8 +205,8 @@ class JobController(Recovery):
                 f"{[plan.epoch for plan in plans]} (expected {expected})"
             )
         self.restore_manifest = manifest
-        self.previous_files = dict(manifest["files"]) if manifest else {}
-        self.last_checkpoint_size = manifest["size_bytes"] if manifest else None
+        self.previous_files = dict(manifest.files) if manifest else {}
+        self.last_checkpoint_size = manifest.size_bytes if manifest else None
         self.replay = deque(plans)
         self.active_at = plans[-1].active_at if plans else {}  # when each source partition last had input
         self.last_completed = self.last_checkpoint = base
@@ -214,7 +214,7 @@ class JobController(Recovery):
         if plans:
             self.next_offsets = plans[-1].next_offsets()
         elif manifest:
-            self.next_offsets = {s: {int(k): o for k, o in parts.items()} for s, parts in manifest["offsets"].items()}
+            self.next_offsets = {s: {int(k): o for k, o in parts.items()} for s, parts in manifest.offsets.items()}
         else:
             self.next_offsets = {}
         self.trigger = Trigger(self.options.trigger_s)
@@ -246,7 +246,7 @@ class JobController(Recovery):
     def _on_tasks_reset(self, event: p.TasksReset) -> list[p.Instruction]:
         self.phase = Phase.RUNNING
         replay = [plan.epoch for plan in self.replay]
-        restored = self.restore_manifest["id"] if self.restore_manifest else None
+        restored = self.restore_manifest.id if self.restore_manifest else None
         if not self._started:
             self._started = True
             out: list[p.Instruction] = [p.Started(restored, replay)]
@@ -263,7 +263,7 @@ class JobController(Recovery):
             return []
         if self.restore_manifest is None:
             raise CorruptCheckpointError(event.problem)
-        bad = self.restore_manifest["id"]
+        bad = self.restore_manifest.id
         self.bad_checkpoints.add(bad)
         self.generation += 1
         return [self._emit("corrupt_checkpoint", checkpoint=bad, problem=event.problem.splitlines()[0]),
@@ -409,9 +409,9 @@ class JobController(Recovery):
             out.append(p.WriteManifest(plan.epoch, manifest))
             out.append(p.WriteHistory(RecordKind.CHECKPOINT.value, records.checkpoint_completed(
                 plan, acks, manifest, self.last_checkpoint_size, now), now))
-            self.last_checkpoint_size = manifest["size_bytes"]
-            written_bytes = manifest["written_bytes"]
-            self.previous_files = manifest["files"]
+            self.last_checkpoint_size = manifest.size_bytes
+            written_bytes = manifest.written_bytes
+            self.previous_files = manifest.files
             self.last_checkpoint = plan.epoch
             if plan.savepoint:
                 self.savepoint = plan.epoch

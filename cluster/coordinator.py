@@ -50,7 +50,10 @@ __all__ = ["Coordinator", "CoordinatorActor", "RunOptions"]
 PING_INTERVAL_S = 0.5
 LOOP_WAIT_S = 0.02
 RESET_TIMEOUT_S = 120.0
-PROBE_TIMEOUT_S = 30.0
+# In a recovery every task's work in flight is discarded: a task that cannot answer a probe this soon (dead, hung,
+# or blocked, e.g. in a sink waiting on the locks of a transaction the recovery has yet to abort) is replaced
+# rather than waited for.
+PROBE_TIMEOUT_S = 5.0
 
 
 class Coordinator(Driver):
@@ -262,12 +265,15 @@ class Coordinator(Driver):
     def find_dead(self, instruction: p.FindDead) -> p.DeadFound:
         """The known dead, and every task that does not answer a probe now."""
         dead = set(instruction.known)
-        probes = {t: a.ping.remote() for t, a in self.actors.items() if t not in dead}
-        for task, ref in probes.items():
+        probes = {a.ping.remote(): t for t, a in self.actors.items() if t not in dead}
+        answered, silent = ray.wait(list(probes), num_returns=len(probes), timeout=PROBE_TIMEOUT_S) if probes \
+            else ([], [])
+        dead.update(probes[ref] for ref in silent)
+        for ref in answered:
             try:
-                ray.get(ref, timeout=PROBE_TIMEOUT_S)
-            except (RayActorError, GetTimeoutError):
-                dead.add(task)
+                ray.get(ref)
+            except RayActorError:
+                dead.add(probes[ref])
         self._pings = {}
         return p.DeadFound(frozenset(dead))
 

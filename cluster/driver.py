@@ -153,7 +153,7 @@ class Driver:
         else:
             check, corrupt = latest_complete(self.storage, skip=set(instruction.skip))
         manifest = check.manifest if check else None
-        base = manifest["epoch"] if manifest else 0
+        base = manifest.epoch if manifest else 0
         plans = [self.read_plan(epoch) for epoch in self.storage.offset_epochs() if epoch > base]
         logged = self.storage.commit_epochs()
         commits = {epoch: self.storage.read_commit(epoch) for epoch in logged if epoch >= base}
@@ -199,7 +199,7 @@ class Driver:
 
     def _write_manifest(self, instruction: p.WriteManifest) -> None:
         self.check_lease()
-        self.storage.write_manifest(instruction.checkpoint_id, instruction.manifest)
+        self.storage.write_manifest(instruction.checkpoint_id, instruction.manifest.to_json())
 
     def _write_commit(self, instruction: p.WriteCommit) -> None:
         self.check_lease()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sluiceway.checkpoint.manifest import Manifest
 from sluiceway.checkpoint.types import TaskId
 from sluiceway.cluster.epochs import EpochPlan, Planned, TaskAck
 from sluiceway.cluster.restart import Failure
@@ -54,7 +55,7 @@ class RestorePoint(Event):
     manifest, ``None`` for none), the offsets log after it, the commit log
     from it on, and the corrupt checkpoints passed over."""
 
-    manifest: dict | None
+    manifest: Manifest | None
     plans: list[EpochPlan]
     commits: dict[int, dict | None]  # epoch -> commit log entry, for every logged epoch >= the checkpoint's
     high_water: int  # the newest epoch in the commit log (0: none)
@@ -196,7 +197,7 @@ class ResetTasks(Question):
     Answered by :class:`TasksReset` or :class:`ResetFailed`."""
 
     generation: int
-    manifest: dict | None
+    manifest: Manifest | None
     first_epoch: int
     high_water: int
 
@@ -240,7 +241,7 @@ class WriteManifest(Instruction):
     """Write checkpoint ``checkpoint_id``'s manifest (the commit point), if this run holds the lease."""
 
     checkpoint_id: int
-    manifest: dict
+    manifest: Manifest
 
 
 @dataclass(frozen=True)

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sluiceway.checkpoint.manifest import assemble_state, build_manifest
+from sluiceway.checkpoint.manifest import Manifest, assemble_state, build_manifest
 from sluiceway.checkpoint.timeline import step_sizes
 from sluiceway.cluster.epochs import EpochPlan, TaskAck
 from sluiceway.cluster.graph import PhysicalPlan
 from sluiceway.cluster.restart import Failure
 
 
-def checkpoint_completed(plan: EpochPlan, acks: list[TaskAck], manifest: dict, previous_size: int | None,
+def checkpoint_completed(plan: EpochPlan, acks: list[TaskAck], manifest: Manifest, previous_size: int | None,
                          completed_at: float) -> dict:
     """A complete checkpoint, with Flink's fields and more."""
     return {
-        "id": manifest["id"],
+        "id": manifest.id,
         "epoch": plan.epoch,
         "status": "complete",
         "reason": None,
@@ -31,11 +31,11 @@ def checkpoint_completed(plan: EpochPlan, acks: list[TaskAck], manifest: dict, p
              "written_bytes": sum(f["size_bytes"] for f in a.state_files)}
             for a in acks
         ],
-        "size_bytes": manifest["size_bytes"],
-        "written_bytes": manifest["written_bytes"],
-        "size_delta_bytes": None if previous_size is None else manifest["size_bytes"] - previous_size,
-        "offsets": manifest["offsets"],
-        "steps": step_sizes(manifest),
+        "size_bytes": manifest.size_bytes,
+        "written_bytes": manifest.written_bytes,
+        "size_delta_bytes": None if previous_size is None else manifest.size_bytes - previous_size,
+        "offsets": manifest.offsets,
+        "steps": step_sizes(manifest.state, manifest.files),
     }
 
 
@@ -125,7 +125,7 @@ class EpochRecord:
 
 
 def manifest(job: PhysicalPlan, plan: EpochPlan, acks: list[TaskAck], *, previous_files: dict, fencing: int,
-             completed_at: float) -> dict:
+             completed_at: float) -> Manifest:
     """A checkpoint's manifest from its epoch's acks (task order): per-task
     rows, the state map over this and earlier checkpoints' files, marks."""
     tasks = [{

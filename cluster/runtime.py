@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sluiceway.checkpoint.manifest import Manifest
 from sluiceway.checkpoint.state import MAX_CHAIN, read_key_groups, write_key_groups
 from sluiceway.checkpoint.errors import StorageError
 from sluiceway.checkpoint.storage import JobStorage
@@ -86,14 +87,14 @@ def _write_whole(chain: list | None, changes, kg: int) -> bool:
     )
 
 
-def stage_watermark(manifest: dict | None, stage: str) -> int | None:
+def stage_watermark(watermarks: dict, stage: str) -> int | None:
     """The watermark the tasks of ``stage`` had at a checkpoint (the same for
     every task behind an all-to-all exchange; the lowest after a rescale).
 
-    >>> stage_watermark({"watermarks": {"w[0]": 7, "w[1]": 7, "s[0]": 9}}, "w")
+    >>> stage_watermark({"w[0]": 7, "w[1]": 7, "s[0]": 9}, "w")
     7
     """
-    marks = [m for task, m in (manifest or {}).get("watermarks", {}).items() if task.startswith(f"{stage}[")]
+    marks = [m for task, m in watermarks.items() if task.startswith(f"{stage}[")]
     if not marks or any(m is None for m in marks):
         return None
     return min(marks)
@@ -135,7 +136,7 @@ class TaskRuntime:
         self._late = 0
 
     # -------------------------------------------------------------- restore
-    def restore(self, manifest: dict | None, attempt: str = "f0g0", high_water: int = 0) -> None:
+    def restore(self, manifest: Manifest | None, attempt: str = "f0g0", high_water: int = 0) -> None:
         """Build every step's logic from ``manifest`` (None: empty state).
         ``attempt`` names the files this incarnation writes; epochs up to
         ``high_water`` are in the commit log, so a replay of them
@@ -146,7 +147,7 @@ class TaskRuntime:
         owned = key_group_range(self.task.subtask, stage.parallelism, self.plan.max_key_groups)
         self.logic, self.sink_writers, self.state_index, self.event_logic = {}, {}, {}, {}
         self.partitions = self.plan.source_partitions(self.task) if stage.source is not None else []
-        watermark = stage_watermark(manifest, stage.id) if stage.source is None else None
+        watermark = stage_watermark(manifest.watermarks, stage.id) if stage.source is None and manifest else None
         for step_id in stage.steps:
             step = graph.steps[step_id]
             context = OperatorContext(step_id, self.task.subtask, stage.parallelism, self.plan.max_key_groups,
@@ -162,13 +163,13 @@ class TaskRuntime:
             operator = step.operator or Identity()
             restored = None
             if step.kind == "event_time":
-                record = (manifest or {}).get("event_time", {}).get(step_id)
+                record = manifest.event_time.get(step_id) if manifest else None
                 restored = restored_marks(record, self.partitions, self.task.subtask, stage.parallelism)
             if operator.stateful:
-                step_map = (manifest or {}).get("state", {}).get(step_id, {})
+                step_map = manifest.state.get(step_id, {}) if manifest else {}
                 self.state_index[step_id] = {kg: ref for kg, ref in step_map.items() if int(kg) in owned}
                 if manifest is not None:
-                    chains = read_key_groups(self.storage, step_map, manifest["files"], owned)
+                    chains = read_key_groups(self.storage, step_map, manifest.files, owned)
                     restored = {kg: apply_chain(chain, operator.state_key) for kg, chain in chains.items()}
             self.logic[step_id] = self._user_call(step_id, operator.kind, operator.build, context, restored)
             if isinstance(self.logic[step_id], EventTimeLogic):

@@ -179,7 +179,7 @@ class SimTask:
             self.writer = self.world.sink.open(SinkContext("out", self.task.subtask, self.stage.parallelism, "sim",
                                                            self.attempt))
             if manifest is not None:
-                step_map = manifest["state"].get("counts", {})
+                step_map = manifest.state.get("counts", {})
                 cache: dict[str, dict] = {}
                 for kg_text, chain in step_map.items():
                     if int(kg_text) in owned:
@@ -187,7 +187,7 @@ class SimTask:
                         if path not in cache:
                             raw = self.run.storage.read_bytes(self.run.storage.absolute(path))
                             if raw is None:
-                                raise Violation(f"restore point {manifest['id']} names state file {path}, "
+                                raise Violation(f"restore point {manifest.id} names state file {path}, "
                                                 "which is gone")
                             cache[path] = json.loads(raw)
                         self.counts[int(kg_text)] = cache[path][kg_text]

@@ -88,8 +88,8 @@ class SimDriver(Driver):
             if not sim.alive or sim.hung:
                 return p.ResetFailed(f"task {task} died while restoring checkpoint state", lost=True)
         manifest = instruction.manifest
-        if manifest is not None and check_manifest(self.storage, manifest["id"]).status is not CheckpointStatus.COMPLETE:
-            raise Violation(f"restore point {manifest['id']} is not a complete checkpoint")
+        if manifest is not None and check_manifest(self.storage, manifest.id).status is not CheckpointStatus.COMPLETE:
+            raise Violation(f"restore point {manifest.id} is not a complete checkpoint")
         for task in sorted(self.run.tasks):
             self.run.tasks[task].reset(instruction.generation, manifest, instruction.first_epoch,
                                        instruction.high_water)

@@ -33,8 +33,8 @@ def write_checkpoint(storage, checkpoint_id, with_manifest=True, changed=None, p
         parallelism={"agg": 1}, max_key_groups=128, sink_handles={},
     )
     if with_manifest:
-        storage.write_manifest(checkpoint_id, manifest)
-    return manifest
+        storage.write_manifest(checkpoint_id, manifest.to_json())
+    return manifest.to_json()
 
 
 def test_state_round_trip_reads_only_requested_key_groups(storage):

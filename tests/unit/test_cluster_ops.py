@@ -36,7 +36,7 @@ def test_a_savepoint_writes_every_key_group_whole_and_stands_alone(tmp_path):
     runtime.process_epoch(3, barrier, [one.slice(0, 0)], 0)
     result = runtime.finish_epoch(3, barrier)
     assert sum(f["rows"] for f in result.state_files) == 5_000  # the savepoint: everything
-    state, files = assemble_state([result.state], result.state_files, manifest["files"])
+    state, files = assemble_state([result.state], result.state_files, manifest.files)
     assert {f["checkpoint"] for f in files.values()} == {3}  # refers to no older checkpoint's files
     assert all(len(chain) == 1 for chain in state["sums"].values())
 
@@ -45,7 +45,7 @@ def _manifest(storage, cid, savepoint=False):
     doc = build_manifest(job=storage.job, checkpoint_id=cid, epoch=cid, offsets={}, watermarks={}, tasks=[],
                          state={}, files={}, started_at=0.0, completed_at=1.0, parallelism={}, max_key_groups=128,
                          sink_handles={}, savepoint=savepoint)
-    storage.write_manifest(cid, doc)
+    storage.write_manifest(cid, doc.to_json())
 
 
 def test_retention_keeps_savepoints_and_the_epoch_logs_after_the_oldest(tmp_path):

@@ -4,6 +4,7 @@ instructions``, without Ray, storage or threads."""
 import pytest
 
 from sluiceway.checkpoint.errors import CorruptCheckpointError, IncompatibleJobError
+from sluiceway.checkpoint.manifest import Manifest
 from sluiceway.checkpoint.types import TaskId
 from sluiceway.cluster import protocol as p
 from sluiceway.cluster.controller import JobController
@@ -22,6 +23,13 @@ class Clock:
 
     def __call__(self):
         return self.now
+
+
+def checkpoint_manifest(epoch, **fields):
+    """A manifest of checkpoint ``epoch`` of the test flow."""
+    defaults = dict(job="sim", id=epoch, epoch=epoch, started_at=0.5, completed_at=1.0, offsets={}, watermarks={},
+                    parallelism={}, max_key_groups=16, tasks=[], state={}, files={}, sink_handles={})
+    return Manifest(**{**defaults, **fields})
 
 
 def make(**options):
@@ -125,8 +133,8 @@ def test_a_checkpoint_epoch_writes_its_manifest_first_then_commits_then_applies_
     out = c.handle(acks(c, 2, state=True))
     assert kinds(out) == ["WriteManifest", "WriteHistory", "NotifySources", "WriteCommit", "CommitSinks"]
     manifest = out[0].manifest
-    assert manifest["epoch"] == 2 and manifest["state"] == {"counts": {"3": [["checkpoints/2/state/counts/0.arrow", 0]]}}
-    assert manifest["offsets"] == {"src": {"0": 20}} and manifest["fencing"] == 3
+    assert manifest.epoch == 2 and manifest.state == {"counts": {"3": [["checkpoints/2/state/counts/0.arrow", 0]]}}
+    assert manifest.offsets == {"src": {"0": 20}} and manifest.fencing == 3
     assert kinds(c.handle(p.SinksCommitted(2))) == ["ApplyRetention"]
     out = c.handle(p.RetentionApplied(2, [1]))
     assert out[0].event["deleted_checkpoints"] == [1] and out[0].event["checkpoint"] == 2
@@ -175,8 +183,7 @@ def test_a_second_failure_waits_out_the_restart_delay():
 def test_restore_settles_the_sinks_from_the_checkpoint_epoch_on():
     c, _ = make()
     c.handle(p.Start())
-    manifest = {"id": 4, "epoch": 4, "files": {}, "size_bytes": 0, "offsets": {"src": {"0": 40}}, "max_key_groups": 16,
-                "tasks": [], "sink_handles": {}, "completed_at": 1.0}
+    manifest = checkpoint_manifest(4, offsets={"src": {"0": 40}})
     logged = {4: {"sinks": {"out": [{"key": "a"}]}}, 5: {"sinks": {"out": [{"key": "b"}]}}}
     plans = [EpochPlan(5, {"src": {0: (40, 50)}}, False, 1.0), EpochPlan(6, {"src": {0: (50, 60)}}, False, 2.0)]
     out = c.handle(p.RestorePoint(manifest, plans, logged, 5))
@@ -189,9 +196,8 @@ def test_restore_settles_the_sinks_from_the_checkpoint_epoch_on():
 def test_a_checkpoint_without_its_commit_record_gets_one_rebuilt_from_its_manifest():
     c, _ = make()
     c.handle(p.Start())
-    manifest = {"id": 4, "epoch": 4, "files": {}, "size_bytes": 0, "offsets": {"src": {"0": 40}}, "max_key_groups": 16,
-                "completed_at": 1.0, "tasks": [{"task": "counts[0]", "rows_in": 0, "rows_out": 3}],
-                "sink_handles": {"counts[0]": {"out": {"key": "a"}}}}
+    manifest = checkpoint_manifest(4, offsets={"src": {"0": 40}}, tasks=[{"task": "counts[0]", "rows_out": 3}],
+                                   sink_handles={"counts[0]": {"out": {"key": "a"}}})
     out = c.handle(p.RestorePoint(manifest, [], {}, 3))
     assert kinds(out) == ["StartTasks", "WriteCommit", "CommitSinks"]
     assert out[1].record["rebuilt_from_manifest"] and out[2] == p.CommitSinks(4, {"out": [{"key": "a"}]})
@@ -206,13 +212,13 @@ def test_a_gap_in_the_offsets_log_and_a_checkpoint_of_another_shape_are_refused(
     c, _ = make()
     c.handle(p.Start())
     with pytest.raises(IncompatibleJobError, match="max_key_groups is fixed"):
-        c.handle(p.RestorePoint({"id": 1, "epoch": 1, "max_key_groups": 128}, [], {}, 1))
+        c.handle(p.RestorePoint(checkpoint_manifest(1, max_key_groups=128), [], {}, 1))
 
 
 def test_a_corrupt_state_file_falls_back_to_the_checkpoint_before():
     c, _ = make()
     c.handle(p.Start())
-    manifest = {"id": 4, "epoch": 4, "files": {}, "size_bytes": 0, "offsets": {}, "max_key_groups": 16}
+    manifest = checkpoint_manifest(4)
     c.handle(p.RestorePoint(manifest, [], {4: {"sinks": {}}}, 4))
     out = c.handle(p.ResetFailed("state file x fails its checksum"))
     assert kinds(out) == ["Emit", "ReadRestorePoint"] and out[1].skip == frozenset({4})

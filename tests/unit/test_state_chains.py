@@ -30,11 +30,11 @@ def checkpoint(runtime, physical, storage, epoch, table, previous):
     barrier = Barrier(epoch, checkpoint=True)
     runtime.process_epoch(epoch, barrier, [table], table.num_rows)
     result = runtime.finish_epoch(epoch, barrier)
-    state, files = assemble_state([result.state], result.state_files, (previous or {}).get("files", {}))
+    state, files = assemble_state([result.state], result.state_files, previous.files if previous else {})
     manifest = build_manifest(job="chain", checkpoint_id=epoch, epoch=epoch, offsets={}, watermarks={}, tasks=[],
                               state=state, files=files, started_at=0.0, completed_at=1.0,
                               parallelism=physical.parallelism(), max_key_groups=128, sink_handles={})
-    storage.write_manifest(epoch, manifest)
+    storage.write_manifest(epoch, manifest.to_json())
     return manifest, result
 
 
@@ -54,7 +54,7 @@ def test_small_changes_are_written_as_deltas_and_restore_exactly(tmp_path):
         few = pa.table({"k": pa.array(keys, pa.int64()), "v": pa.repeat(epoch, len(keys))})
         manifest, result = checkpoint(runtime, physical, storage, epoch, few, manifest)
         written = sum(f["rows"] for f in result.state_files)
-        chains = manifest["state"]["sums"].values()
+        chains = manifest.state["sums"].values()
         if epoch <= MAX_CHAIN + 1:
             assert written == few.num_rows, (epoch, written)  # only the changed rows
             assert all(len(c) == epoch for c in chains)  # the full copy, then one delta per checkpoint
