@@ -32,7 +32,6 @@ from typing import Callable
 
 from sluiceway.checkpoint.errors import CorruptCheckpointError, IncompatibleJobError
 from sluiceway.checkpoint.manifest import commit_record_from
-from sluiceway.checkpoint.timeline import RecordKind
 from sluiceway.checkpoint.types import TaskId
 from sluiceway.cluster import protocol as p
 from sluiceway.cluster import records
@@ -41,7 +40,7 @@ from sluiceway.cluster.epochs import EpochBook, EpochPlan, EpochSizer, TaskAck, 
 from sluiceway.cluster.graph import PhysicalPlan
 from sluiceway.cluster.options import RunOptions
 from sluiceway.cluster.records import EpochRecord
-from sluiceway.cluster.recovery import REPORT_AFTER_S, STUCK_BEFORE_FIRST_EPOCH_S, STUCK_FLOOR_S, Phase, Recovery
+from sluiceway.cluster.recovery import STUCK_BEFORE_FIRST_EPOCH_S, STUCK_FLOOR_S, Phase, Recovery
 from sluiceway.cluster.restart import Failure, FailureKind, RestartTracker
 
 
@@ -169,9 +168,8 @@ class JobController(Recovery):
         """The run's last history records: checkpoints in flight aborted, the run ended."""
         now = self.clock()
         out = self._checkpoints_lost("aborted", f"the run ended ({error or reason})", now)
-        out.append(p.WriteHistory(RecordKind.RUN_ENDED.value, {
-            "run_id": run_id, "reason": reason, "error": error, "last_epoch": self.last_completed,
-            "last_checkpoint": self.last_checkpoint, "restarts": self.restarts}, now))
+        out.append(p.WriteHistory(records.RunEnded(run_id, reason, error, self.last_completed, self.last_checkpoint,
+                                                   self.restarts), now))
         return out
 
     def _emit(self, kind: str, **fields) -> p.Emit:
@@ -329,22 +327,6 @@ class JobController(Recovery):
         checkpoint = self.stop_reason is not None or self.next_epoch % self.options.checkpoint_every == 0
         return self._write(ranges, checkpoint=checkpoint, now=now, waiting=self.waiting, gaps=planned.gaps)
 
-    def _report_no_input(self, now: float) -> list[p.Instruction]:
-        """No source has new records: said after 10 s, then at doubling
-        intervals (at most every 5 minutes), with where each source stands,
-        so a run that waits for input it will never get is not silent."""
-        if self.book.in_flight or self.stop_reason is not None:
-            return []
-        since, next_at = self._no_input or (now, now + REPORT_AFTER_S)
-        self._no_input = (since, next_at)
-        if now < next_at:
-            return []
-        self._no_input = (since, now + min(300.0, 2 * (next_at - since)))
-        return [self._emit("waiting_for_input", idle_s=round(now - since, 3),
-                           epochs_planned=self.epochs_planned_this_run, epochs=self.options.epochs,
-                           next_offsets={s: {str(k): o for k, o in parts.items()}
-                                         for s, parts in self.next_offsets.items()})]
-
     def _empty_ranges(self):
         return {
             s: {k: (self.next_offsets.get(s, {}).get(k, 0),) * 2 for k in range(src.partition_count())}
@@ -407,7 +389,7 @@ class JobController(Recovery):
         if plan.checkpoint:
             manifest = self._manifest(plan, acks, now)
             out.append(p.WriteManifest(plan.epoch, manifest))
-            out.append(p.WriteHistory(RecordKind.CHECKPOINT.value, records.checkpoint_completed(
+            out.append(p.WriteHistory(records.CheckpointCompleted.of(
                 plan, acks, manifest, self.last_checkpoint_size, now), now))
             self.last_checkpoint_size = manifest.size_bytes
             written_bytes = manifest.written_bytes

@@ -113,13 +113,10 @@ class Driver:
         previous = record_names(self.storage, [RecordKind.RUN_STARTED])
         before = self.storage.read_json(self.storage.history_path(previous[-1])) if previous else None
         if before and before.get("parallelism") != parallelism:
-            self.history.write(RecordKind.RESCALE, {"from": before.get("parallelism"), "to": parallelism,
-                                                    "restored_checkpoint": instruction.restored}, now)
-        self.history.write(RecordKind.RUN_STARTED, {
-            "run_id": self.run_id, "host": self.lease.holder.host, "pid": self.lease.holder.pid,
-            "restored_checkpoint": instruction.restored, "replay_epochs": instruction.replay,
-            "parallelism": parallelism, "nodes": self.nodes,
-            "placement": {str(t): n for t, n in self.placement.items()}}, now)
+            self._record(records.Rescale(before.get("parallelism"), parallelism, instruction.restored), now)
+        self._record(records.RunStarted(
+            self.run_id, self.lease.holder.host, self.lease.holder.pid, instruction.restored, instruction.replay,
+            parallelism, self.nodes, {str(t): n for t, n in self.placement.items()}), now)
         self.publish({"type": "started", "at": now, "tasks": {str(t): n for t, n in self.placement.items()},
                       "nodes": self.nodes, "resume_checkpoint": instruction.restored,
                       "replay_epochs": instruction.replay, **self.started_fields()})
@@ -132,7 +129,7 @@ class Driver:
         failure = instruction.failure
         lost_at = self.lost_at(failure) if failure.kind is FailureKind.TASK_LOST else instruction.started_at
         restarted = [str(t) for t in instruction.restarted]
-        self.history.write(RecordKind.RECOVERY, records.recovery(
+        self._record(records.Recovery.of(
             failure, detect_s=instruction.started_at - (lost_at or instruction.started_at),
             restore_s=now - instruction.started_at, delay_s=instruction.delay_s, restored=instruction.restored,
             replay=instruction.replay, restarted=restarted), instruction.started_at)
@@ -249,7 +246,10 @@ class Driver:
                               "epoch": instruction.epoch, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]})
 
     def _write_history(self, instruction: p.WriteHistory) -> None:
-        self.history.write(RecordKind(instruction.kind), instruction.fields, instruction.at)
+        self._record(instruction.record, instruction.at)
+
+    def _record(self, record: records.HistoryRecord, at: float) -> None:
+        self.history.write(record.kind, record.to_json(), at)
 
     def _emit(self, instruction: p.Emit) -> None:
         self.publish(instruction.event)

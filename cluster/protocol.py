@@ -286,10 +286,9 @@ class NotifySources(Instruction):
 
 @dataclass(frozen=True)
 class WriteHistory(Instruction):
-    """One history record (``kind`` is a :class:`~sluiceway.checkpoint.timeline.RecordKind` value)."""
+    """One history record (a :class:`~sluiceway.cluster.records.HistoryRecord`), at ``at``."""
 
-    kind: str
-    fields: dict
+    record: object
     at: float
 
 

@@ -1,75 +1,159 @@
-"""What the controller records: history records, built as plain dicts (see
-:mod:`sluiceway.checkpoint.timeline`), and :class:`EpochRecord`, the typed
-record of one completed epoch. No Ray here."""
+"""What the controller records, each a dataclass with an explicit JSON form:
+the job's history records (:class:`HistoryRecord`, written by
+:mod:`sluiceway.checkpoint.timeline`), :class:`EpochRecord` (one completed
+epoch) and the checkpoint's :class:`~sluiceway.checkpoint.manifest.Manifest`
+(:func:`manifest`). No Ray here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 from sluiceway.checkpoint.manifest import Manifest, assemble_state, build_manifest
-from sluiceway.checkpoint.timeline import step_sizes
+from sluiceway.checkpoint.timeline import RecordKind, step_sizes
 from sluiceway.cluster.epochs import EpochPlan, TaskAck
 from sluiceway.cluster.graph import PhysicalPlan
 from sluiceway.cluster.restart import Failure
 
 
-def checkpoint_completed(plan: EpochPlan, acks: list[TaskAck], manifest: Manifest, previous_size: int | None,
-                         completed_at: float) -> dict:
+HISTORY_FORMAT = 1  # the version of every history record's JSON form
+
+
+@dataclass(frozen=True)
+class HistoryRecord:
+    """A record of the job's lasting history (``history/``): its kind, and
+    its JSON form (:meth:`to_json`: its fields, renamed where a JSON name is
+    a Python keyword, and ``format``)."""
+
+    kind: ClassVar[RecordKind]
+    renamed: ClassVar[dict] = {}
+
+    def to_json(self) -> dict:
+        doc = {self.renamed.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}
+        return {**doc, "format": HISTORY_FORMAT}
+
+
+@dataclass(frozen=True)
+class CheckpointCompleted(HistoryRecord):
     """A complete checkpoint, with Flink's fields and more."""
-    return {
-        "id": manifest.id,
-        "epoch": plan.epoch,
-        "status": "complete",
-        "reason": None,
-        "savepoint": plan.savepoint,
-        "trigger_time": plan.planned_at,
-        "completed_at": completed_at,
-        "duration_s": round(completed_at - plan.planned_at, 6),
-        "alignment_s": round(max((a.alignment_s for a in acks), default=0.0), 6),
-        "tasks": [
-            {"task": str(a.task), "alignment_s": round(a.alignment_s, 6), "snapshot_s": round(a.snapshot_s, 6),
-             "written_bytes": sum(f["size_bytes"] for f in a.state_files)}
-            for a in acks
-        ],
-        "size_bytes": manifest.size_bytes,
-        "written_bytes": manifest.written_bytes,
-        "size_delta_bytes": None if previous_size is None else manifest.size_bytes - previous_size,
-        "offsets": manifest.offsets,
-        "steps": step_sizes(manifest.state, manifest.files),
-    }
+
+    kind: ClassVar[RecordKind] = RecordKind.CHECKPOINT
+    id: int
+    epoch: int
+    savepoint: bool
+    trigger_time: float
+    completed_at: float
+    duration_s: float
+    alignment_s: float
+    tasks: list
+    size_bytes: int
+    written_bytes: int
+    size_delta_bytes: int | None
+    offsets: dict
+    steps: dict
+    status: str = "complete"
+    reason: str | None = None
+
+    @classmethod
+    def of(cls, plan: EpochPlan, acks: list[TaskAck], manifest: Manifest, previous_size: int | None,
+           completed_at: float) -> "CheckpointCompleted":
+        return cls(
+            id=manifest.id, epoch=plan.epoch, savepoint=plan.savepoint, trigger_time=plan.planned_at,
+            completed_at=completed_at, duration_s=round(completed_at - plan.planned_at, 6),
+            alignment_s=round(max((a.alignment_s for a in acks), default=0.0), 6),
+            tasks=[{"task": str(a.task), "alignment_s": round(a.alignment_s, 6), "snapshot_s": round(a.snapshot_s, 6),
+                    "written_bytes": sum(f["size_bytes"] for f in a.state_files)} for a in acks],
+            size_bytes=manifest.size_bytes, written_bytes=manifest.written_bytes,
+            size_delta_bytes=None if previous_size is None else manifest.size_bytes - previous_size,
+            offsets=manifest.offsets, steps=step_sizes(manifest.state, manifest.files),
+        )
 
 
-def checkpoint_not_completed(plan: EpochPlan, acked: list[str], status: str, reason: str, at: float) -> dict:
+@dataclass(frozen=True)
+class CheckpointNotCompleted(HistoryRecord):
     """A checkpoint that failed (a recovery followed) or was aborted (the job stopped)."""
-    return {
-        "id": plan.epoch,
-        "epoch": plan.epoch,
-        "status": status,
-        "reason": reason,
-        "savepoint": plan.savepoint,
-        "trigger_time": plan.planned_at,
-        "completed_at": None,
-        "duration_s": round(at - plan.planned_at, 6),
-        "acknowledged_by": acked,
-        "offsets": {s: {str(p): o for p, o in parts.items()} for s, parts in plan.next_offsets().items()},
-    }
+
+    kind: ClassVar[RecordKind] = RecordKind.CHECKPOINT
+    id: int
+    epoch: int
+    status: str  # failed or aborted
+    reason: str
+    savepoint: bool
+    trigger_time: float
+    duration_s: float
+    acknowledged_by: list
+    offsets: dict
+    completed_at: None = None
+
+    @classmethod
+    def of(cls, plan: EpochPlan, acked: list[str], status: str, reason: str, at: float) -> "CheckpointNotCompleted":
+        return cls(id=plan.epoch, epoch=plan.epoch, status=status, reason=reason, savepoint=plan.savepoint,
+                   trigger_time=plan.planned_at, duration_s=round(at - plan.planned_at, 6), acknowledged_by=acked,
+                   offsets={s: {str(k): o for k, o in parts.items()} for s, parts in plan.next_offsets().items()})
 
 
-def recovery(failure: Failure, detect_s: float, restore_s: float, delay_s: float, restored: int,
-             replay: list[int], restarted: list[str]) -> dict:
+@dataclass(frozen=True)
+class Recovery(HistoryRecord):
     """A recovery: what failed, how long detection and restore took, what was restored and replayed."""
-    return {
-        "failure": failure.message,
-        "failure_kind": failure.kind.value,
-        "failed_task": failure.task,
-        "failed_epoch": failure.epoch,
-        "detect_s": round(detect_s, 3),
-        "delay_s": delay_s,
-        "restore_s": round(restore_s, 3),
-        "restored_checkpoint": restored or None,
-        "replay_epochs": replay,
-        "restarted_tasks": restarted,
-    }
+
+    kind: ClassVar[RecordKind] = RecordKind.RECOVERY
+    failure: str
+    failure_kind: str
+    failed_task: str | None
+    failed_epoch: int | None
+    detect_s: float
+    delay_s: float
+    restore_s: float
+    restored_checkpoint: int | None
+    replay_epochs: list
+    restarted_tasks: list
+
+    @classmethod
+    def of(cls, failure: Failure, detect_s: float, restore_s: float, delay_s: float, restored: int,
+           replay: list[int], restarted: list[str]) -> "Recovery":
+        return cls(failure=failure.message, failure_kind=failure.kind.value, failed_task=failure.task,
+                   failed_epoch=failure.epoch, detect_s=round(detect_s, 3), delay_s=delay_s,
+                   restore_s=round(restore_s, 3), restored_checkpoint=restored or None, replay_epochs=replay,
+                   restarted_tasks=restarted)
+
+
+@dataclass(frozen=True)
+class RunStarted(HistoryRecord):
+    """A run began: who runs it, what it restored and replays, where its tasks run."""
+
+    kind: ClassVar[RecordKind] = RecordKind.RUN_STARTED
+    run_id: str
+    host: str
+    pid: int
+    restored_checkpoint: int | None
+    replay_epochs: list
+    parallelism: dict
+    nodes: int
+    placement: dict
+
+
+@dataclass(frozen=True)
+class Rescale(HistoryRecord):
+    """The parallelism changed since the previous run."""
+
+    kind: ClassVar[RecordKind] = RecordKind.RESCALE
+    renamed: ClassVar[dict] = {"from_": "from"}
+    from_: dict | None
+    to: dict
+    restored_checkpoint: int | None
+
+
+@dataclass(frozen=True)
+class RunEnded(HistoryRecord):
+    """A run ended: why, and where it left the job."""
+
+    kind: ClassVar[RecordKind] = RecordKind.RUN_ENDED
+    run_id: str
+    reason: str | None
+    error: str | None
+    last_epoch: int
+    last_checkpoint: int
+    restarts: int
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,15 @@
 """The failure half of the :class:`~sluiceway.cluster.controller.JobController`:
 stuck epochs, task failures and losses, sinks that cannot commit, and the
 recovery that follows (restart policy, a new generation, the restart delay,
-finding the dead). Pure, as the controller: events in, instructions out.
+finding the dead); and the reports that keep a waiting run from being
+silent (an epoch in flight for long, no input). Pure, as the controller:
+events in, instructions out.
 """
 
 from __future__ import annotations
 
 import enum
 
-from sluiceway.checkpoint.timeline import RecordKind
 from sluiceway.checkpoint.types import TaskId  # noqa: F401 - names() doctest
 from sluiceway.cluster import protocol as p
 from sluiceway.cluster import records
@@ -134,8 +135,7 @@ class Recovery:
         return self._read_restore_point()
 
     def _checkpoints_lost(self, status: str, reason: str, now: float) -> list[p.Instruction]:
-        return [p.WriteHistory(RecordKind.CHECKPOINT.value,
-                               records.checkpoint_not_completed(plan, acked, status, reason, now), now)
+        return [p.WriteHistory(records.CheckpointNotCompleted.of(plan, acked, status, reason, now), now)
                 for plan, acked in self.book.pending_checkpoints()]
 
 
@@ -146,3 +146,18 @@ class Recovery:
             self.storage_waits.pop(event.who, None)
         return []
 
+    def _report_no_input(self, now: float) -> list[p.Instruction]:
+        """No source has new records: said after 10 s, then at doubling
+        intervals (at most every 5 minutes), with where each source stands,
+        so a run that waits for input it will never get is not silent."""
+        if self.book.in_flight or self.stop_reason is not None:
+            return []
+        since, next_at = self._no_input or (now, now + REPORT_AFTER_S)
+        self._no_input = (since, next_at)
+        if now < next_at:
+            return []
+        self._no_input = (since, now + min(300.0, 2 * (next_at - since)))
+        return [self._emit("waiting_for_input", idle_s=round(now - since, 3),
+                           epochs_planned=self.epochs_planned_this_run, epochs=self.options.epochs,
+                           next_offsets={s: {str(k): o for k, o in parts.items()}
+                                         for s, parts in self.next_offsets.items()})]

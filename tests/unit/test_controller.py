@@ -312,3 +312,22 @@ def test_a_run_without_new_input_says_so_and_where_it_stands():
     assert [r["idle_s"] for r in reports] == [10.0, 30.0]
     assert format_event(reports[0]) == ("WAITING (input): no source has new records for 10 s; 1 of 8 epochs "
                                         "planned; src at p0 10")
+
+
+def test_history_records_have_their_json_form_and_format():
+    from sluiceway.checkpoint.timeline import RecordKind
+    from sluiceway.cluster import records
+
+    c, _ = running()
+    plan_epoch(c, 0, 10)
+    c.handle(acks(c, 1))
+    c.handle(p.SinksCommitted(1))
+    plan_epoch(c, 10, 20)
+    out = c.handle(acks(c, 2, state=True))
+    record = next(i for i in out if isinstance(i, p.WriteHistory)).record
+    assert record.kind is RecordKind.CHECKPOINT and record.to_json()["status"] == "complete"
+    assert record.to_json()["format"] == records.HISTORY_FORMAT and record.to_json()["size_bytes"] == 5
+    assert records.Rescale({"a": 1}, {"a": 2}, 4).to_json() == {"from": {"a": 1}, "to": {"a": 2},
+                                                                 "restored_checkpoint": 4, "format": 1}
+    ended = c.end_records("idle", None, "r1")[-1].record
+    assert ended.kind is RecordKind.RUN_ENDED and ended.to_json()["last_checkpoint"] == 2

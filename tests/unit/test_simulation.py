@@ -50,8 +50,8 @@ def test_the_simulation_finds_a_sink_commit_before_the_commit_record():
 
 
 def test_the_simulation_finds_a_lost_checkpoint_epoch_after_a_coordinator_crash():
-    failed = run_seeds(range(300), controller_class=ForgetsTheCheckpointsOwnEpoch).failed
-    assert len(failed) >= 3, failed
+    failed = run_seeds(range(120), controller_class=ForgetsTheCheckpointsOwnEpoch).failed
+    assert len(failed) >= 3, failed  # seeds 25, 47, 51, 78, 94, 104, 116 with the scheduler as it is
     assert all("first after epoch" in problem or "not the input" in problem for _, problem in failed)
 
 
