@@ -9,10 +9,12 @@ and no Ray, threads or storage I/O, so every protocol step is tested as
 A run goes through these phases:
 
 1. **Restore** (``Start``): read the restore point (the newest complete
-   checkpoint and the offsets log after it), start the tasks, settle the
-   sinks (commit again the checkpoint's epoch and every epoch the commit log
-   holds after it, abort later pre-commits), reset every task to the
-   checkpoint. A corrupt state file falls back to the checkpoint before.
+   checkpoint and the offsets log after it), start the tasks, commit again
+   the checkpoint's epoch and every epoch the commit log holds after it,
+   reset every task to the checkpoint, then abort the sinks' pre-commits
+   above the high water (after the reset, so that no task still running an
+   earlier generation's epoch can pre-commit behind the abort). A corrupt
+   state file falls back to the checkpoint before.
 2. **Run**: replay the logged epochs after the checkpoint with exactly their
    ranges, then plan new ones when the trigger is due and fewer than
    ``max_epochs_in_flight`` run (offsets log first, then the source tasks).
@@ -238,19 +240,21 @@ class JobController(Recovery):
         if self._settling:
             epoch, handles = self._settling.popleft()
             return [p.CommitSinks(epoch, handles)]
-        return [p.AbortSinks(self.high_water),
-                p.ResetTasks(self.generation, self.restore_manifest, self.last_checkpoint + 1, self.high_water)]
+        return [p.ResetTasks(self.generation, self.restore_manifest, self.last_checkpoint + 1, self.high_water)]
 
     def _on_tasks_reset(self, event: p.TasksReset) -> list[p.Instruction]:
+        """Every task is reset: none runs an earlier generation's work any more (a reset waits behind it, and
+        then drops its messages), so no pre-commit can land after this abort of those above the high water."""
         self.phase = Phase.RUNNING
         replay = [plan.epoch for plan in self.replay]
         restored = self.restore_manifest.id if self.restore_manifest else None
+        out: list[p.Instruction] = [p.AbortSinks(self.high_water)]
         if not self._started:
             self._started = True
-            out: list[p.Instruction] = [p.Started(restored, replay)]
+            out.append(p.Started(restored, replay))
         else:
             r = self._recovery
-            out = [p.Recovered(r["failure"], r["at"], r["delay_s"], self.last_checkpoint, replay, r["restarted"])]
+            out.append(p.Recovered(r["failure"], r["at"], r["delay_s"], self.last_checkpoint, replay, r["restarted"]))
             self.unconfirmed_recovery = True  # until a checkpoint after it completes (on idle input, an empty one)
         return out + self._plan(self.clock())
 

@@ -48,10 +48,10 @@ def running(**options):
     c, clock = make(**options)
     assert kinds(c.handle(p.Start())) == ["ReadRestorePoint"]
     out = c.handle(p.RestorePoint(None, [], {}, 0))
-    assert kinds(out) == ["StartTasks", "AbortSinks", "ResetTasks"]
+    assert kinds(out) == ["StartTasks", "ResetTasks"]
     assert out[0].tasks == (SRC, CNT) and out[-1] == p.ResetTasks(0, None, 1, 0)
-    out = c.handle(p.TasksReset())
-    assert kinds(out) == ["Started", "ProbeSources"]
+    out = c.handle(p.TasksReset())  # pre-commits above the high water go once no task runs old work
+    assert kinds(out) == ["AbortSinks", "Started", "ProbeSources"] and out[0] == p.AbortSinks(0)
     assert c.handle(p.SourcesProbed(Planned(None))) == []  # nothing to read yet
     return c, clock
 
@@ -156,10 +156,10 @@ def test_a_task_failure_halts_then_finds_the_dead_and_restores():
     assert c.generation == 1 and c.book.in_flight == 0
     assert kinds(c.handle(p.DeadFound(frozenset({SRC})))) == ["ReadRestorePoint"]
     out = c.handle(p.RestorePoint(None, [plan], {}, 0))
-    assert kinds(out) == ["StartTasks", "AbortSinks", "ResetTasks"] and out[0].tasks == (SRC,)
+    assert kinds(out) == ["StartTasks", "ResetTasks"] and out[0].tasks == (SRC,)
     out = c.handle(p.TasksReset())
-    assert kinds(out)[:2] == ["Recovered", "RunEpoch"] and out[1] == p.RunEpoch(plan, 1)  # replayed as logged
-    assert out[0].restarted == (SRC,)
+    assert kinds(out)[:3] == ["AbortSinks", "Recovered", "RunEpoch"] and out[2] == p.RunEpoch(plan, 1)  # as logged
+    assert out[1].restarted == (SRC,)
 
 
 def test_a_second_failure_waits_out_the_restart_delay():
@@ -189,7 +189,8 @@ def test_restore_settles_the_sinks_from_the_checkpoint_epoch_on():
     out = c.handle(p.RestorePoint(manifest, plans, logged, 5))
     assert kinds(out) == ["StartTasks", "CommitSinks"] and out[-1] == p.CommitSinks(4, {"out": [{"key": "a"}]})
     assert c.handle(p.SinksCommitted(4)) == [p.CommitSinks(5, {"out": [{"key": "b"}]})]
-    assert c.handle(p.SinksCommitted(5)) == [p.AbortSinks(5), p.ResetTasks(0, manifest, 5, 5)]
+    assert c.handle(p.SinksCommitted(5)) == [p.ResetTasks(0, manifest, 5, 5)]
+    assert c.handle(p.TasksReset())[0] == p.AbortSinks(5)
     assert c.next_epoch == 7 and c.next_offsets == {"src": {0: 60}}
 
 
