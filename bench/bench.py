@@ -67,6 +67,7 @@ import tempfile
 import time
 from datetime import timedelta
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -594,6 +595,84 @@ def tasks_bench(sizes=(2, 4, 8, 16, 32), epochs: int = 12) -> None:
             print(f"{size:>4} {2 * size:>6} {1000 * p50:>8.0f} ms {1000 * p90:>8.0f} ms", flush=True)
 
 
+STATE_SIZES = [int(x) for x in os.environ.get("BENCH_STATE_KEYS", "1000000,10000000,40000000").split(",")]
+STATE_EPOCH = 100_000
+
+
+def _rss_mib() -> tuple[float, float]:
+    """This process's resident memory: anonymous, and file pages mapped in (MiB)."""
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    kib = {k: int(fields[k].split()[0]) for k in ("RssAnon", "RssFile")}
+    return kib["RssAnon"] / 1024, kib["RssFile"] / 1024
+
+
+def state_bench(sizes=None) -> None:
+    """One task's keyed running aggregate (sum and count per key) as its state grows: the store in process,
+    epochs of 100,000 rows on keys drawn from the whole state, a checkpoint every 5 epochs (the new run
+    encoded as its state file), beside a numpy loop that keeps the same sums in dense arrays."""
+    import gc
+
+    from sluiceway.checkpoint.state import encode_key_groups
+    from sluiceway.operators.aggregate import Aggregate
+    from sluiceway.operators.base import OperatorContext
+
+    print(f"\n## Keyed state as it grows (one task, {STATE_EPOCH:,}-row epochs on keys from all of the state, "
+          "checkpoint every 5 epochs, default 512 MiB budget)", flush=True)
+    print(f"{'keys':>12} {'fill s':>7} {'epoch p50':>10} {'epoch max':>10} {'ckpt p50':>9} {'ckpt max':>9} "
+          f"{'rows/ckpt':>10} {'rows/s':>10} {'loop rows/s':>12} {'anon MiB':>9} {'mapped MiB':>11}")
+    for size in sizes or STATE_SIZES:
+        gc.collect()
+        logic = Aggregate("key", [("v", "sum"), ("v", "count")]).build(OperatorContext("agg", 0, 1, 128), None)
+        files = 0
+
+        def checkpoint() -> tuple[float, int]:
+            nonlocal files
+            t0 = time.perf_counter()
+            changes = logic.snapshot_changes()
+            data, index = encode_key_groups(changes.runs)
+            logic.state_written(f"f{files}", {str(kg): b for kg, b in index.items()})
+            files += 1
+            return time.perf_counter() - t0, sum(t.num_rows for t in changes.runs.values())
+
+        t0 = time.perf_counter()
+        chunk = 1_000_000
+        for n, start in enumerate(range(0, size, chunk)):  # every key once, in 1 M-row epochs
+            keys = pa.array(np.arange(start, min(size, start + chunk), dtype=np.int64))
+            logic.process(pa.table({"key": keys, "v": pa.repeat(pa.scalar(1, pa.int64()), len(keys))}))
+            if n % 5 == 4:
+                checkpoint()
+        checkpoint()
+        fill_s = time.perf_counter() - t0
+        rng = np.random.default_rng(7)
+        epochs, ckpts, written = [], [], []
+        sums = np.zeros(size, np.int64)  # the loop: dense arrays indexed by key
+        counts = np.zeros(size, np.int64)
+        loop_s = 0.0
+        for epoch in range(30):
+            keys = rng.integers(0, size, STATE_EPOCH)
+            batch = pa.table({"key": keys, "v": pa.array(np.ones(STATE_EPOCH, np.int64))})
+            t0 = time.perf_counter()
+            logic.process(batch)
+            epochs.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            np.add.at(sums, keys, 1)
+            np.add.at(counts, keys, 1)
+            _ = sums[np.unique(keys)]  # the updated rows, as the engine emits them
+            loop_s += time.perf_counter() - t0
+            if epoch % 5 == 4:
+                took, rows = checkpoint()
+                ckpts.append(took)
+                written.append(rows)
+        anon, mapped = _rss_mib()
+        epochs.sort()
+        ckpts.sort()
+        rate = 30 * STATE_EPOCH / (sum(epochs) + sum(ckpts))
+        print(f"{size:>12,} {fill_s:>7.1f} {1000 * epochs[15]:>8.1f}ms {1000 * epochs[-1]:>8.1f}ms "
+              f"{1000 * ckpts[len(ckpts) // 2]:>7.0f}ms {1000 * ckpts[-1]:>7.0f}ms {max(written):>10,} "
+              f"{rate:>10,.0f} {30 * STATE_EPOCH / loop_s:>12,.0f} {anon:>9.0f} {mapped:>11.0f}", flush=True)
+        del logic, sums, counts
+
+
 def controller_bench() -> None:
     """The job controller's CPU per epoch at 10 to 2,000 simulated tasks (no Ray, no storage: its decisions only)."""
     from sluiceway.cluster.simulation import scale_table
@@ -616,6 +695,8 @@ def main() -> int:
             controller_bench()
         if os.environ.get("BENCH_ONLY") in (None, "", "tasks"):
             tasks_bench()
+        if os.environ.get("BENCH_ONLY") in (None, "", "state"):
+            state_bench()
         if os.environ.get("BENCH_ONLY") in (None, "", "backlog"):
             backlog_bench()
         if os.environ.get("BENCH_ONLY") in (None, "", "keyed"):

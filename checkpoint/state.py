@@ -21,9 +21,6 @@ import pyarrow as pa
 from sluiceway.checkpoint.errors import CorruptCheckpointError
 from sluiceway.checkpoint.storage import JobStorage
 
-MAX_CHAIN = 8  # deltas after a full copy, at most, before the key group is written whole again
-
-
 def encode_key_groups(groups: dict[int, pa.Table]) -> tuple[bytes, dict[int, int]]:
     """Arrow IPC bytes with one batch per key group, and ``{key_group: batch_index}``.
 
@@ -102,3 +99,78 @@ def read_key_groups(storage: JobStorage, step_map: dict[str, list], files: dict[
         for kg, position, batch in wanted:
             parts.setdefault(kg, {})[position] = pa.Table.from_batches([reader.get_batch(batch)])
     return {kg: [chain[i] for i in sorted(chain)] for kg, chain in parts.items()}
+
+
+class StateFiles:
+    """Fetches state by ``[file, batch]`` reference for a lazy restore: each
+    file is read once, when a key group first needs it, and checked against
+    the manifest's size and sha256 before any batch of it is used.
+
+    ``check_present`` stats every file the chains name (no download), so a
+    missing or truncated file fails the restore at once, not mid-epoch."""
+
+    def __init__(self, storage: JobStorage, files: dict[str, dict]):
+        self.storage, self.files = storage, files
+        self._readers: dict[str, pa.ipc.RecordBatchFileReader] = {}
+
+    def check_present(self, chains: dict) -> None:
+        for path in sorted({ref[0] for chain in chains.values() for ref in chain}):
+            meta = self.files.get(path)
+            if meta is None:
+                raise CorruptCheckpointError(f"state file {path} is named in the state map but not in the manifest's files")
+            size = self.storage.file_size(self.storage.absolute(path))
+            if size is None:
+                raise CorruptCheckpointError(f"state file {path} named in the manifest is missing")
+            if size != meta["size_bytes"]:
+                raise CorruptCheckpointError(
+                    f"state file {path} fails its checksum ({size} bytes, manifest says {meta['size_bytes']})")
+
+    def __call__(self, ref: list) -> pa.Table:
+        path, batch = ref
+        reader = self._readers.get(path)
+        if reader is None:
+            meta = self.files.get(path)
+            if meta is None:
+                raise CorruptCheckpointError(f"state file {path} is named in the state map but not in the manifest's files")
+            data = self.storage.read_bytes(self.storage.absolute(path))
+            if data is None:
+                raise CorruptCheckpointError(f"state file {path} named in the manifest is missing")
+            if len(data) != meta["size_bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+                raise CorruptCheckpointError(
+                    f"state file {path} fails its checksum ({len(data)} bytes, manifest says {meta['size_bytes']})")
+            reader = self._readers[path] = pa.ipc.open_file(pa.BufferReader(data))
+        return pa.Table.from_batches([reader.get_batch(batch)])
+
+
+class MemoryStateFiles:
+    """Checkpoints of one operator's state kept in memory, through the same
+    file encoding as real ones: for tests that checkpoint and restore an
+    operator without a job around it.
+
+    ``checkpoint(logic)`` writes what the logic's store changed and returns
+    its chains; ``restored(chains)`` gives what ``build`` restores from."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.chains: dict[int, list] = {}
+
+    def checkpoint(self, logic, whole: bool = False) -> dict[int, list]:
+        from sluiceway.operators.state import StateChanges  # noqa: F401 - the shape logic returns
+
+        changes = logic.snapshot_changes(whole)
+        if changes.runs:
+            data, index = encode_key_groups(changes.runs)
+            path = f"state-{len(self.files):04d}.arrow"
+            self.files[path] = data
+            logic.state_written(path, {str(kg): batch for kg, batch in index.items()})
+        self.chains = {int(kg): chain for kg, chain in logic.state_chains().items()}
+        return self.chains
+
+    def load(self, ref: list) -> pa.Table:
+        path, batch = ref
+        return pa.Table.from_batches([pa.ipc.open_file(pa.BufferReader(self.files[path])).get_batch(batch)])
+
+    def restored(self, chains: dict | None = None):
+        from sluiceway.operators.state import RestoredState
+
+        return RestoredState({kg: list(c) for kg, c in (self.chains if chains is None else chains).items()}, self.load)

@@ -113,6 +113,12 @@ class Recovery:
                 f"job {self.plan.job!r} stopped: {decision.reason}; committed output stays as of epoch "
                 f"{self.last_completed}" + (f"\n{failure.detail}" if failure.detail else ""))]
         out += self._checkpoints_lost("failed", failure.message, now)
+        if failure.kind is FailureKind.CORRUPT_STATE and self.restore_manifest is not None:
+            # A lazily fetched state file of the restored checkpoint failed its checks: that checkpoint, and
+            # every one completed since (their chains may name the same file), is no restore point.
+            bad = range(self.restore_manifest.id, self.last_checkpoint + 1)
+            self.bad_checkpoints.update(bad)
+            out += [self._emit("corrupt_checkpoint", checkpoint=c, problem=failure.message) for c in bad]
         self.generation += 1
         self.book = EpochBook(self.tasks, self.generation)
         self._completing.clear()

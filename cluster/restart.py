@@ -38,6 +38,7 @@ class FailureKind(str, enum.Enum):
     USER_CODE = "user_code"  # a user function raised
     STUCK = "stuck"  # an epoch did not complete within its bound
     STORAGE = "storage"  # storage stayed unreachable past its deadline
+    CORRUPT_STATE = "corrupt_state"  # a state file of the restored checkpoint failed its checks when fetched
     INTERNAL = "internal"  # anything else a task raised
     FATAL = "fatal"  # the flow does not fit its data: no replay can help
 
@@ -143,7 +144,7 @@ class RestartTracker:
 
 def failure_from_exception(exc: BaseException, task: str, epoch: int | None) -> Failure:
     """Classify what a task raised. The message leads with the cause."""
-    from sluiceway.checkpoint.errors import StorageError
+    from sluiceway.checkpoint.errors import CorruptCheckpointError, StorageError
     from sluiceway.operators.errors import FlowValidationError, UserCodeError
 
     if isinstance(exc, FlowValidationError):
@@ -156,6 +157,8 @@ def failure_from_exception(exc: BaseException, task: str, epoch: int | None) -> 
         )
     if isinstance(exc, StorageError):
         return Failure(FailureKind.STORAGE, str(exc).splitlines()[0], task=task, epoch=epoch)
+    if isinstance(exc, CorruptCheckpointError):
+        return Failure(FailureKind.CORRUPT_STATE, str(exc).splitlines()[0], task=task, epoch=epoch)
     import traceback
 
     detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
@@ -163,8 +166,8 @@ def failure_from_exception(exc: BaseException, task: str, epoch: int | None) -> 
     return Failure(FailureKind.INTERNAL, f"task {task} failed: {type(exc).__name__}: {first}", detail, task, epoch)
 
 
-_PRIORITY = [FailureKind.FATAL, FailureKind.USER_CODE, FailureKind.STORAGE, FailureKind.INTERNAL,
-             FailureKind.STUCK, FailureKind.TASK_LOST]
+_PRIORITY = [FailureKind.FATAL, FailureKind.USER_CODE, FailureKind.CORRUPT_STATE, FailureKind.STORAGE,
+             FailureKind.INTERNAL, FailureKind.STUCK, FailureKind.TASK_LOST]
 
 
 def primary(failures: list[Failure]) -> Failure:

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluiceway.checkpoint.manifest import Manifest
-from sluiceway.checkpoint.state import MAX_CHAIN, read_key_groups, write_key_groups
-from sluiceway.checkpoint.errors import StorageError
+from sluiceway.checkpoint.state import StateFiles, write_key_groups
+from sluiceway.checkpoint.errors import CorruptCheckpointError, StorageError
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.checkpoint.types import TaskId, key_group_range
 from sluiceway.cluster.alignment import Barrier, min_watermark
@@ -27,7 +27,7 @@ from sluiceway.operators.event_time import EventTimeLogic, SourceEpoch, restored
 from sluiceway.operators.errors import FlowValidationError, UserCodeError, missing_columns
 from sluiceway.operators.keys import key_groups
 from sluiceway.operators.sinks import SinkContext, SinkWriter
-from sluiceway.operators.state import apply_chain
+from sluiceway.operators.state import RestoredState
 from sluiceway.operators.stateless import Identity
 
 
@@ -75,18 +75,6 @@ def _concat(tables: list[pa.Table]) -> pa.Table | None:
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
 
 
-def _write_whole(chain: list | None, changes, kg: int) -> bool:
-    """Write a key group whole rather than as a delta: when it has no chain
-    yet, its chain is long, or the delta is not much smaller than the group."""
-    delta = changes.delta.get(kg)
-    return (
-        delta is None
-        or not chain
-        or len(chain) > MAX_CHAIN
-        or 2 * delta.num_rows >= changes.full[kg].num_rows
-    )
-
-
 def stage_watermark(watermarks: dict, stage: str) -> int | None:
     """The watermark the tasks of ``stage`` had at a checkpoint (the same for
     every task behind an all-to-all exchange; the lowest after a rescale).
@@ -127,7 +115,6 @@ class TaskRuntime:
         self.storage = storage
         self.stage = plan.stages[task.stage]
         self.logic: dict[str, OperatorLogic] = {}
-        self.state_index: dict[str, dict[str, list]] = {}  # step -> key group -> chain of [file, batch]
         self.sink_writers: dict[str, SinkWriter] = {}
         self._buffers: dict[str, list[pa.Table]] = {}
         self.high_water = 0
@@ -145,7 +132,7 @@ class TaskRuntime:
         self.high_water = high_water
         graph, stage = self.plan.graph, self.stage
         owned = key_group_range(self.task.subtask, stage.parallelism, self.plan.max_key_groups)
-        self.logic, self.sink_writers, self.state_index, self.event_logic = {}, {}, {}, {}
+        self.logic, self.sink_writers, self.event_logic = {}, {}, {}
         self.partitions = self.plan.source_partitions(self.task) if stage.source is not None else []
         watermark = stage_watermark(manifest.watermarks, stage.id) if stage.source is None and manifest else None
         for step_id in stage.steps:
@@ -167,10 +154,11 @@ class TaskRuntime:
                 restored = restored_marks(record, self.partitions, self.task.subtask, stage.parallelism)
             if operator.stateful:
                 step_map = manifest.state.get(step_id, {}) if manifest else {}
-                self.state_index[step_id] = {kg: ref for kg, ref in step_map.items() if int(kg) in owned}
-                if manifest is not None:
-                    chains = read_key_groups(self.storage, step_map, manifest.files, owned)
-                    restored = {kg: apply_chain(chain, operator.state_key) for kg, chain in chains.items()}
+                chains = {kg: chain for kg, chain in step_map.items() if int(kg) in owned}
+                if manifest is not None:  # lazily: a key group's runs are fetched when an epoch first needs them
+                    files = StateFiles(self.storage, manifest.files)
+                    files.check_present(chains)
+                    restored = RestoredState({int(kg): chain for kg, chain in chains.items()}, files)
             self.logic[step_id] = self._user_call(step_id, operator.kind, operator.build, context, restored)
             if isinstance(self.logic[step_id], EventTimeLogic):
                 self.event_logic[step_id] = self.logic[step_id]
@@ -186,7 +174,7 @@ class TaskRuntime:
             return fn(*args)
         except FlowValidationError as exc:  # the flow does not fit its data: no replay helps
             raise FlowValidationError(exc.step or step_id, exc.kind or kind, exc.problem) from None
-        except StorageError:  # checkpoint storage, already retried up to its deadline
+        except (StorageError, CorruptCheckpointError):  # checkpoint storage (retried), or state it holds
             raise
         except Exception as exc:  # noqa: BLE001 - carried to the coordinator with the user's traceback
             raise UserCodeError.from_exception(step_id, kind, exc) from None
@@ -312,25 +300,17 @@ class TaskRuntime:
         if barrier.checkpoint:
             t0 = time.time()
             for step_id, logic in self.logic.items():
-                changes = logic.snapshot_changes()
+                # incremental: what changed since the last checkpoint (a store's new run, or key groups whole);
+                # a savepoint writes every group whole, so it never depends on files retention may delete
+                changes = self._user_call(step_id, "snapshot", logic.snapshot_changes, barrier.savepoint)
                 if changes is None:
                     continue
-                index = self.state_index.setdefault(step_id, {})
-                for kg in changes.removed:
-                    index.pop(str(kg), None)
-                if barrier.savepoint:  # whole, so that it never depends on files retention may delete
-                    index.clear()
-                    tables = whole = logic.snapshot()
-                else:
-                    whole = {kg for kg in changes.full if _write_whole(index.get(str(kg)), changes, kg)}
-                    tables = {kg: changes.full[kg] if kg in whole else changes.delta[kg] for kg in changes.full}
-                if tables:  # incremental: only what changed since the last checkpoint
-                    entry = write_key_groups(self.storage, epoch, step_id, self.task.subtask, self.attempt, tables)
+                if changes.runs:
+                    entry = write_key_groups(self.storage, epoch, step_id, self.task.subtask, self.attempt,
+                                             changes.runs)
                     result.state_files.append(entry)
-                    for kg_text, batch in entry["key_groups"].items():
-                        ref = [entry["path"], batch]
-                        index[kg_text] = [ref] if int(kg_text) in whole else index[kg_text] + [ref]
-                result.state[step_id] = dict(index)  # chains are replaced, never changed in place
+                    logic.state_written(entry["path"], entry["key_groups"])
+                result.state[step_id] = {str(kg): chain for kg, chain in sorted(logic.state_chains().items())}
             result.event_time = {s: logic.marks(self.partitions) for s, logic in self.event_logic.items()}
             result.snapshot_s = time.time() - t0
         return result

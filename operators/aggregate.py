@@ -7,7 +7,7 @@ epoch's keys only), and the updated rows are emitted, one per key the
 epoch touched (in no promised order): key first, then one column per ``(column, function)`` pair named as
 ``pyarrow.TableGroupBy`` names them (``value_sum``). No per-row Python
 anywhere; state is kept per key group in a
-:class:`~sluiceway.operators.state.KeyGroupStore`.
+:class:`~sluiceway.operators.state.KeyedStore`.
 
 >>> import pyarrow as pa
 >>> from sluiceway.operators.base import OperatorContext
@@ -28,8 +28,7 @@ import pyarrow.compute as pc
 
 from sluiceway.operators.base import KeyedLogic, Operator, OperatorContext, OperatorLogic
 from sluiceway.operators.errors import FlowDefinitionError, missing_columns
-from sluiceway.operators.keys import key_groups
-from sluiceway.operators.state import KeyGroupStore, split_by_key_group
+from sluiceway.operators.store import KeyedStore
 
 SUPPORTED_FUNCTIONS = ("count", "count_all", "sum", "min", "max", "mean")
 
@@ -68,15 +67,6 @@ def _accumulators(index: int, column: str | None, function: str) -> list[_Accumu
         ]
     merge = {"count": "sum", "count_all": "sum", "sum": "sum", "min": "min", "max": "max"}[function]
     return [_Accumulator(f"__acc{index}", column, function, merge)]
-
-
-def _append(rest: pa.Table | None, merged: pa.Table) -> pa.Table:
-    """A key group's new state: its untouched rows, then the merged ones.
-    Chunks are combined now and then, so a group never fragments."""
-    if rest is None or rest.num_rows == 0:
-        return merged
-    out = pa.concat_tables([rest, merged.select(rest.column_names)], promote_options="permissive")
-    return out.combine_chunks() if out.column(0).num_chunks > 16 else out
 
 
 def _normalize_pairs(pairs) -> list[tuple[str | None, str]]:
@@ -202,7 +192,7 @@ class AggregateLogic(KeyedLogic):
     def __init__(self, op: Aggregate, context: OperatorContext, restored: dict[int, pa.Table] | None):
         self.op = op
         self.context = context
-        self.store = KeyGroupStore(restored, key=op.key)
+        self.store = KeyedStore(restored, key=op.key, max_key_groups=context.max_key_groups)
 
     def _partial(self, table: pa.Table) -> pa.Table:
         op = self.op
@@ -219,29 +209,14 @@ class AggregateLogic(KeyedLogic):
         op = self.op
         key = op.key
         partial = self._partial(table)  # one row per key of this epoch
-        parts = split_by_key_group(partial, key_groups(partial.column(key), self.context.max_key_groups))
-        # 1. From each touched key group, the rows of this epoch's keys; the
-        #    rest of the group stays as it is. Untouched groups are not read.
-        previous, rest = [], {}
-        for kg, part in parts.items():
-            old = self.store.read({kg})
-            if old is None:
-                continue
-            hit = pc.is_in(old.column(key), value_set=part.column(key))
-            previous.append(old.filter(hit).select(partial.column_names))
-            rest[kg] = old.filter(pc.invert(hit))
-        # 2. Merge them with the epoch's partial aggregates in one group-by
-        #    over the epoch's keys only. Its output order is not the input's
-        #    (not with chunked input), so the merged keys are grouped anew.
-        if previous:
-            combined = pa.concat_tables([partial] + previous, promote_options="permissive")
+        # The state rows of this epoch's keys only (a search per run, not a
+        # read of whole key groups), merged with the epoch's partial
+        # aggregates in one group-by, and written back as the keys' new rows.
+        old = self.store.get(partial.column(key))
+        if old is not None:
+            combined = pa.concat_tables([partial, old.select(partial.column_names)], promote_options="permissive")
             merged = op.acc.merge(combined, [key])
-            parts = split_by_key_group(merged, key_groups(merged.column(key), self.context.max_key_groups))
         else:
             merged = partial
-        # 3. Write back the touched groups: their untouched rows plus the merged ones.
-        self.store.write(
-            {kg: _append(rest.get(kg), part) for kg, part in parts.items()},
-            changed={kg: part.column(key).combine_chunks() for kg, part in parts.items()},
-        )
+        self.store.put(merged)
         return op.acc.finalize(merged, [key])

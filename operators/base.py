@@ -5,8 +5,8 @@ that travels to a worker. There ``build(restored)`` makes the
 :class:`OperatorLogic` holding live state, from the state restored from the
 latest checkpoint: ``{key_group: pyarrow.Table}`` for the key groups the
 subtask owns (or ``None``). Keyed state lives in a
-:class:`~sluiceway.operators.state.KeyGroupStore`; ``snapshot_changes()``
-returns the key groups changed since the last checkpoint, as data.
+:class:`~sluiceway.operators.store.KeyedStore`; ``snapshot_changes()``
+returns what changed since the last checkpoint, as data.
 """
 
 from __future__ import annotations
@@ -64,18 +64,26 @@ class OperatorLogic:
         """All state as ``{key_group: table}``, or ``None`` for a stateless operator."""
         return None
 
-    def snapshot_changes(self) -> StateChanges | None:
-        """Key groups changed since the last call (what an incremental
-        checkpoint writes), or ``None`` for a stateless operator."""
+    def snapshot_changes(self, whole: bool = False) -> StateChanges | None:
+        """What changed since the last call (what an incremental checkpoint
+        writes; ``whole``: all of it, for a savepoint), or ``None`` for a
+        stateless operator."""
         return None
+
+    def state_written(self, path: str, batches: dict) -> None:
+        """The last :meth:`snapshot_changes` went to ``path``, key group ``kg`` as batch ``batches[kg]``."""
+
+    def state_chains(self) -> dict[int, list]:
+        """Per key group, the ``[file, batch]`` references that rebuild its state."""
+        return {}
 
 
 class KeyedLogic(OperatorLogic):
     """Live state of an operator that keeps it in one
-    :class:`~sluiceway.operators.state.KeyGroupStore` (``self.store``):
+    :class:`~sluiceway.operators.store.KeyedStore` (``self.store``):
     checkpoints take it from there."""
 
-    store = None  # a KeyGroupStore, set by the subclass
+    store = None  # a KeyedStore or a GroupStore, set by the subclass
     watermark: int | None = None  # the watermark in force (operators that expire state by it)
 
     def _due_by(self, rows: pa.Table, key_column: str, time_column: str, plus: int = 0) -> None:
@@ -95,8 +103,14 @@ class KeyedLogic(OperatorLogic):
     def snapshot(self) -> dict[int, pa.Table]:
         return self.store.full()
 
-    def snapshot_changes(self) -> StateChanges:
-        return self.store.take_changes()
+    def snapshot_changes(self, whole: bool = False) -> StateChanges:
+        return self.store.take_changes(whole)
+
+    def state_written(self, path: str, batches: dict) -> None:
+        self.store.written(path, batches)
+
+    def state_chains(self) -> dict[int, list]:
+        return self.store.chains()
 
     def state_rows(self) -> int:
         """Rows of state this task holds (for tests and metrics)."""

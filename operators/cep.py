@@ -47,7 +47,8 @@ from sluiceway.operators.base import KeyedLogic, Operator, OperatorContext, Oper
 from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, missing_columns
 from sluiceway.operators.event_time import micros, split_late
 from sluiceway.operators.keys import key_groups
-from sluiceway.operators.state import KeyGroupStore, as_struct, rows_of
+from sluiceway.operators.state import GroupStore, as_struct, rows_of
+
 
 KEY, TIME, SEQ, ROW = "__key", "__t", "__seq", "__row"
 
@@ -175,16 +176,17 @@ class MatchLogic(KeyedLogic):
 
     def __init__(self, op: Match, context: OperatorContext, restored: dict[int, pa.Table] | None):
         self.op, self.context = op, context
-        self.store = KeyGroupStore(restored, key=None)
+        self.store = GroupStore(restored, max_key_groups=context.max_key_groups)
         self.watermark = context.watermark
         self.n_conditions = len(op.pattern.conditions)
-        self.next_seq = 1 + max((int(pc.max(t.column(SEQ)).as_py() or 0) for t in self.store.groups.values()),
+        restored_groups = self.store.groups  # read whole: restored sequence numbers, row type and due times
+        self.next_seq = 1 + max((int(pc.max(t.column(SEQ)).as_py() or 0) for t in restored_groups.values()),
                                 default=0)
         self.row_type: pa.DataType | None = None
-        for table in self.store.groups.values():
+        for table in restored_groups.values():
             self.row_type = table.schema.field(ROW).type
         # key group -> work once the watermark passes this; restored, every group may have a pending negation
-        self.due: dict[int, int] = dict.fromkeys(self.store.groups, -2**62)
+        self.due: dict[int, int] = dict.fromkeys(restored_groups, -2**62)
 
     # ---------------------------------------------------------------- input
     def process(self, table: pa.Table) -> Outputs | None:

@@ -26,7 +26,9 @@ from sluiceway.operators.base import KeyedLogic, Operator, OperatorContext, Oper
 from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, missing_columns
 from sluiceway.operators.event_time import micros, split_late
 from sluiceway.operators.keys import key_groups
-from sluiceway.operators.state import KeyGroupStore, as_struct, rows_of, split_by_key_group
+from sluiceway.operators.state import GroupStore, as_struct, rows_of, split_by_key_group
+from sluiceway.operators.store import KeyedStore
+
 from sluiceway.operators.tables import (DELETE, INSERT, OP, UPDATE, TableState, changes_by_key, ops_of,
                                         without_meta)
 JOIN_KINDS = ("inner", "left", "outer")
@@ -135,7 +137,7 @@ class EnrichLogic(KeyedLogic):
         return side_by_side(events, rows.take(found), [op.table_key], op.suffix)
 
     @property
-    def store(self) -> KeyGroupStore:
+    def store(self) -> KeyedStore:
         return self.table.store
 
 
@@ -227,7 +229,7 @@ class WindowJoinLogic(_TwoSided):
 
     def __init__(self, op: WindowJoin, context: OperatorContext, restored: dict[int, pa.Table] | None):
         self.op, self.context = op, context
-        self.store = KeyGroupStore(restored, key=None)
+        self.store = GroupStore(restored, max_key_groups=context.max_key_groups)
         self.watermark = context.watermark
         self.next_id = 1 + max((int(pc.max(t.column(ID)).as_py()) for t in self.store.groups.values()), default=0)
         self.schemas = self._restored_schemas()
@@ -297,7 +299,7 @@ class WindowJoinLogic(_TwoSided):
         parts = split_by_key_group(new, key_groups(new.column(KEY), max_kg))
         segments, pieces, start = {}, [], 0
         for kg, part in parts.items():
-            old = self.store.groups.get(kg)
+            old = self.store.scan(kg)
             group = [self._conform(t) for t in ((old, part) if old is not None else (part,))]
             pieces += group
             n = sum(t.num_rows for t in group)
@@ -341,7 +343,7 @@ class WindowJoinLogic(_TwoSided):
         gone, writes = [], {}
         for kg in sorted(groups):
             self.due.pop(kg, None)
-            group = self.store.groups.get(kg)
+            group = self.store.scan(kg)
             if group is None:
                 continue
             expired = pc.less(pc.add(group.column(TIME), op.within), watermark)
@@ -433,7 +435,7 @@ class TableJoinLogic(_TwoSided):
 
     def __init__(self, op: TableJoin, context: OperatorContext, restored: dict[int, pa.Table] | None):
         self.op, self.context = op, context
-        self.store = KeyGroupStore(restored, key=None)
+        self.store = GroupStore(restored, max_key_groups=context.max_key_groups)
         self.schemas = self._restored_schemas()
         self.key_type: pa.DataType | None = next((t.schema.field(KEY).type for t in self.store.groups.values()), None)
 

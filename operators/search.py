@@ -38,8 +38,9 @@ import pyarrow.compute as pc
 
 from sluiceway.operators.base import KeyedLogic, Operator, OperatorContext, OperatorLogic
 from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, missing_columns
+from sluiceway.operators.state import GroupStore
 from sluiceway.operators.keys import key_groups
-from sluiceway.operators.state import KeyGroupStore
+
 from sluiceway.operators.tables import changes_by_key, combined_key, without_meta
 
 OPS = {"<=": "less_equal", "<": "less", ">=": "greater_equal", ">": "greater"}
@@ -174,7 +175,7 @@ class SearchLogic(KeyedLogic):
 
     def __init__(self, op: Search, context: OperatorContext, restored: dict[int, pa.Table] | None):
         self.op, self.context = op, context
-        self.store = KeyGroupStore(restored, key=None)
+        self.store = GroupStore(restored, max_key_groups=context.max_key_groups)
         self.groups: list[_Group] | None = None  # the index, rebuilt after query changes
 
     def _apply(self, changes: pa.Table) -> None:
@@ -227,7 +228,7 @@ class SearchLogic(KeyedLogic):
         events, changes = tables
         if changes is not None and changes.num_rows:
             self._apply(changes)
-        if events is None or events.num_rows == 0 or not self.store.groups:
+        if events is None or events.num_rows == 0 or not self.store.key_groups():
             return None
         op = self.op
         wanted = list(op.equal) + [r.event_column for r in op.ranges]

@@ -1,32 +1,17 @@
-"""Keyed state held per key group: the core that aggregates, windows, joins
-and CEP keep their state in.
-
-An epoch reads and writes only the key groups its input touches, so the
-work of an epoch follows the epoch's rows and the state of those groups,
-not the whole state. The store remembers which keys changed since the last
-checkpoint, so a checkpoint can write just those rows (a *delta*) instead
-of whole key groups, and records what each epoch touched, so tests can
-assert it.
+"""Pieces of keyed state shared by the store and the operators: key groups,
+deltas and the rows kept as structs.
 
 State rows are identified by one key column (``key``). A delta holds the
 current rows of the keys that changed, plus a tombstone (``__deleted``) for
 each changed key that is gone; :func:`apply_chain` rebuilds a key group from
-a full base and the deltas written after it.
-
->>> import pyarrow as pa
->>> store = KeyGroupStore(key="k")
->>> store.write({7: pa.table({"k": ["a", "b"], "n": [1, 2]})})
->>> store.read({7, 9}).num_rows, sorted(store.reads), sorted(store.writes)
-(2, [7, 9], [7])
->>> _ = store.take_changes()
->>> store.write({7: pa.table({"k": ["a", "b"], "n": [1, 3]})}, changed={7: pa.array(["b"])})
->>> store.take_changes().delta[7].to_pylist()
-[{'k': 'b', 'n': 3}]
+a full base and the deltas written after it. The store itself is
+:class:`sluiceway.operators.store.KeyedStore`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,14 +22,25 @@ DELETED_COLUMN = "__deleted"
 
 @dataclass
 class StateChanges:
-    """What changed since the last checkpoint, per key group: the group's
-    full contents, its delta (the rows of the keys that changed, with
-    tombstones; ``None`` when every row may have changed), and the key
-    groups that became empty."""
+    """What a checkpoint writes for one step in one task: one table per key
+    group (a store's new run, or a key group whole), and the key groups whose
+    state is gone. The store is told where they went (``written``) and then
+    names every key group's chain (``chains``)."""
 
-    full: dict[int, pa.Table] = field(default_factory=dict)
-    delta: dict[int, pa.Table | None] = field(default_factory=dict)
+    runs: dict[int, pa.Table] = field(default_factory=dict)
     removed: set[int] = field(default_factory=set)
+
+
+@dataclass
+class RestoredState:
+    """State to restore lazily: per key group the chain of ``[file, batch]``
+    references the manifest names (oldest first), and a function that fetches
+    one reference as a table (checked against the manifest's size and sha256
+    by whoever provides it)."""
+
+    chains: dict[int, list]
+    load: Callable[[list], pa.Table]
+    fetched: list = field(default_factory=list)  # references fetched so far, for tests and status
 
 
 def apply_chain(tables: list[pa.Table], key: str | None) -> pa.Table:
@@ -72,10 +68,6 @@ def _live_rows(table: pa.Table) -> pa.Table:
         return table
     deleted = pc.fill_null(table.column(DELETED_COLUMN), False)
     return table.filter(pc.invert(deleted)).drop_columns([DELETED_COLUMN])
-
-
-def _empty(table: pa.Table | None) -> pa.Table:
-    return pa.table({}) if table is None else table.slice(0, 0)
 
 
 def split_by_key_group(table: pa.Table, key_groups: pa.Array) -> dict[int, pa.Table]:
@@ -133,96 +125,119 @@ def earliest_per_group(table: pa.Table, key_column: str, time_column: str, max_k
     return dict(zip(firsts.column("kg").to_pylist(), firsts.column("t_min").to_pylist()))
 
 
-class KeyGroupStore:
-    """Tables of state, one per key group, for one operator in one subtask.
-    ``key`` names the column that identifies a state row (``None``: no
-    deltas, a checkpoint writes changed key groups whole)."""
+class GroupStore:
+    """State kept and replaced a key group at a time, for operators whose
+    rows have no key of their own (joins, CEP, search): a checkpoint writes
+    each changed key group whole. A restored group is fetched the first time
+    it is read.
 
-    def __init__(self, restored: dict[int, pa.Table] | None = None, key: str | None = None):
-        self.key = key
-        self.groups: dict[int, pa.Table] = {kg: t for kg, t in (restored or {}).items() if t.num_rows}
+    >>> store = GroupStore()
+    >>> store.write({7: pa.table({"k": ["a", "b"]})})
+    >>> store.read({7, 9}).num_rows, sorted(store.reads), sorted(store.writes)
+    (2, [7, 9], [7])
+    >>> list(store.take_changes().runs)
+    [7]
+    """
+
+    def __init__(self, restored: RestoredState | dict[int, pa.Table] | None = None, max_key_groups: int = 128):
+        self.max_key_groups = max_key_groups
+        self._groups: dict[int, pa.Table] = {}
+        self._restored = restored if isinstance(restored, RestoredState) else None
+        self._pending: dict[int, list] = {}
+        self._chains: dict[int, list] = {}
         self._dirty: set[int] = set()
-        self._changed_keys: dict[int, list[pa.Array] | None] = {}
-        self.reads: set[int] = set()  # key groups read since reset_touched()
-        self.writes: set[int] = set()  # key groups written since reset_touched()
-
-    def __len__(self) -> int:
-        return sum(t.num_rows for t in self.groups.values())
+        if self._restored is not None:
+            self._pending = {int(kg): list(chain) for kg, chain in self._restored.chains.items() if chain}
+            self._chains = dict(self._pending)
+        elif restored:
+            self._groups = {kg: t for kg, t in restored.items() if t.num_rows}
+            self._dirty = set(self._groups)  # not in any file yet
+        self.reads: set[int] = set()
+        self.writes: set[int] = set()
 
     def reset_touched(self) -> None:
         self.reads, self.writes = set(), set()
 
+    def _fetch(self, kg: int) -> None:
+        chain = self._pending.pop(kg, None)
+        if chain is None:
+            return
+        parts = [self._restored.load(ref) for ref in chain]
+        self._restored.fetched.extend(chain)
+        table = apply_chain(parts, None) if len(parts) > 1 else parts[0]
+        if table.num_rows:
+            self._groups[kg] = table
+
+    def scan(self, kg: int) -> pa.Table | None:
+        """Key group ``kg``'s state (``None`` if it has none)."""
+        self.reads.add(kg)
+        self._fetch(kg)
+        return self._groups.get(kg)
+
     def read(self, key_groups) -> pa.Table | None:
         """The state of ``key_groups`` as one table (``None`` if all are empty)."""
-        self.reads.update(key_groups)
-        parts = [self.groups[kg] for kg in sorted(key_groups) if kg in self.groups]
+        parts = [t for t in (self.scan(kg) for kg in sorted(key_groups)) if t is not None]
         if not parts:
             return None
         return parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="permissive")
 
-    def write(self, tables: dict[int, pa.Table], changed: dict[int, pa.Array] | None = None) -> None:
-        """Replace the state of each given key group (an empty table clears
-        it). ``changed`` names, per key group, the keys whose rows changed;
-        without it every row of the group counts as changed."""
+    def write(self, tables: dict[int, pa.Table]) -> None:
+        """Replace the state of each given key group (an empty table clears it)."""
         for kg, table in tables.items():
+            self._pending.pop(kg, None)
             self.writes.add(kg)
             self._dirty.add(kg)
-            keys = (changed or {}).get(kg)
-            so_far = self._changed_keys.get(kg, [])
-            self._changed_keys[kg] = None if keys is None or so_far is None or self.key is None else so_far + [keys]
             if table.num_rows:
-                self.groups[kg] = table
+                self._groups[kg] = table
             else:
-                self.groups.pop(kg, None)
+                self._groups.pop(kg, None)
 
-    def rewrite(self, groups, table: pa.Table | None, key_column: str, max_key_groups: int,
-                changed: pa.Array | None = None) -> None:
+    def rewrite(self, groups, table: pa.Table | None, key_column: str, max_key_groups: int) -> None:
         """Replace the state of ``groups`` with ``table``'s rows, split by the
         key group of ``key_column`` (one sort for all of them); a group with
-        no rows left is cleared. ``changed``: the keys whose rows changed
-        (``None``: every row of the groups counts as changed).
-
-        >>> store = KeyGroupStore(key="k")
-        >>> store.rewrite({67, 121}, pa.table({"k": ["a", "b"]}), "k", 128)
-        >>> sorted(store.groups), len(store)
-        ([67, 121], 2)
-        """
+        no rows left is cleared."""
         from sluiceway.operators.keys import key_groups
 
         parts = {} if table is None or table.num_rows == 0 else split_by_key_group(
             table, key_groups(table.column(key_column), max_key_groups))
-        writes = {kg: parts.get(kg, _empty(table)) for kg in groups}
+        empty = pa.table({}) if table is None else table.slice(0, 0)
+        writes = {kg: parts.get(kg, empty) for kg in groups}
         writes.update({kg: part for kg, part in parts.items() if kg not in writes})
-        if changed is None:
-            self.write(writes)
-            return
-        changed_parts = split_by_key_group(pa.table({"k": changed}), key_groups(changed, max_key_groups)) \
-            if len(changed) else {}
-        self.write(writes, {kg: changed_parts[kg].column("k").combine_chunks() if kg in changed_parts
-                            else pa.array([], changed.type) for kg in writes})
+        self.write(writes)
+
+    def key_groups(self) -> list[int]:
+        return sorted(set(self._groups) | set(self._pending))
+
+    @property
+    def groups(self) -> dict[int, pa.Table]:
+        """Every key group's state (fetches what a restore has not yet)."""
+        for kg in list(self._pending):
+            self._fetch(kg)
+        return self._groups
 
     def full(self) -> dict[int, pa.Table]:
         return dict(self.groups)
 
-    def take_changes(self) -> StateChanges:
-        """Key groups changed since the last call: what a checkpoint writes."""
+    def __len__(self) -> int:
+        return sum(t.num_rows for t in self.groups.values())
+
+    def take_changes(self, whole: bool = False) -> StateChanges:
+        """The key groups changed since the last call, whole (``whole``: every one)."""
+        groups = self.key_groups() if whole else sorted(self._dirty)
         changes = StateChanges()
-        for kg in sorted(self._dirty):
-            if kg not in self.groups:
-                changes.removed.add(kg)
-                continue
-            table = changes.full[kg] = self.groups[kg]
-            keys = self._changed_keys.get(kg)
-            changes.delta[kg] = None if keys is None else self._delta(table, keys)
-        self._dirty, self._changed_keys = set(), {}
+        for kg in groups:
+            table = self.scan(kg)
+            if table is None:
+                if self._chains.pop(kg, None) is not None:
+                    changes.removed.add(kg)
+            else:
+                changes.runs[kg] = table
+        self._dirty = set()
         return changes
 
-    def _delta(self, table: pa.Table, keys: list[pa.Array]) -> pa.Table:
-        changed = pc.unique(pa.chunked_array(keys).combine_chunks())
-        rows = table.filter(pc.is_in(table.column(self.key), value_set=changed))
-        gone = pc.filter(changed, pc.invert(pc.is_in(changed, value_set=rows.column(self.key).combine_chunks())))
-        if len(gone) == 0:
-            return rows
-        tombstones = pa.table({self.key: gone, DELETED_COLUMN: pa.repeat(True, len(gone))})
-        live = rows.append_column(DELETED_COLUMN, pa.repeat(pa.scalar(False), rows.num_rows))
-        return pa.concat_tables([live, tombstones], promote_options="permissive")
+    def written(self, path: str, batches: dict) -> None:
+        for kg, batch in batches.items():
+            self._chains[int(kg)] = [[path, batch]]
+
+    def chains(self) -> dict[int, list]:
+        return dict(self._chains)

@@ -36,8 +36,8 @@ import pyarrow.compute as pc
 from sluiceway.operators.base import KeyedLogic, Operator, OperatorContext, OperatorLogic, Outputs
 from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, missing_columns
 from sluiceway.operators.event_time import micros, split_late
-from sluiceway.operators.keys import key_groups
-from sluiceway.operators.state import KeyGroupStore, earliest_per_group
+from sluiceway.operators.state import earliest_per_group
+from sluiceway.operators.store import KeyedStore
 
 OP = "_op"
 INSERT, UPDATE, DELETE = "insert", "update", "delete"
@@ -131,15 +131,13 @@ class TableState:
 
     def __init__(self, key: str, context: OperatorContext, restored: dict[int, pa.Table] | None):
         self.key, self.context = key, context
-        self.store = KeyGroupStore(restored, key=key)
+        self.store = KeyedStore(restored, key=key, max_key_groups=context.max_key_groups)
 
     def lookup(self, keys: pa.Array) -> pa.Table | None:
         """The current rows of ``keys`` (reading only their key groups)."""
         if len(keys) == 0:
             return None
-        groups = set(pc.unique(key_groups(keys, self.context.max_key_groups)).to_pylist())
-        rows = self.store.read(groups)
-        return None if rows is None else rows.filter(pc.is_in(rows.column(self.key), value_set=keys))
+        return self.store.get(keys)
 
     def apply(self, table: pa.Table) -> tuple[pa.Table | None, pa.Table, pa.Array]:
         """Apply one epoch's changes. Returns the rows the changed keys had
@@ -148,17 +146,8 @@ class TableState:
         key = self.key
         last, deleted = changes_by_key(table, key, self.context.step)
         keys = last.column(key).combine_chunks()
-        max_kg = self.context.max_key_groups
-        groups = set(pc.unique(key_groups(keys, max_kg)).to_pylist())
-        old = self.store.read(groups)
-        live = last.filter(pc.invert(deleted))
-        before = None
-        if old is not None:
-            hit = pc.is_in(old.column(key), value_set=keys)
-            before, kept = old.filter(hit), old.filter(pc.invert(hit))
-            if kept.num_rows:
-                live = pa.concat_tables([kept, live], promote_options="permissive")
-        self.store.rewrite(groups, live.combine_chunks(), key, max_kg, changed=keys)
+        before = self.store.get(keys)
+        self.store.put(last.filter(pc.invert(deleted)), keys)  # a deleted key keeps a tombstone only
         return before, last, deleted
 
 
@@ -223,7 +212,7 @@ class ToTableLogic(KeyedLogic):
         self.table = TableState(op.key, context, restored)
 
     @property
-    def store(self) -> KeyGroupStore:
+    def store(self) -> KeyedStore:
         return self.table.store
 
     def process(self, table: pa.Table) -> pa.Table | None:
@@ -302,7 +291,7 @@ class DedupeLogic(KeyedLogic):
 
     def __init__(self, op: Dedupe, context: OperatorContext, restored: dict[int, pa.Table] | None):
         self.op, self.context = op, context
-        self.store = KeyGroupStore(restored, key="__id")
+        self.store = KeyedStore(restored, key="__id", max_key_groups=context.max_key_groups)
         self.watermark = context.watermark
         self.due: dict[int, int] = {}
         for table in self.store.groups.values():
@@ -333,8 +322,7 @@ class DedupeLogic(KeyedLogic):
         once this epoch is decided with Arrow kernels against the state; the
         events of an id repeated within the epoch, one after another."""
         within = self.op.within
-        groups = set(pc.unique(key_groups(ids, self.context.max_key_groups)).to_pylist())
-        state = self.store.read(groups)
+        state = self.store.get(ids)
         if state is not None:
             at = pc.index_in(ids, value_set=state.column("__id").combine_chunks())
             known = np.asarray(pc.is_valid(at))
@@ -362,21 +350,18 @@ class DedupeLogic(KeyedLogic):
         """Remember each id's kept time, replacing what it had."""
         if len(ids) == 0:
             return
-        max_kg = self.context.max_key_groups
-        groups = set(pc.unique(key_groups(ids, max_kg)).to_pylist())
-        old = self.store.read(groups)
         rows = pa.table({"__id": ids, FIRST_SEEN: t})
-        if old is not None:
-            old = old.filter(pc.invert(pc.is_in(old.column("__id"), value_set=ids)))
-            rows = pa.concat_tables([old, rows]).combine_chunks()
-        self.store.rewrite(groups, rows, "__id", max_kg, changed=ids)
-        self._update_due(rows)
+        self.store.put(rows)
+        self._update_due(rows, earliest=True)
 
-    def _update_due(self, rows: pa.Table) -> None:
+    def _update_due(self, rows: pa.Table, earliest: bool = False) -> None:
+        """Each group's next expiry from its ``rows`` (all of them; ``earliest``:
+        some of them, so only ever brought forward)."""
         if rows.num_rows == 0:
             return
         for group, first in earliest_per_group(rows, "__id", FIRST_SEEN, self.context.max_key_groups).items():
-            self.due[group] = first + self.op.within
+            due = first + self.op.within
+            self.due[group] = min(self.due.get(group, due), due) if earliest else due
 
     def on_epoch_end(self, epoch: int, watermark: int | None) -> None:
         if not self._take_watermark(watermark):

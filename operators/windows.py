@@ -58,8 +58,8 @@ from sluiceway.operators.aggregate import Accumulators
 from sluiceway.operators.base import KeyedLogic, Operator, OperatorContext, OperatorLogic, Outputs
 from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, missing_columns
 from sluiceway.operators.event_time import event_micros, micros, to_timestamps
-from sluiceway.operators.keys import key_groups
-from sluiceway.operators.state import KeyGroupStore, split_by_key_group
+from sluiceway.operators.state import earliest_per_group
+from sluiceway.operators.store import KeyedStore
 
 START, END, TIME = "__start", "__end", "__t"  # state columns: window bounds ([start, end)), an event's time
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -321,7 +321,7 @@ class WindowLogic(KeyedLogic):
     def __init__(self, op: Window, context: OperatorContext, restored: dict[int, pa.Table] | None):
         self.op = op
         self.context = context
-        self.store = KeyGroupStore(restored, key=op.key)
+        self.store = KeyedStore(restored, key=op.key, max_key_groups=context.max_key_groups)
         self.watermark = context.watermark
         self.due: dict[int, int] = {kg: self._due(table) for kg, table in self.store.groups.items()}
 
@@ -353,34 +353,20 @@ class WindowLogic(KeyedLogic):
             return np.zeros(len(close), dtype=bool)
         return close + self.op.lateness <= self.watermark
 
-    def _split_touched(self, rows: pa.Table) -> tuple[dict[int, pa.Table], list[pa.Table], dict[int, pa.Table]]:
-        """This epoch's rows per key group, the state rows of their keys, and
-        the rest of each touched group."""
-        key = self.op.key
-        parts = split_by_key_group(rows, key_groups(rows.column(key), self.context.max_key_groups))
-        previous, rest = [], {}
-        for kg, part in parts.items():
-            old = self.store.read({kg})
-            if old is None:
-                continue
-            hit = pc.is_in(old.column(key), value_set=part.column(key))
-            previous.append(old.filter(hit))
-            rest[kg] = old.filter(pc.invert(hit))
-        return parts, previous, rest
+    def _touched_state(self, rows: pa.Table) -> list[pa.Table]:
+        """The state rows of the keys in ``rows`` (only those: the store
+        searches its runs for them, whatever the size of the groups)."""
+        old = self.store.get(rows.column(self.op.key))
+        return [] if old is None else [old]
 
-    def _write_back(self, merged: pa.Table, rest: dict[int, pa.Table], keys_of: pa.Table) -> None:
-        key = self.op.key
-        parts = split_by_key_group(merged, key_groups(merged.column(key), self.context.max_key_groups))
-        touched = split_by_key_group(keys_of, key_groups(keys_of.column(key), self.context.max_key_groups))
-        tables = {}
-        for kg in touched:
-            part, old = parts.get(kg), rest.get(kg)
-            pieces = [p for p in (old, part) if p is not None and p.num_rows]
-            table = (pa.concat_tables([p.select(pieces[0].column_names) for p in pieces]).combine_chunks()
-                     if pieces else merged.schema.empty_table())
-            tables[kg] = table
-            self.due[kg] = self._due(table)
-        self.store.write(tables, changed={kg: t.column(key).combine_chunks() for kg, t in touched.items()})
+    def _write_back(self, merged: pa.Table, keys_of: pa.Table) -> None:
+        """Make ``merged`` all the rows of the keys in ``keys_of``, and bring
+        their key groups' due times forward to what they now hold."""
+        self.store.put(merged, keys_of.column(self.op.key))
+        column = END if self.op.incremental else TIME
+        for kg, first in earliest_per_group(merged, self.op.key, column, self.context.max_key_groups).items():
+            due = self._due_at(first)
+            self.due[kg] = min(self.due.get(kg, due), due)
 
     def _accumulate(self, table: pa.Table, t: np.ndarray) -> tuple[pa.Table | None, pa.Table | None]:
         """Tumbling, hopping, session aggregates: accumulators per key and window."""
@@ -390,7 +376,7 @@ class WindowLogic(KeyedLogic):
             rows = pa.table({key: values.column(key), START: t, END: t + op.gap, **op.acc.per_row(values),
                              "__new": pa.repeat(pa.scalar(1, pa.int8()), table.num_rows),
                              "__row": np.arange(table.num_rows)})
-            parts, previous, rest = self._split_touched(rows)
+            previous = self._touched_state(rows)
             state = [p.append_column("__new", pa.repeat(pa.scalar(0, pa.int8()), p.num_rows))
                      .append_column("__row", pa.repeat(pa.scalar(-1, pa.int64()), p.num_rows)) for p in previous]
             merged, late_idx = self._merge_sessions(pa.concat_tables([rows] + [s.select(rows.column_names)
@@ -399,7 +385,7 @@ class WindowLogic(KeyedLogic):
             late = table.take(pa.array(late_idx)) if len(late_idx) else None
             changed = merged.filter(pc.greater(merged.column("__new"), 0))
             merged = merged.drop_columns(["__new"])
-            self._write_back(merged, rest, rows)
+            self._write_back(merged, rows)
             updates = changed.drop_columns(["__new"]) if op.emit == "updates" else None
             return (self._finalize(updates) if updates is not None and updates.num_rows else None), late
         idx, start = fixed_windows(t, op.size, op.hop)
@@ -413,14 +399,14 @@ class WindowLogic(KeyedLogic):
         if pairs.num_rows == 0:
             return None, late
         partial = op.acc.partial(pairs, [key, START, END])
-        parts, previous, rest = self._split_touched(partial)
+        previous = self._touched_state(partial)
         if previous:
             combined = pa.concat_tables([partial] + [p.select(partial.column_names) for p in previous],
                                         promote_options="permissive")
             merged = op.acc.merge(combined, [key, START, END])
         else:
             merged = partial
-        self._write_back(merged, rest, partial)
+        self._write_back(merged, partial)
         if op.emit != "updates":
             return None, late
         touched = merged.join(partial.select([key, START]), keys=[key, START], join_type="left semi")
@@ -456,10 +442,10 @@ class WindowLogic(KeyedLogic):
         late_rows = table.filter(pa.array(late)) if late.any() else None
         rows = rows.filter(pa.array(~late))
         if rows.num_rows:
-            parts, previous, rest = self._split_touched(rows)
+            previous = self._touched_state(rows)
             merged = pa.concat_tables([p.select(rows.column_names) for p in previous] + [rows],
                                       promote_options="permissive")
-            self._write_back(merged, rest, rows)
+            self._write_back(merged, rows)
         return late_rows
 
     def _late_for_sessions(self, rows: pa.Table) -> np.ndarray:
@@ -472,7 +458,7 @@ class WindowLogic(KeyedLogic):
         candidates = self._closed(rows.column(TIME).to_numpy() + op.gap)
         if not candidates.any():
             return candidates
-        _, previous, _ = self._split_touched(rows.filter(pa.array(candidates)))
+        previous = self._touched_state(rows.filter(pa.array(candidates)))
         both = pa.concat_tables(
             [pa.table({key: rows.column(key), TIME: rows.column(TIME), "__row": np.arange(n)})]
             + [pa.table({key: p.column(key), TIME: p.column(TIME), "__row": pa.repeat(pa.scalar(-1, pa.int64()),
@@ -495,9 +481,13 @@ class WindowLogic(KeyedLogic):
         """The earliest watermark at which something in this group closes."""
         if table.num_rows == 0:
             return 2**63 - 1
+        return self._due_at(int(pc.min(table.column(END if self.op.incremental else TIME)).as_py()))
+
+    def _due_at(self, first: int) -> int:
+        """The watermark at which a group whose earliest end (or event time) is ``first`` has something to close."""
         if self.op.incremental:
-            return int(pc.min(table.column(END)).as_py()) + self.op.lateness
-        return int(self.op.first_close(np.asarray([pc.min(table.column(TIME)).as_py()]))[0]) + self.op.lateness
+            return first + self.op.lateness
+        return int(self.op.first_close(np.asarray([first]))[0]) + self.op.lateness
 
     def on_epoch_end(self, epoch: int, watermark: int | None) -> pa.Table | None:
         if watermark is None or (self.watermark is not None and watermark <= self.watermark):

@@ -18,11 +18,13 @@ ROWS = 8000
 
 
 def readings(partition, start, stop):
-    """Sensor readings; the sensor id moves on every 500 offsets, so each
-    epoch touches a few key groups and leaves the others alone."""
+    """Sensor readings: the first 2,000 of each partition come from 2,000
+    sensors (a large first checkpoint); after them the sensor id moves on
+    every 500 offsets, so each later epoch changes a few sensors' totals."""
     offset = pa.array(range(start, stop), pa.int64())
+    sensor = pc.if_else(pc.less(offset, 2000), offset, pc.divide(offset, 500))
     return pa.record_batch({
-        "sensor": pc.add(pc.divide(offset, 500), partition * 1000),
+        "sensor": pc.add(sensor, partition * 100_000),
         "value": pc.remainder(offset, 7),
     })
 
@@ -54,7 +56,7 @@ def test_incremental_chain_restores_exactly_after_rescaling(tmp_path):
     assert first["last_checkpoint"] == 4
     manifest = JobStorage(ckpt, "sensors").read_manifest(4)
     sources = {f["checkpoint"] for f in manifest["files"].values()}
-    assert sources == {1, 2, 3, 4}, sources  # checkpoint 4 refers to files of every earlier one
+    assert max(sources) == 4 and min(sources) < 4, sources  # checkpoint 4 wrote the changes, kept the earlier files
     assert manifest["written_bytes"] < manifest["size_bytes"]
     events = []
     second = run(flow(out, 3), ckpt, trigger_s=0, max_records_per_epoch=2000, checkpoint_every=1,

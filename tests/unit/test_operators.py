@@ -103,6 +103,8 @@ def test_list_source_round_robins_rows():
 
 
 def test_an_epoch_touching_one_key_group_reads_and_writes_only_that_group():
+    from sluiceway.checkpoint.state import MemoryStateFiles
+
     op = Aggregate("user", [("amount", "sum")])
     logic = op.build(CTX, None)
     users = pa.array(range(5000), pa.int64())
@@ -110,11 +112,13 @@ def test_an_epoch_touching_one_key_group_reads_and_writes_only_that_group():
     assert len(logic.store.groups) == 128
     kg = key_groups(pa.array([42], pa.int64()), 128)[0].as_py()
     same_group = [u for u, g in zip(users.to_pylist(), key_groups(users, 128).to_pylist()) if g == kg][:3]
-    logic.snapshot_changes()
+    files = MemoryStateFiles()
+    files.checkpoint(logic)
     logic.store.reset_touched()
     out = logic.process(pa.table({"user": same_group, "amount": [5, 5, 5]}))
     assert logic.store.reads == {kg} and logic.store.writes == {kg}
+    assert logic.store.counters.rows_read == 3 and logic.store.counters.rows_written == 3  # those keys' rows only
     assert out.to_pylist() == [{"user": u, "amount_sum": 6} for u in same_group]  # only the updated keys
     changes = logic.snapshot_changes()
-    assert list(changes.full) == [kg] and changes.removed == set()
-    assert sorted(changes.delta[kg].column("user").to_pylist()) == sorted(same_group)  # only the changed rows
+    assert list(changes.runs) == [kg] and changes.removed == set()
+    assert sorted(changes.runs[kg].column("user").to_pylist()) == sorted(same_group)  # only the changed rows

@@ -373,30 +373,9 @@ def test_table_join_on_a_column_other_than_the_key_needs_retractions():
 
 
 # ---------------------------------------------------------------- restore
-def _checkpointed(logic, op, chains: dict) -> None:
-    """What a checkpoint writes (the full group, or a delta with tombstones),
-    through the state file encoding, appended to each key group's chain."""
-    from sluiceway.checkpoint.state import encode_key_groups
-
-    changes = logic.snapshot_changes()
-    for kg in changes.removed:
-        chains.pop(kg, None)
-    tables = {kg: changes.full[kg] if changes.delta.get(kg) is None or kg not in chains else changes.delta[kg]
-              for kg in changes.full}
-    if not tables:
-        return
-    data, index = encode_key_groups(tables)
-    reader = pa.ipc.open_file(data)
-    for kg, batch in index.items():
-        table = pa.Table.from_batches([reader.get_batch(batch)])
-        chains[kg] = [table] if changes.delta.get(kg) is None or kg not in chains else chains[kg] + [table]
-
-
-def _restored(op, chains: dict, watermark):
-    from sluiceway.operators.state import apply_chain
-
-    restored = {kg: apply_chain(chain, op.state_key) for kg, chain in chains.items()}
-    return op.build(OperatorContext("s", 0, 1, 128, watermark), restored)
+def _restored(op, files, watermark):
+    """The operator built from its last checkpoint, fetching state lazily as a restored task does."""
+    return op.build(OperatorContext("s", 0, 1, 128, watermark), files.restored())
 
 
 def _us(seconds: float) -> int:
@@ -408,6 +387,7 @@ def _us(seconds: float) -> int:
 def test_state_restored_from_a_base_and_deltas_continues_exactly(kind):
     import pyarrow.compute as pc
 
+    from sluiceway.checkpoint.state import MemoryStateFiles
     from sluiceway.operators.cep import Match, Pattern
     from sluiceway.operators.joins import Enrich, TableJoin, VersionedEnrich
     from sluiceway.operators.search import Range, Search
@@ -453,13 +433,13 @@ def test_state_restored_from_a_base_and_deltas_continues_exactly(kind):
 
     straight = op.build(OperatorContext("s", 0, 1, 128), None)
     expected = [feed(straight, e) for e in range(40)]
-    logic, chains, got = op.build(OperatorContext("s", 0, 1, 128), None), {}, []
+    logic, files, got = op.build(OperatorContext("s", 0, 1, 128), None), MemoryStateFiles(), []
     for e in range(40):
         got.append(feed(logic, e))
-        if e % 3 == 2:  # a checkpoint; at every other one, start again from it
-            _checkpointed(logic, op, chains)
+        if e % 3 == 2:  # a checkpoint (through the state file encoding); at every other one, start again from it
+            files.checkpoint(logic)
             if e % 6 == 5:
-                logic = _restored(op, chains, _us(e * 2 - 2))
+                logic = _restored(op, files, _us(e * 2 - 2))
     assert got == expected
 
 

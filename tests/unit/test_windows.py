@@ -10,7 +10,6 @@ import pytest
 
 from sluiceway.operators.base import OperatorContext, Outputs
 from sluiceway.operators.errors import FlowDefinitionError
-from sluiceway.operators.state import apply_chain
 from sluiceway.operators.windows import (Hopping, Session, Sliding, Tumbling, Window, session_groups,
                                          sliding_windows, to_micros, window_members)
 
@@ -178,20 +177,19 @@ def test_fold_per_record():
 
 
 def test_state_is_restored_from_a_checkpoint_delta_and_gives_the_same_results():
+    from sluiceway.checkpoint.state import MemoryStateFiles
+
     events = [[("a", 1, 1), ("b", 2, 2)], [("a", 11, 4), ("c", 3, 8)], [("b", 14, 16)], [("a", 25, 32)]]
     marks = [5, 10, 15, 40]
     whole = Harness(tumbling())
     for e, m in zip(events, marks):
         whole.epoch(e, m)
-    first = Harness(tumbling())
+    first, files = Harness(tumbling()), MemoryStateFiles()
     first.epoch(events[0], marks[0])
-    base = first.logic.snapshot_changes()
+    files.checkpoint(first.logic)  # the base
     first.epoch(events[1], marks[1])
-    delta = first.logic.snapshot_changes()
-    chains = {kg: [base.full[kg]] + ([delta.delta[kg]] if kg in delta.delta else []) for kg in base.full}
-    chains.update({kg: [t] for kg, t in delta.full.items() if kg not in chains})
-    restored = {kg: apply_chain(chain, "k") for kg, chain in chains.items() if kg not in delta.removed}
-    resumed = Harness(tumbling(), restored={kg: t for kg, t in restored.items() if t.num_rows}, watermark=wm(10))
+    files.checkpoint(first.logic)  # a delta on it
+    resumed = Harness(tumbling(), restored=files.restored(), watermark=wm(10))
     for e, m in zip(events[2:], marks[2:]):
         resumed.epoch(e, m)
     assert first.out + resumed.out == whole.out
