@@ -41,6 +41,7 @@ class Step:
     right: str | None = None
     right_key: str | None = None
     right_timed: bool = True
+    state_budget_mb: int | None = None  # memory for this step's state per task (None: the flow's)
 
     @property
     def inputs(self) -> list[str]:
@@ -65,6 +66,7 @@ class JobGraph:
     steps: dict[str, Step] = field(default_factory=dict)
     max_key_groups: int = DEFAULT_MAX_KEY_GROUPS
     parallelism: int | None = None
+    state_budget_mb: int = 512  # memory per stateful step and task for its state; the rest is on local disk
 
     def add(self, step: Step) -> Step:
         if step.id in self.steps:

@@ -137,8 +137,9 @@ class TaskRuntime:
         watermark = stage_watermark(manifest.watermarks, stage.id) if stage.source is None and manifest else None
         for step_id in stage.steps:
             step = graph.steps[step_id]
+            budget = step.state_budget_mb or graph.state_budget_mb
             context = OperatorContext(step_id, self.task.subtask, stage.parallelism, self.plan.max_key_groups,
-                                      watermark)
+                                      watermark, budget * 2**20)
             if step.source is not None:
                 self._user_call(step_id, "source", step.source.bind, self.storage, step_id)
             if step.sink is not None:

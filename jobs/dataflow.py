@@ -27,6 +27,11 @@ from sluiceway.operators.sources import Source
 from sluiceway.operators.stateless import Filter, MapBatches, MapRecords
 
 
+def _check_budget(megabytes) -> None:
+    if not isinstance(megabytes, int) or isinstance(megabytes, bool) or megabytes < 1:
+        raise FlowDefinitionError(f"state_budget_mb must be a positive number of MiB, got {megabytes!r}")
+
+
 def _check_parallelism(parallelism) -> None:
     if parallelism is not None and (not isinstance(parallelism, int) or parallelism < 1):
         raise FlowDefinitionError(f"parallelism must be a positive integer or None, got {parallelism!r}")
@@ -40,14 +45,17 @@ class Dataflow:
     'clicks'
     """
 
-    def __init__(self, name: str, *, parallelism: int | None = None, max_key_groups: int = DEFAULT_MAX_KEY_GROUPS):
+    def __init__(self, name: str, *, parallelism: int | None = None, max_key_groups: int = DEFAULT_MAX_KEY_GROUPS,
+                 state_budget_mb: int = 512):
         if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_" for c in name):
             raise FlowDefinitionError(f"flow name {name!r} must be letters, digits, '-' or '_' (it names a folder)")
         _check_parallelism(parallelism)
-        if not isinstance(max_key_groups, int) or max_key_groups < 1:
-            raise FlowDefinitionError(f"max_key_groups must be a positive integer, got {max_key_groups!r}")
+        if not isinstance(max_key_groups, int) or not 1 <= max_key_groups < 2**16:
+            raise FlowDefinitionError(f"max_key_groups must be an integer from 1 to 65535, got {max_key_groups!r}")
+        _check_budget(state_budget_mb)
         self.name = name
-        self.graph = JobGraph(name, max_key_groups=max_key_groups, parallelism=parallelism)
+        self.graph = JobGraph(name, max_key_groups=max_key_groups, parallelism=parallelism,
+                              state_budget_mb=state_budget_mb)
         self._counter = 0
 
     def __repr__(self) -> str:
@@ -92,6 +100,24 @@ class Stream:
 
     def __repr__(self) -> str:
         return f"Stream({self.flow.name!r}, {self.step_id!r})"
+
+    def state_budget(self, megabytes: int) -> "Stream":
+        """Keep at most ``megabytes`` MiB of this step's state in memory per
+        task (the flow's ``state_budget_mb`` otherwise, 512 by default); the
+        rest stays on the node's local disk, memory-mapped.
+
+        >>> from sluiceway.operators.sources import ListSource
+        >>> flow = Dataflow("b")
+        >>> totals = flow.source(ListSource([{"k": 1}])).key_by("k").aggregate([([], "count_all")]).state_budget(64)
+        >>> flow.graph.steps[totals.step_id].state_budget_mb
+        64
+        """
+        step = self.flow.graph.steps[self.step_id]
+        if step.operator is None or not step.operator.stateful:
+            raise FlowDefinitionError(f"state_budget() follows a step that keeps state; {self.step_id!r} keeps none")
+        _check_budget(megabytes)
+        step.state_budget_mb = megabytes
+        return self
 
     def _then(self, kind, operator, name, parallelism=None, cls=None) -> "Stream":
         _check_parallelism(parallelism)

@@ -192,7 +192,8 @@ class AggregateLogic(KeyedLogic):
     def __init__(self, op: Aggregate, context: OperatorContext, restored: dict[int, pa.Table] | None):
         self.op = op
         self.context = context
-        self.store = KeyedStore(restored, key=op.key, max_key_groups=context.max_key_groups)
+        self.store = KeyedStore(restored, key=op.key, max_key_groups=context.max_key_groups,
+                                budget_bytes=context.state_budget_bytes)
 
     def _partial(self, table: pa.Table) -> pa.Table:
         op = self.op

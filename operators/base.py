@@ -29,6 +29,7 @@ class OperatorContext:
     parallelism: int
     max_key_groups: int
     watermark: int | None = None
+    state_budget_bytes: int = 512 * 2**20  # state kept in memory; the rest on local disk
 
 
 @dataclass

@@ -131,7 +131,8 @@ class TableState:
 
     def __init__(self, key: str, context: OperatorContext, restored: dict[int, pa.Table] | None):
         self.key, self.context = key, context
-        self.store = KeyedStore(restored, key=key, max_key_groups=context.max_key_groups)
+        self.store = KeyedStore(restored, key=key, max_key_groups=context.max_key_groups,
+                                budget_bytes=context.state_budget_bytes)
 
     def lookup(self, keys: pa.Array) -> pa.Table | None:
         """The current rows of ``keys`` (reading only their key groups)."""
@@ -291,7 +292,8 @@ class DedupeLogic(KeyedLogic):
 
     def __init__(self, op: Dedupe, context: OperatorContext, restored: dict[int, pa.Table] | None):
         self.op, self.context = op, context
-        self.store = KeyedStore(restored, key="__id", max_key_groups=context.max_key_groups)
+        self.store = KeyedStore(restored, key="__id", max_key_groups=context.max_key_groups,
+                                budget_bytes=context.state_budget_bytes)
         self.watermark = context.watermark
         self.due: dict[int, int] = {}
         for table in self.store.groups.values():

@@ -321,7 +321,8 @@ class WindowLogic(KeyedLogic):
     def __init__(self, op: Window, context: OperatorContext, restored: dict[int, pa.Table] | None):
         self.op = op
         self.context = context
-        self.store = KeyedStore(restored, key=op.key, max_key_groups=context.max_key_groups)
+        self.store = KeyedStore(restored, key=op.key, max_key_groups=context.max_key_groups,
+                                budget_bytes=context.state_budget_bytes)
         self.watermark = context.watermark
         self.due: dict[int, int] = {kg: self._due(table) for kg, table in self.store.groups.items()}
 

@@ -69,3 +69,39 @@ def test_incremental_chain_restores_exactly_after_rescaling(tmp_path):
     rescales = [r for r in history(ckpt, "sensors").records if r["kind"] == "rescale"]
     assert len(rescales) == 1 and rescales[0]["restored_checkpoint"] == 4
     assert sorted(rescales[0]["from"].values()) == [2, 2] and sorted(rescales[0]["to"].values()) == [2, 3]
+
+
+KEYS = 150_000  # per partition: each task holds about 150,000 keys, several MiB against a 1 MiB budget
+
+
+def many_keys(partition, start, stop):
+    offset = pa.array(range(start, stop), pa.int64())
+    return pa.record_batch({"sensor": pc.add(pc.remainder(offset, KEYS), partition * 1_000_000),
+                            "value": pc.remainder(offset, 7)})
+
+
+def big_state_flow(out, parallelism):
+    f = Dataflow("big_state", state_budget_mb=1)
+    f.source(GeneratorSource(many_keys, 2, 1e9, 2 * KEYS)).key_by("sensor", parallelism=parallelism, name="by_sensor") \
+        .aggregate([("value", "sum"), ("value", "count")], name="totals").sink(ParquetSink(out))
+    return f
+
+
+def test_state_several_times_the_budget_through_a_task_kill_and_a_rescale_exactly_once(tmp_path):
+    from sluiceway.jobs.testing import TaskKiller
+
+    out, ckpt = str(tmp_path / "out"), str(tmp_path / "ckpt")
+    killer = TaskKiller("by_sensor[1]", after_epoch=4)
+    first = run(big_state_flow(out, 2), ckpt, epochs=8, trigger_s=0, max_records_per_epoch=60_000,
+                checkpoint_every=2, on_event=killer)
+    assert killer.killed.is_set() and first["restarts"] == 1
+    manifest = JobStorage(ckpt, "big_state").read_manifest(first["last_checkpoint"])
+    state_bytes = sum(f["size_bytes"] for f in manifest["files"].values())
+    assert state_bytes > 4 * 2**20, state_bytes  # several times the 1 MiB budget per task
+    second = run(big_state_flow(out, 3), ckpt, trigger_s=0, max_records_per_epoch=60_000, checkpoint_every=2)
+    assert second["stopped"] == "idle"
+    table = pa.Table.from_batches([many_keys(p, 0, 2 * KEYS) for p in range(2)])
+    want = table.group_by("sensor").aggregate([("value", "sum"), ("value", "count")]).select(
+        ["sensor", "value_sum", "value_count"])
+    verdict = compare_exactly_once(last_per_sensor(read_committed(out)), want)
+    assert verdict.exactly_once, verdict.line()

@@ -1,0 +1,114 @@
+"""The keyed store: what an epoch reads and writes follows its keys, not the
+state; restore fetches only the key groups an epoch touches; state beyond the
+budget is mapped from local disk and stays exact."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from sluiceway.checkpoint.state import MemoryStateFiles
+from sluiceway.operators.aggregate import Aggregate
+from sluiceway.operators.base import OperatorContext
+from sluiceway.operators.keys import key_groups
+from sluiceway.operators.store import KeyedStore
+
+CTX = OperatorContext("sums", 0, 1, 128)
+
+
+def counts(keys) -> pa.Table:
+    keys = pa.array(keys, pa.int64())
+    return pa.table({"k": keys, "v": pa.array(np.ones(len(keys), np.int64))})
+
+
+def aggregate():
+    return Aggregate("k", [("v", "sum")])
+
+
+@pytest.mark.parametrize("state_keys", [10_000, 1_000_000])
+def test_an_epoch_reads_and_writes_rows_of_its_keys_only_whatever_the_state(state_keys):
+    logic, files = aggregate().build(CTX, None), MemoryStateFiles()
+    for start in range(0, state_keys, 250_000):
+        logic.process(counts(range(start, min(state_keys, start + 250_000))))
+    files.checkpoint(logic)
+    rng = np.random.default_rng(3)
+    seen = np.zeros(state_keys * 2, bool)
+    seen[:state_keys] = True
+    for epoch in range(12):
+        keys = np.unique(rng.integers(0, state_keys * 2, 1000))  # about half of them known
+        logic.store.reset_touched()
+        out = logic.process(counts(keys))
+        known = int(seen[keys].sum())
+        seen[keys] = True
+        assert out.num_rows == len(keys)
+        assert logic.store.counters.rows_read == known  # each known key's row, from one run
+        assert logic.store.counters.rows_written == len(keys)
+        if epoch % 4 == 3:
+            logic.store.reset_touched()
+            files.checkpoint(logic)
+            assert logic.store.counters.rows_merged <= 16 * 4 * 1000  # small runs merged, never the state
+
+
+def test_a_restored_store_fetches_only_the_key_groups_an_epoch_touches_and_continues_exactly():
+    straight, logic, files = aggregate().build(CTX, None), aggregate().build(CTX, None), MemoryStateFiles()
+    everyone = counts(range(50_000))
+    straight.process(everyone)
+    logic.process(everyone)
+    files.checkpoint(logic)
+    restored = files.restored()
+    resumed = aggregate().build(CTX, restored)
+    assert restored.fetched == []  # nothing fetched to start
+    few = counts([7, 11, 7_000])
+    wanted = set(key_groups(few.column("k"), 128).to_pylist())
+    assert sorted(resumed.process(few).to_pylist(), key=lambda r: r["k"]) == \
+        sorted(straight.process(few).to_pylist(), key=lambda r: r["k"])
+    assert {kg for kg, chain in files.chains.items() for ref in chain if ref in restored.fetched} == wanted
+    assert len(restored.fetched) == len(wanted)
+    more = counts(range(0, 50_000, 7))
+    assert sorted(resumed.process(more).to_pylist(), key=lambda r: r["k"]) == \
+        sorted(straight.process(more).to_pylist(), key=lambda r: r["k"])
+
+
+def test_state_beyond_the_budget_is_mapped_from_local_disk_and_stays_exact():
+    store = KeyedStore(key="k", budget_bytes=64 * 1024)
+    expected = {}
+    rng = np.random.default_rng(5)
+    files = MemoryStateFiles()
+
+    class Logic:  # what MemoryStateFiles drives: the store's checkpoint face
+        def snapshot_changes(self, whole=False):
+            return store.take_changes(whole)
+
+        def state_written(self, path, batches):
+            store.written(path, batches)
+
+        def state_chains(self):
+            return store.chains()
+
+    for epoch in range(20):
+        keys = np.unique(rng.integers(0, 20_000, 3_000))
+        values = rng.integers(0, 100, len(keys))
+        store.put(pa.table({"k": keys, "n": values}))
+        expected.update(zip(keys.tolist(), values.tolist()))
+        if epoch % 3 == 2:
+            files.checkpoint(Logic())
+    assert any(run.mapped for run in store.runs) and store.resident_bytes() <= 64 * 1024 + 200_000
+    probe = np.arange(0, 20_000, 3)
+    got = store.get(pa.array(probe))
+    assert dict(zip(got.column("k").to_pylist(), got.column("n").to_pylist())) == \
+        {k: v for k, v in expected.items() if k % 3 == 0}
+    files.checkpoint(Logic())
+    again = KeyedStore(files.restored(), key="k")
+    assert sum(t.num_rows for t in again.groups.values()) == len(expected)
+
+
+def test_deletes_and_several_rows_per_key_replace_what_older_runs_hold():
+    store = KeyedStore(key="k")
+    store.put(pa.table({"k": [1, 1, 2, 3], "w": [10, 11, 20, 30]}))
+    store.take_changes()
+    store.written("a", {})
+    store.put(pa.table({"k": [1], "w": [12]}))  # key 1's two rows become one
+    store.delete(pa.array([2]))
+    store.put(pa.table({"k": [None], "w": [0]}, schema=pa.schema([("k", pa.int64()), ("w", pa.int64())])))
+    got = store.get(pa.array([1, 2, 3, None], pa.int64()))
+    assert sorted(got.to_pylist(), key=lambda r: (r["k"] is None, r["k"] or 0)) == \
+        [{"k": 1, "w": 12}, {"k": 3, "w": 30}, {"k": None, "w": 0}]
