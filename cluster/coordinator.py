@@ -54,6 +54,7 @@ RESET_TIMEOUT_S = 120.0
 # or blocked, e.g. in a sink waiting on the locks of a transaction the recovery has yet to abort) is replaced
 # rather than waited for.
 PROBE_TIMEOUT_S = 5.0
+NODE_WAIT_S = 60.0  # how long a recovery waits for a node with CPUs to place tasks on
 
 
 class Coordinator(Driver):
@@ -218,8 +219,14 @@ class Coordinator(Driver):
 
     # -------------------------------------------------------------- tasks
     def start_tasks(self, instruction: p.StartTasks) -> None:
-        """Actors for these tasks, spread over the live nodes (the old actor of a restarted task is killed)."""
+        """Actors for these tasks, spread over the live nodes (the old actor of a restarted task is killed).
+        With no node offering CPUs (all lost, their replacements not joined yet) it waits up to
+        :data:`NODE_WAIT_S` for one."""
         nodes = worker_nodes()
+        deadline = time.time() + NODE_WAIT_S
+        while not nodes and time.time() < deadline:
+            time.sleep(0.25)
+            nodes = worker_nodes()
         self.nodes = len(nodes)
         for task, node in zip(instruction.tasks, spread(len(instruction.tasks), nodes, offset=instruction.offset)):
             if task in self.actors:

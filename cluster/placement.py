@@ -37,6 +37,7 @@ def spread(count: int, nodes: list[str], offset: int = 0) -> list[str]:
     """
     if not nodes:
         raise RuntimeError(
-            "no live Ray node offers CPUs to run tasks on; add a worker node or give the head node CPUs"
+            "no live Ray node offers CPUs to run tasks on (none joined within 60 s); "
+            "add a worker node or give the head node CPUs"
         )
     return [nodes[(offset + i) % len(nodes)] for i in range(count)]
