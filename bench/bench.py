@@ -629,10 +629,14 @@ def state_bench(sizes=None) -> None:
             nonlocal files
             t0 = time.perf_counter()
             changes = logic.snapshot_changes()
-            data, index = encode_key_groups(changes.runs)
-            logic.state_written(f"f{files}", {str(kg): b for kg, b in index.items()})
-            files += 1
-            return time.perf_counter() - t0, sum(t.num_rows for t in changes.runs.values())
+            rows = 0
+            for compacted, tables in ((False, changes.runs), (True, changes.compacted)):
+                if tables:
+                    data, index = encode_key_groups(tables)
+                    logic.state_written(f"f{files}", {str(kg): b for kg, b in index.items()}, compacted)
+                    files += 1
+                    rows += sum(t.num_rows for t in tables.values())
+            return time.perf_counter() - t0, rows
 
         t0 = time.perf_counter()
         chunk = 1_000_000

@@ -158,11 +158,12 @@ class MemoryStateFiles:
         from sluiceway.operators.state import StateChanges  # noqa: F401 - the shape logic returns
 
         changes = logic.snapshot_changes(whole)
-        if changes.runs:
-            data, index = encode_key_groups(changes.runs)
-            path = f"state-{len(self.files):04d}.arrow"
-            self.files[path] = data
-            logic.state_written(path, {str(kg): batch for kg, batch in index.items()})
+        for compacted, tables in ((False, changes.runs), (True, changes.compacted)):
+            if tables:
+                data, index = encode_key_groups(tables)
+                path = f"state-{len(self.files):04d}.arrow"
+                self.files[path] = data
+                logic.state_written(path, {str(kg): batch for kg, batch in index.items()}, compacted)
         self.chains = {int(kg): chain for kg, chain in logic.state_chains().items()}
         return self.chains
 

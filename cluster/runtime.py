@@ -306,11 +306,12 @@ class TaskRuntime:
                 changes = self._user_call(step_id, "snapshot", logic.snapshot_changes, barrier.savepoint)
                 if changes is None:
                     continue
-                if changes.runs:
-                    entry = write_key_groups(self.storage, epoch, step_id, self.task.subtask, self.attempt,
-                                             changes.runs)
-                    result.state_files.append(entry)
-                    logic.state_written(entry["path"], entry["key_groups"])
+                for compacted, tables in ((False, changes.runs), (True, changes.compacted)):
+                    if tables:
+                        attempt = self.attempt + ("c" if compacted else "")
+                        entry = write_key_groups(self.storage, epoch, step_id, self.task.subtask, attempt, tables)
+                        result.state_files.append(entry)
+                        logic.state_written(entry["path"], entry["key_groups"], compacted)
                 result.state[step_id] = {str(kg): chain for kg, chain in sorted(logic.state_chains().items())}
             result.event_time = {s: logic.marks(self.partitions) for s, logic in self.event_logic.items()}
             result.snapshot_s = time.time() - t0

@@ -71,8 +71,9 @@ class OperatorLogic:
         stateless operator."""
         return None
 
-    def state_written(self, path: str, batches: dict) -> None:
-        """The last :meth:`snapshot_changes` went to ``path``, key group ``kg`` as batch ``batches[kg]``."""
+    def state_written(self, path: str, batches: dict, compacted: bool = False) -> None:
+        """The last :meth:`snapshot_changes` went to ``path`` (``compacted``:
+        its compacted part), key group ``kg`` as batch ``batches[kg]``."""
 
     def state_chains(self) -> dict[int, list]:
         """Per key group, the ``[file, batch]`` references that rebuild its state."""
@@ -107,8 +108,8 @@ class KeyedLogic(OperatorLogic):
     def snapshot_changes(self, whole: bool = False) -> StateChanges:
         return self.store.take_changes(whole)
 
-    def state_written(self, path: str, batches: dict) -> None:
-        self.store.written(path, batches)
+    def state_written(self, path: str, batches: dict, compacted: bool = False) -> None:
+        self.store.written(path, batches, compacted)
 
     def state_chains(self) -> dict[int, list]:
         return self.store.chains()

@@ -23,11 +23,13 @@ DELETED_COLUMN = "__deleted"
 @dataclass
 class StateChanges:
     """What a checkpoint writes for one step in one task: one table per key
-    group (a store's new run, or a key group whole), and the key groups whose
-    state is gone. The store is told where they went (``written``) and then
-    names every key group's chain (``chains``)."""
+    group (a store's new run, or a key group whole), one per key group whose
+    oldest run compaction rewrote (``compacted``: a file of its own), and the
+    key groups whose state is gone. The store is told where they went
+    (``written``) and then names every key group's chain (``chains``)."""
 
     runs: dict[int, pa.Table] = field(default_factory=dict)
+    compacted: dict[int, pa.Table] = field(default_factory=dict)
     removed: set[int] = field(default_factory=set)
 
 
@@ -235,7 +237,7 @@ class GroupStore:
         self._dirty = set()
         return changes
 
-    def written(self, path: str, batches: dict) -> None:
+    def written(self, path: str, batches: dict, compacted: bool = False) -> None:
         for kg, batch in batches.items():
             self._chains[int(kg)] = [[path, batch]]
 

@@ -16,11 +16,14 @@ that key's current rows; a tombstone (``__deleted``) says the key is gone.
   anything else.
 - **Checkpoints** (:meth:`KeyedStore.take_changes`) merge the fresh runs into
   a new run and hand it, one slice per key group, to the runtime to write. The
-  new run is merged into the runs below it while they are less than
-  :data:`TIER_RATIO` times its size (size-tiered compaction), so a row is
-  rewritten O(log(state / changes)) times in its life, not at every epoch,
-  and a key group's chain in the manifest (:meth:`KeyedStore.chains`) is
-  its slice of each run.
+  new run is merged into the runs above the bottom while they are less than
+  :data:`TIER_RATIO` times its size (size-tiered compaction). The bottom run
+  (the oldest, nearly all of the state) is kept as segments of key groups;
+  the run above it is merged into it a window of key groups per checkpoint
+  (about :data:`DRAIN_ROWS` rows), so no checkpoint rewrites the state
+  whole, and a row is rewritten O(log(state / changes)) times in its life.
+  A key group's chain in the manifest (:meth:`KeyedStore.chains`) is its
+  slice of each run.
 - **Restore is lazy**: a restored store starts with the manifest's chains
   only; the first read of a key group fetches its files (through
   :class:`RestoredState`) and puts its rows into the bottom run.
@@ -56,6 +59,7 @@ from sluiceway.operators.state import DELETED_COLUMN, RestoredState, StateChange
 TIER_RATIO = 4  # a new run is merged into the one below it while that one is under TIER_RATIO times its size
 MAX_RUNS = 8  # runs per store, at most: past it the newest ones are merged whatever their sizes
 DEFAULT_BUDGET_BYTES = 512 * 2**20  # state a task keeps in memory per step; the rest is mapped from local disk
+DRAIN_ROWS = 2_000_000  # rows of the bottom (and of the run merged into it) one checkpoint rewrites, at least
 MAX_FRESH = 4  # fresh runs (epochs' writes since the last checkpoint) before they are merged into one
 PREFETCH_PER_CHECKPOINT = 16  # key groups of a lazy restore fetched at each checkpoint, touched or not
 POSITION = "__pos"  # the sort column: key group << 48 | the top 48 bits of the key's stable hash
@@ -86,6 +90,8 @@ class _Run:
     table: pa.Table
     refs: dict[int, list] = field(default_factory=dict)
     mapped: bool = False
+    lo: int | None = None  # a segment of the bottom run: the key groups lo <= kg < hi it covers
+    hi: int | None = None
 
     def __post_init__(self):
         self.table = self.table.combine_chunks()
@@ -112,19 +118,24 @@ class KeyedStore:
         self.key = key
         self.max_key_groups = max_key_groups
         self.budget_bytes = budget_bytes
-        self.runs: list[_Run] = []  # oldest first
+        self.bottom: list[_Run] = []  # the oldest run, as segments of key groups in order
+        self.upper: list[_Run] = []  # the runs above it, oldest first
         self.fresh: list[_Run] = []  # changes since the last checkpoint, oldest first, with tombstones
+        self._cursor: int | None = None  # upper[0] is being merged into the bottom from this key group on
+        self._top: _Run | None = None  # the runs the last take_changes handed out to write
+        self._drained: _Run | None = None
         self.counters = StoreCounters()
         self._restored = restored if isinstance(restored, RestoredState) else None
         self._pending: dict[int, list] = {}  # restored key groups not fetched yet: their chains
         self._spill_dir: str | None = None
         if self._restored is not None:
             self._pending = {int(kg): chain for kg, chain in self._restored.chains.items() if chain}
-            self.runs = [_Run(pa.table({}), {})]  # the bottom run, filled as key groups are fetched
+            self.bottom = [self._segment(pa.table({}), {}, 0, max_key_groups)]  # filled as groups are fetched
         elif restored:
             tables = [t for t in restored.values() if t.num_rows]
             if tables:
-                self.runs = [_Run(self._sorted(pa.concat_tables(tables, promote_options="permissive")))]
+                table = self._sorted(pa.concat_tables(tables, promote_options="permissive"))
+                self.bottom = [self._segment(table, {}, 0, max_key_groups)]
 
     # ------------------------------------------------------------ counters
     @property
@@ -151,14 +162,23 @@ class KeyedStore:
         self._fetch(np.unique(positions >> _SHIFT))
         self.counters.reads.update((positions >> _SHIFT).tolist())
         found = []
-        for table, run_positions in self._levels():
+        for run in reversed(self._all_runs()):  # newest first
             if len(keys) == 0:
                 break
-            rows, hit = _search(table, run_positions, self.key, keys, positions)
+            first, last = 0, len(keys)
+            if run.lo is not None:  # a bottom segment: only the needles of its key groups
+                first, last = np.searchsorted(positions, np.uint64(run.lo) << _SHIFT), \
+                    np.searchsorted(positions, np.uint64(run.hi) << _SHIFT)
+            if not run.rows or last <= first:
+                continue
+            rows, hit = _search(run.table, run.positions, self.key, keys.slice(first, last - first),
+                                positions[first:last])
             if rows is not None:
                 self.counters.rows_read += rows.num_rows
                 found.append(rows)
-                keys, positions = keys.filter(pa.array(~hit)), positions[~hit]
+                keep = np.ones(len(keys), bool)
+                keep[first:last] = ~hit
+                keys, positions = keys.filter(pa.array(keep)), positions[keep]
         rows = _live(_concat(found))
         return rows.drop_columns([POSITION]) if rows is not None and rows.num_rows else None
 
@@ -252,59 +272,101 @@ class KeyedStore:
 
     # --------------------------------------------------------- checkpoints
     def take_changes(self, whole: bool = False) -> StateChanges:
-        """What a checkpoint writes: the new run, one table per key group
-        (``whole``: all state as one run, for a savepoint). After writing it
-        the runtime calls :meth:`written`, then reads :meth:`chains`."""
+        """What a checkpoint writes: the new run (``runs``, one table per key
+        group), and the key groups whose bottom segment was rewritten by this
+        checkpoint's step of compaction (``compacted``). ``whole``: all state
+        as one run, for a savepoint. After writing them the runtime calls
+        :meth:`written` for each, then reads :meth:`chains`."""
         before = set(self.chains())
         self._fetch(sorted(self._pending)[:PREFETCH_PER_CHECKPOINT])  # the rest of a lazy restore, a little at a time
-        unwritten = any(run.rows and not run.refs for run in self.runs)  # restored from tables, not from files
+        self._top = self._drained = None
+        changes = StateChanges()
+        unwritten = any(run.rows and not run.refs for run in self.bottom + self.upper)  # restored from tables
         if whole or unwritten:
             self._fetch(list(self._pending))
-            new = self._merge_down(len(self.runs))
-        else:
-            if not self.fresh:
-                return StateChanges()
+            tables = [run.table for run in self._all_runs()]
+            self.upper, self.fresh, self._cursor = [], [], None
+            self._top = self._segment(_live(self._merged(tables)), {}, 0, self.max_key_groups)
+            self.bottom = [self._top]
+            changes.runs = _split_by_group(self._top)
+        changed = 0
+        if not (whole or unwritten) and self.fresh:
             new, self.fresh = self._merged([run.table for run in self.fresh]), []
-            while self.runs and (len(self.runs) >= MAX_RUNS or self._smaller(self.runs[-1], new)):
-                below = self.runs.pop()
-                if not self.runs:
-                    self._fetch(list(self._pending), into=below)
+            changed = new.num_rows
+            # Size-tiered among the runs above the bottom; one being merged into the bottom is left alone.
+            while self.upper and not (self._cursor is not None and len(self.upper) == 1) and (
+                    len(self.upper) >= MAX_RUNS or self.upper[-1].rows < TIER_RATIO * new.num_rows):
+                below = self.upper.pop()
                 self.counters.rows_merged += below.rows + new.num_rows
                 new = _merge(below.table, new, self.key)
-        if not self.runs:
-            new = _live(new)
-        self.fresh = []
-        run = _Run(new)
-        self.runs.append(run)
-        changes = StateChanges(runs=_split_by_group(run))
-        changes.removed = before - set(self.chains()) - set(changes.runs)
+            if not self.upper and not self._pending and not any(run.rows for run in self.bottom):
+                self._top = self._segment(_live(new), {}, 0, self.max_key_groups)
+                self.bottom = [self._top]
+            else:
+                self._top = _Run(new)
+                self.upper.append(self._top)
+            changes.runs = _split_by_group(self._top)
+        if self._cursor is None and self.upper and (len(self.upper) >= MAX_RUNS or (
+                not self._pending and sum(r.rows for r in self.bottom) < TIER_RATIO * self.upper[0].rows)):
+            self._cursor = 0  # start merging upper[0] into the bottom, a window of key groups per checkpoint
+        if self._cursor is not None:  # fast enough to finish before the run above is due: 8x the changes
+            self._drained = self._drain_step(max(DRAIN_ROWS, 8 * changed))
+            changes.compacted = _split_by_group(self._drained)
+        changes.removed = before - set(self.chains()) - set(changes.runs) - set(changes.compacted)
         self._spill()
         return changes
 
-    def written(self, path: str, batches: dict) -> None:
-        """The newest run was written to ``path``, key group ``kg``'s slice as batch ``batches[kg]``."""
-        self.runs[-1].refs = {int(kg): [[path, batch]] for kg, batch in batches.items()}
+    def _drain_step(self, budget: int) -> _Run:
+        """Merge the next window of key groups of ``upper[0]`` into the bottom:
+        about ``budget`` rows, so a checkpoint's compaction is bounded whatever
+        the size of the state. Returns the window's new bottom segment. The
+        merged rows stay in ``upper[0]`` too (they say the same) until it is
+        merged whole and dropped."""
+        source, start = self.upper[0], self._cursor
+        bounds = np.arange(self.max_key_groups + 1, dtype=np.uint64) << _SHIFT
+        counts = np.diff(np.searchsorted(source.positions, bounds)).astype(np.int64)
+        for seg in self.bottom:
+            counts += np.diff(np.searchsorted(seg.positions, bounds))
+        end = start + max(1, int(np.searchsorted(np.cumsum(counts[start:]), budget, side="right")))
+        end = min(end, self.max_key_groups)
+        self._fetch(range(start, end))
+        kept, parts, refs = [], [], {}
+        for seg in self.bottom:
+            if seg.hi <= start or seg.lo >= end:
+                kept.append(seg)
+                continue
+            a, b = (int(x) for x in np.searchsorted(seg.positions, bounds[[max(seg.lo, start), min(seg.hi, end)]]))
+            if seg.lo < start:
+                kept.append(self._segment(seg.table.slice(0, a), seg.refs, seg.lo, start, seg.mapped))
+            parts.append(seg.table.slice(a, b - a))
+            if seg.hi > end:
+                kept.append(self._segment(seg.table.slice(b), seg.refs, end, seg.hi, seg.mapped))
+        a, b = (int(x) for x in np.searchsorted(source.positions, bounds[[start, end]]))
+        below = _by_position(pa.concat_tables(parts, promote_options="permissive")) if parts else None
+        above = source.table.slice(a, b - a)
+        self.counters.rows_merged += (0 if below is None else below.num_rows) + above.num_rows
+        merged = _live(above if below is None or below.num_rows == 0 else _merge(below, above, self.key))
+        segment = self._segment(merged, refs, start, end)
+        self.bottom = sorted(kept + [segment], key=lambda seg: seg.lo)
+        self._cursor = end
+        if end >= self.max_key_groups:  # upper[0] is in the bottom now, all of it
+            self.upper.pop(0)
+            self._cursor = None
+        return segment
+
+    def written(self, path: str, batches: dict, compacted: bool = False) -> None:
+        """``path`` holds the new run (``compacted``: the rewritten bottom
+        segment), key group ``kg``'s slice as batch ``batches[kg]``."""
+        run = self._drained if compacted else self._top
+        run.refs = {int(kg): [[path, batch]] for kg, batch in batches.items()}
 
     def chains(self) -> dict[int, list]:
         """Per key group, the references that rebuild its state, oldest first."""
         out: dict[int, list] = {kg: list(chain) for kg, chain in self._pending.items()}
-        for run in self.runs:
+        for run in self.bottom + self.upper:
             for kg, refs in run.refs.items():
                 out.setdefault(kg, []).extend(refs)
         return out
-
-    def _smaller(self, run: _Run, new: pa.Table) -> bool:
-        """Whether ``new`` is merged into ``run`` (the bottom run of a lazy
-        restore counts as large until all of it is fetched)."""
-        if run is self.runs[0] and self._pending:
-            return False
-        return run.rows < TIER_RATIO * new.num_rows
-
-    def _merge_down(self, n: int) -> pa.Table:
-        """The top ``n`` runs and the fresh ones, merged into one table."""
-        tables = [run.table for run in self.runs[-n:]] + [run.table for run in self.fresh]
-        self.runs = self.runs[:-n] if n else self.runs
-        return self._merged(tables)
 
     def _merged(self, tables: list[pa.Table]) -> pa.Table:
         """Runs (oldest first) as one: a key's rows come from the newest run that has the key."""
@@ -315,37 +377,37 @@ class KeyedStore:
         return new
 
     # ------------------------------------------------------------ internals
+    def _segment(self, table: pa.Table, refs: dict, lo: int, hi: int, mapped: bool = False) -> _Run:
+        return _Run(table, {kg: r for kg, r in refs.items() if lo <= kg < hi}, mapped, lo, hi)
+
     def _all_runs(self) -> list[_Run]:
-        """Every run, oldest first, the fresh ones last."""
-        return self.runs + self.fresh
+        """Every run, oldest first: the bottom's segments, the runs above it, the fresh ones."""
+        return self.bottom + self.upper + self.fresh
 
-    def _levels(self):
-        """(table, positions) of each run, newest first."""
-        for run in reversed(self._all_runs()):
-            if run.rows:
-                yield run.table, run.positions
-
-    def _fetch(self, groups, into: _Run | None = None) -> None:
-        """Fetch the restored chains of ``groups`` not fetched yet into the bottom run."""
-        wanted = [int(kg) for kg in groups if int(kg) in self._pending]
+    def _fetch(self, groups) -> None:
+        """Fetch the restored chains of ``groups`` not fetched yet into the bottom segments that cover them."""
+        wanted = sorted(int(kg) for kg in groups if int(kg) in self._pending)
         if not wanted:
             return
-        bottom = into if into is not None else self.runs[0]
-        tables = [bottom.table] if bottom.rows else []
-        for kg in sorted(wanted):
-            chain = self._pending.pop(kg)
-            parts = []
-            for ref in chain:
-                parts.append(self._restored.load(ref))
-                self._restored.fetched.append(ref)
-                self.counters.fetched += 1
-            table = apply_chain(parts, self.key) if len(parts) > 1 else _live(parts[0])
-            if table.num_rows:
-                tables.append(self._sorted(table.drop_columns([c for c in table.column_names if c == POSITION])))
-            bottom.refs[kg] = list(chain)
-        merged = _by_position(pa.concat_tables(tables, promote_options="permissive")) if tables else bottom.table
-        refs = bottom.refs
-        bottom.__init__(merged, refs)
+        by_segment: dict[int, list[int]] = {}
+        for kg in wanted:
+            i = next(i for i, seg in enumerate(self.bottom) if seg.lo <= kg < seg.hi)
+            by_segment.setdefault(i, []).append(kg)
+        for i, kgs in by_segment.items():
+            seg = self.bottom[i]
+            tables = [seg.table] if seg.rows else []
+            refs = dict(seg.refs)
+            for kg in kgs:
+                chain = self._pending.pop(kg)
+                parts = [self._restored.load(ref) for ref in chain]
+                self._restored.fetched.extend(chain)
+                self.counters.fetched += len(chain)
+                table = apply_chain(parts, self.key) if len(parts) > 1 else _live(parts[0])
+                if table.num_rows:
+                    tables.append(self._sorted(table))
+                refs[kg] = list(chain)
+            merged = _by_position(pa.concat_tables(tables, promote_options="permissive")) if tables else seg.table
+            self.bottom[i] = self._segment(merged, refs, seg.lo, seg.hi)
 
     def _positions(self, keys: pa.Array) -> np.ndarray:
         hashed = stable_hash(keys).to_numpy()
@@ -363,6 +425,11 @@ class KeyedStore:
         """Bytes of state held in memory (not mapped from local disk)."""
         return sum(r.table.nbytes for r in self._all_runs() if not r.mapped)
 
+    @property
+    def runs(self) -> list[_Run]:
+        """The bottom's segments and the runs above them, oldest first (not the fresh ones)."""
+        return self.bottom + self.upper
+
     def _spill(self) -> None:
         """Move the largest runs held in memory to local memory-mapped files
         until what stays in memory is within the budget."""
@@ -378,8 +445,7 @@ class KeyedStore:
             with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, run.table.schema) as writer:
                 writer.write_table(run.table, max_chunksize=max(run.rows, 1))
             table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
-            refs = run.refs
-            run.__init__(table, refs, mapped=True)
+            run.__init__(table, run.refs, True, run.lo, run.hi)
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -78,8 +78,8 @@ def test_state_beyond_the_budget_is_mapped_from_local_disk_and_stays_exact():
         def snapshot_changes(self, whole=False):
             return store.take_changes(whole)
 
-        def state_written(self, path, batches):
-            store.written(path, batches)
+        def state_written(self, path, batches, compacted=False):
+            store.written(path, batches, compacted)
 
         def state_chains(self):
             return store.chains()
@@ -112,3 +112,55 @@ def test_deletes_and_several_rows_per_key_replace_what_older_runs_hold():
     got = store.get(pa.array([1, 2, 3, None], pa.int64()))
     assert sorted(got.to_pylist(), key=lambda r: (r["k"] is None, r["k"] or 0)) == \
         [{"k": 1, "w": 12}, {"k": 3, "w": 30}, {"k": None, "w": 0}]
+
+
+class StoreLogic:
+    """The checkpoint face of an operator, for a bare store."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def snapshot_changes(self, whole=False):
+        return self.store.take_changes(whole)
+
+    def state_written(self, path, batches, compacted=False):
+        self.store.written(path, batches, compacted)
+
+    def state_chains(self):
+        return self.store.chains()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_compaction_a_window_at_a_time_restores_exactly_at_every_checkpoint(seed, monkeypatch):
+    import sluiceway.operators.store as store_module
+
+    monkeypatch.setattr(store_module, "DRAIN_ROWS", 700)  # the bottom is rewritten a few key groups at a time
+    rng = np.random.default_rng(seed)
+    store, files, expected = KeyedStore(key="k"), MemoryStateFiles(), {}
+    store.put(pa.table({"k": np.arange(0, 16_000, 2), "n": np.zeros(8_000, np.int64)}))
+    expected.update(dict.fromkeys(range(0, 16_000, 2), 0))
+    windows = 0
+    for epoch in range(90):
+        keys = np.unique(rng.integers(0, 16_000, int(rng.integers(1, 200))))
+        values = rng.integers(0, 1000, len(keys))
+        dead = keys[values < 150]  # some keys are deleted
+        live = keys[values >= 150]
+        store.put(pa.table({"k": live, "n": values[values >= 150]}))
+        store.delete(pa.array(dead))
+        expected.update(zip(live.tolist(), values[values >= 150].tolist()))
+        for k in dead.tolist():
+            expected.pop(k, None)
+        if epoch % 3 == 2:
+            store.reset_touched()
+            files.checkpoint(StoreLogic(store))
+            windows += store._drained is not None and store._drained.hi - store._drained.lo < 128
+            assert store.counters.rows_merged <= 4 * 3 * 200 * 4 + 8 * 3 * 200 + 8_000 * (epoch == 2)  # never all again
+            assert len(store.runs) <= 10
+            if epoch in (41, 74):  # start again from this checkpoint, fetching lazily
+                store = KeyedStore(files.restored(), key="k")
+        probe = pa.array(rng.integers(0, 16_000, 300))
+        got = store.get(probe)
+        got = {} if got is None else dict(zip(got.column("k").to_pylist(), got.column("n").to_pylist()))
+        assert got == {k: expected[k] for k in set(probe.to_pylist()) if k in expected}
+    assert sum(t.num_rows for t in store.groups.values()) == len(expected)
+    assert windows >= 1  # the bottom was rewritten a window of key groups at a time
