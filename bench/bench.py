@@ -38,6 +38,17 @@ the same work on the same data.
    parallelism 2 to 32 on Ray at 4,000 rows/s in all: the epoch latency
    that is per-task overhead, not rows.
 
+0c. **Keyed state as it grows** (``BENCH_ONLY=state``; sizes in
+   ``BENCH_STATE_KEYS``): one task's store in process at 1 M, 10 M and 40 M
+   keys, 100,000-row epochs on keys from all of the state, a checkpoint
+   every 5 epochs, beside a numpy loop over dense arrays: epoch and
+   checkpoint times, rows a checkpoint writes, resident and mapped memory.
+
+0d. **The keyed running aggregate on Ray** (``BENCH_ONLY=state_job``; sizes
+   in ``BENCH_STATE_JOB_KEYS``): a backlog of 2 partitions where every key
+   comes twice, key_by -> aggregate(sum, count) -> Parquet with the
+   defaults, at 1 M, 10 M and 40 M distinct keys: rows/s and epoch times.
+
 5. **Tables and joins** (``BENCH_ONLY=joins``): over ``BENCH_JOIN_EVENTS``
    generated events, all waiting when the job starts, with the defaults a
    user gets, each beside a single-process pyarrow computation of the same
@@ -677,6 +688,43 @@ def state_bench(sizes=None) -> None:
         del logic, sums, counts
 
 
+STATE_JOB_KEYS = [int(x) for x in os.environ.get("BENCH_STATE_JOB_KEYS", "1000000,10000000,40000000").split(",")]
+
+
+def _twice(keys_per_partition: int):
+    def rows(partition: int, start: int, stop: int) -> pa.RecordBatch:
+        """Every key of the partition once, then each again: ``K`` keys in ``2K`` offsets."""
+        i = offsets(start, stop)
+        key = pc.add(pc.multiply(pc.remainder(i, keys_per_partition), 2), partition)
+        return pa.record_batch({"key": key, "v": pc.remainder(i, 10)})
+    return rows
+
+
+def state_job_bench(sizes=None) -> None:
+    """The issue's keyed running aggregate on Ray with the defaults a user gets: a generated backlog of 2
+    partitions, every key seen twice, key_by -> aggregate(sum, count) -> Parquet, 2 tasks."""
+    from sluiceway.operators.sinks import ParquetSink
+
+    print("\n## Keyed running aggregate on Ray as keys grow (2 partitions, every key twice, defaults, Parquet)",
+          flush=True)
+    print(f"{'keys':>12} {'rows':>12} {'rows/s':>10} {'epoch p50':>10} {'epoch max':>10} {'ckpt written max':>17}")
+    for keys in sizes or STATE_JOB_KEYS:
+        with tempfile.TemporaryDirectory() as work:
+            per_partition = keys // 2
+            flow = Dataflow(f"bench_state_{keys}")
+            flow.source(GeneratorSource(_twice(per_partition), 2, 1e12, 2 * per_partition)).key_by("key") \
+                .aggregate([("v", "sum"), ("v", "count")]).sink(ParquetSink(os.path.join(work, "out")))
+            events: list[dict] = []
+            t0 = time.time()
+            run(flow, os.path.join(work, "ckpt"), until_idle=True, on_event=events.append)
+            took = time.time() - t0
+            epochs = sorted(e["duration_s"] for e in events if e["type"] == "epoch")
+            written = [c.written_bytes for c in CheckpointHistory(JobStorage(os.path.join(work, "ckpt"),
+                                                                             flow.name)).list()]
+            print(f"{keys:>12,} {2 * keys:>12,} {2 * keys / took:>10,.0f} {epochs[len(epochs) // 2]:>8.2f} s "
+                  f"{epochs[-1]:>8.2f} s {max(written) / 1e6:>14.1f} MB", flush=True)
+
+
 def controller_bench() -> None:
     """The job controller's CPU per epoch at 10 to 2,000 simulated tasks (no Ray, no storage: its decisions only)."""
     from sluiceway.cluster.simulation import scale_table
@@ -701,6 +749,8 @@ def main() -> int:
             tasks_bench()
         if os.environ.get("BENCH_ONLY") in (None, "", "state"):
             state_bench()
+        if os.environ.get("BENCH_ONLY") in (None, "", "state_job"):
+            state_job_bench()
         if os.environ.get("BENCH_ONLY") in (None, "", "backlog"):
             backlog_bench()
         if os.environ.get("BENCH_ONLY") in (None, "", "keyed"):

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -352,8 +353,24 @@ class Outcome:
                 f"committed, {self.runs} runs, {self.recoveries} recoveries, in {seconds:.1f} s\nfaults: {struck}")
 
 
-def run_seeds(seeds, config: Config = Config(), controller_class=JobController) -> Outcome:
-    """Run every seed; the violations and what the seeds went through."""
+def run_seeds(seeds, config: Config = Config(), controller_class=JobController, workers: int = 1) -> Outcome:
+    """Run every seed; the violations and what the seeds went through.
+    ``workers`` > 1 shares the seeds among that many fresh processes."""
+    seeds = list(seeds)
+    if workers > 1 and len(seeds) > workers:
+        import multiprocessing
+
+        chunks = [seeds[i::workers] for i in range(workers)]
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            parts = pool.starmap(run_seeds, [(chunk, config, controller_class) for chunk in chunks])
+        outcome = Outcome(sorted(f for part in parts for f in part.failed), faults={})
+        for part in parts:
+            outcome.epochs += part.epochs
+            outcome.runs += part.runs
+            outcome.recoveries += part.recoveries
+            for kind, n in part.faults.items():
+                outcome.faults[kind] = outcome.faults.get(kind, 0) + n
+        return outcome
     outcome = Outcome([], faults={})
     for seed in seeds:
         try:
@@ -482,7 +499,8 @@ def main(argv=None, controller_class=JobController) -> int:
             print(f"seed {args.seed}: {exc}", file=sys.stderr)
             return 1
     started = time.perf_counter()
-    outcome = run_seeds(range(args.first, args.first + args.seeds), controller_class=controller_class)
+    outcome = run_seeds(range(args.first, args.first + args.seeds), controller_class=controller_class,
+                        workers=os.cpu_count() or 1)
     for seed, problem in outcome.failed:
         print(f"seed {seed}: {problem}\n  replay: {replay_command(seed)}", file=sys.stderr)
     print(outcome.line(args.seeds, time.perf_counter() - started))
