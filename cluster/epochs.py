@@ -122,6 +122,7 @@ class TaskAck:
     dead_letters: int = 0  # records or files the source task could not decode
     late: int = 0  # events that came after their window closed (sent to late())
     event_time: dict[str, dict] = field(default_factory=dict)  # event-time step -> its marks, at checkpoints
+    state_memory: dict[str, dict] = field(default_factory=dict)  # step -> resident and mapped bytes, at checkpoints
 
 
 @dataclass(frozen=True)

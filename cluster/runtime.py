@@ -66,6 +66,7 @@ class EpochResult:
     state: dict[str, dict[str, list]] = field(default_factory=dict)  # step -> key group -> chain of [file, batch]
     snapshot_s: float = 0.0
     event_time: dict[str, dict] = field(default_factory=dict)  # event-time step -> marks, at a checkpoint
+    state_memory: dict[str, dict] = field(default_factory=dict)  # step -> resident and mapped bytes, at a checkpoint
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table | None:
@@ -313,6 +314,7 @@ class TaskRuntime:
                         result.state_files.append(entry)
                         logic.state_written(entry["path"], entry["key_groups"], compacted)
                 result.state[step_id] = {str(kg): chain for kg, chain in sorted(logic.state_chains().items())}
+                result.state_memory[step_id] = logic.state_memory()
             result.event_time = {s: logic.marks(self.partitions) for s, logic in self.event_logic.items()}
             result.snapshot_s = time.time() - t0
         return result

@@ -120,7 +120,7 @@ class TaskHost:
             state=result.state, snapshot_s=result.snapshot_s, alignment_s=alignment_s,
             sink_handles=result.sink_handles, watermark=out.watermark,
             dead_letters=0 if dead_letters is None else dead_letters.num_rows, late=out.late,
-            event_time=result.event_time,
+            event_time=result.event_time, state_memory=result.state_memory,
         ))
 
     def _guarded(self, fn, *args) -> None:

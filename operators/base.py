@@ -79,6 +79,10 @@ class OperatorLogic:
         """Per key group, the ``[file, batch]`` references that rebuild its state."""
         return {}
 
+    def state_memory(self) -> dict:
+        """Bytes of state in memory and mapped from local disk."""
+        return {"resident_bytes": 0, "mapped_bytes": 0}
+
 
 class KeyedLogic(OperatorLogic):
     """Live state of an operator that keeps it in one
@@ -113,6 +117,10 @@ class KeyedLogic(OperatorLogic):
 
     def state_chains(self) -> dict[int, list]:
         return self.store.chains()
+
+    def state_memory(self) -> dict:
+        """Bytes of state in memory and mapped from local disk (for the history and status)."""
+        return self.store.memory()
 
     def state_rows(self) -> int:
         """Rows of state this task holds (for tests and metrics)."""

@@ -237,6 +237,10 @@ class GroupStore:
         self._dirty = set()
         return changes
 
+    def memory(self) -> dict:
+        """Bytes of state held in memory (all of it: a group store maps nothing)."""
+        return {"resident_bytes": sum(t.nbytes for t in self._groups.values()), "mapped_bytes": 0}
+
     def written(self, path: str, batches: dict, compacted: bool = False) -> None:
         for kg, batch in batches.items():
             self._chains[int(kg)] = [[path, batch]]

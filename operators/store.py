@@ -425,6 +425,11 @@ class KeyedStore:
         """Bytes of state held in memory (not mapped from local disk)."""
         return sum(r.table.nbytes for r in self._all_runs() if not r.mapped)
 
+    def memory(self) -> dict:
+        """Bytes of state held in memory and mapped from local disk."""
+        mapped = sum(r.table.nbytes for r in self._all_runs() if r.mapped)
+        return {"resident_bytes": self.resident_bytes(), "mapped_bytes": mapped}
+
     @property
     def runs(self) -> list[_Run]:
         """The bottom's segments and the runs above them, oldest first (not the fresh ones)."""

@@ -95,7 +95,7 @@ def cmd_checkpoints_show(args) -> int:
             for path, _ in chain:
                 by_file[path] = by_file.get(path, 0) + 1
         deltas = sum(len(chain) - 1 for chain in key_groups.values())
-        print(f"  {step}: {len(key_groups)} key groups in {len(by_file)} file(s), {deltas} delta(s) on full copies")
+        print(f"  {step}: {len(key_groups)} key groups in {len(by_file)} file(s), {deltas} run(s) on the oldest ones")
         for path, count in sorted(by_file.items()):
             f = manifest["files"][path]
             print(f"    {path}  {count} key group part(s), {f['size_bytes']:,} bytes, {f['rows']:,} rows, "
@@ -118,6 +118,24 @@ def cmd_checkpoints_diff(args) -> int:
     return 0
 
 
+def memory_of(checkpoint: dict) -> str:
+    """Where the tasks kept each step's state at a checkpoint: in memory and mapped from local disk.
+
+    >>> memory_of({"tasks": [{"state_memory": {"sums": {"resident_bytes": 10, "mapped_bytes": 5000}}},
+    ...                      {"state_memory": {"sums": {"resident_bytes": 20, "mapped_bytes": 0}}}]})
+    '; in memory / on local disk: sums 30 / 5,000 bytes'
+    """
+    steps: dict[str, list[int]] = {}
+    for task in checkpoint.get("tasks", []):
+        for step, m in task.get("state_memory", {}).items():
+            both = steps.setdefault(step, [0, 0])
+            both[0] += m["resident_bytes"]
+            both[1] += m["mapped_bytes"]
+    if not steps:
+        return ""
+    return "; in memory / on local disk: " + ", ".join(f"{s} {r:,} / {m:,} bytes" for s, (r, m) in steps.items())
+
+
 def format_record(r: dict) -> str:
     """One line of ``sluiceway history``."""
     kind = r["kind"]
@@ -130,7 +148,7 @@ def format_record(r: dict) -> str:
         if r["status"] == "complete":
             what = "savepoint" if r.get("savepoint") else "complete"
             text = (f"{r['id']} {what}: {r['duration_s']:.3f} s, alignment {r['alignment_s']:.3f} s, "
-                    f"{r['size_bytes']:,} bytes of state, {r['written_bytes']:,} written")
+                    f"{r['size_bytes']:,} bytes of state, {r['written_bytes']:,} written{memory_of(r)}")
         else:
             text = f"{r['id']} {r['status']}: {r['reason']}"
     elif kind == "recovery":

@@ -98,6 +98,10 @@ def test_state_several_times_the_budget_through_a_task_kill_and_a_rescale_exactl
     manifest = JobStorage(ckpt, "big_state").read_manifest(first["last_checkpoint"])
     state_bytes = sum(f["size_bytes"] for f in manifest["files"].values())
     assert state_bytes > 4 * 2**20, state_bytes  # several times the 1 MiB budget per task
+    checkpoint = [r for r in history(ckpt, "big_state").records if r["kind"] == "checkpoint"][-1]
+    memory = [t["state_memory"]["totals"] for t in checkpoint["tasks"] if t["task"].startswith("by_sensor")]
+    assert len(memory) == 2 and all(m["mapped_bytes"] > 2**20 for m in memory), memory  # beyond it: on disk
+    assert all(m["resident_bytes"] <= 2**20 + 200_000 for m in memory), memory
     second = run(big_state_flow(out, 3), ckpt, trigger_s=0, max_records_per_epoch=60_000, checkpoint_every=2)
     assert second["stopped"] == "idle"
     table = pa.Table.from_batches([many_keys(p, 0, 2 * KEYS) for p in range(2)])
