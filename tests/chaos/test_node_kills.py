@@ -148,9 +148,48 @@ print(json.dumps(r, default=str))
 """
 
 
+STATE = """
+import json, sys
+import pyarrow as pa, pyarrow.compute as pc
+from sluiceway.jobs import Dataflow, run
+from sluiceway.jobs.demo import kill_nodes_during
+from sluiceway.jobs.testing import compare_exactly_once
+from sluiceway.operators.sinks import ParquetSink, read_committed
+from sluiceway.operators.sources import GeneratorSource
+work, keys = {work!r}, 150_000
+def readings(partition, start, stop):
+    offset = pa.array(range(start, stop), pa.int64())
+    return pa.record_batch({{"sensor": pc.add(pc.remainder(offset, keys), partition * 1_000_000),
+                            "value": pc.remainder(offset, 7)}})
+def flow(parallelism):
+    f = Dataflow("big_state", state_budget_mb=1)
+    f.source(GeneratorSource(readings, 2, 20_000, 2 * keys)).key_by("sensor", parallelism=parallelism) \\
+        .aggregate([("value", "sum"), ("value", "count")], name="totals").sink(ParquetSink(work + "/out"))
+    return f
+r = kill_nodes_during(flow(2), work + "/ckpt", kill_after_epoch=4, checkpoint_every=2, trigger_s=0.5,
+                      log=lambda l: print(l, file=sys.stderr))
+if "error" not in r:
+    from sluiceway.checkpoint.timeline import history
+    memory = [t.get("state_memory", {{}}).get("totals") for c in history(work + "/ckpt", "big_state").records
+              if c["kind"] == "checkpoint" for t in c.get("tasks", [])]
+    r["mapped"] = max((m["mapped_bytes"] for m in memory if m), default=0)
+    r["rescaled"] = run(flow(3), work + "/ckpt", trigger_s=0, until_idle=True, max_records_per_epoch=60_000)
+    table = pa.Table.from_batches([readings(p, 0, 2 * keys) for p in range(2)])
+    want = table.group_by("sensor").aggregate([("value", "sum"), ("value", "count")]).select(
+        ["sensor", "value_sum", "value_count"])
+    changelog = read_committed(work + "/out")
+    indexed = changelog.append_column("__row", pa.array(range(changelog.num_rows), pa.int64()))
+    last = indexed.group_by("sensor").aggregate([("__row", "max")])
+    got = changelog.take(last["__row_max"]).select(["sensor", "value_sum", "value_count"])
+    r["verdict"] = compare_exactly_once(got, want).line()
+    r["exactly_once"] = compare_exactly_once(got, want).exactly_once
+print(json.dumps(r, default=str))
+"""
+
+
 @pytest.fixture(scope="module")
-def runs(postgres_dsn, s3_endpoint, redis_server, nats_server, rabbitmq_server):
-    """The three runs, started together."""
+def runs(postgres_dsn, s3_endpoint, redis_server, nats_server, rabbitmq_server, tmp_path_factory):
+    """The four runs, started together."""
     from sluiceway.checkpoint.storage import open_filesystem
 
     s3_bucket = "s3://sluiceway-node-kills"
@@ -163,6 +202,7 @@ def runs(postgres_dsn, s3_endpoint, redis_server, nats_server, rabbitmq_server):
                                   redis_url=redis_server.url, nats_url=nats_server.url,
                                   amqp_url=rabbitmq_server.url, broker_rows=4000),
         "examples": EXAMPLES.format(tests=TESTS),
+        "state": STATE.format(work=str(tmp_path_factory.mktemp("big_state"))),
     }
     procs = {name: subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True) for name, script in scripts.items()}
@@ -215,3 +255,13 @@ def test_the_examples_of_tables_and_joins_through_a_node_kill(runs):
     r = _result(runs["examples"])
     assert len(r["kills"]) == 1 and r["summary"]["restarts"] >= 1
     assert all(r["examples"].values()), f"examples that differ from their answer: {r['examples']}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_state_several_times_its_budget_through_a_node_kill_and_a_rescale(runs):
+    r = _result(runs["state"])
+    assert len(r["kills"]) == 1 and r["summary"]["restarts"] >= 1
+    assert r["mapped"] > 2**20, r["mapped"]  # state beyond the 1 MiB budget lived on local disk
+    assert r["rescaled"]["stopped"] == "idle"
+    assert r["exactly_once"], r["verdict"]
