@@ -201,6 +201,8 @@ class KeyedStore:
         self.fresh.append(_Run(rows))
         if len(self.fresh) > MAX_FRESH:
             self.fresh = [_Run(self._merged([run.table for run in self.fresh]))]
+        if self.resident_bytes() > self.budget_bytes:  # changes beyond the budget between checkpoints
+            self._spill()
 
     def delete(self, keys: pa.Array | pa.ChunkedArray) -> None:
         """Delete every row of ``keys``."""
@@ -439,7 +441,7 @@ class KeyedStore:
         """Move the largest runs held in memory to local memory-mapped files
         until what stays in memory is within the budget."""
         over = self.resident_bytes() - self.budget_bytes
-        for run in sorted((r for r in self.runs if not r.mapped and r.rows), key=lambda r: -r.table.nbytes):
+        for run in sorted((r for r in self._all_runs() if not r.mapped and r.rows), key=lambda r: -r.table.nbytes):
             if over <= 0:
                 break
             over -= run.table.nbytes

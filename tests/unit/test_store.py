@@ -164,3 +164,17 @@ def test_compaction_a_window_at_a_time_restores_exactly_at_every_checkpoint(seed
         assert got == {k: expected[k] for k in set(probe.to_pylist()) if k in expected}
     assert sum(t.num_rows for t in store.groups.values()) == len(expected)
     assert windows >= 1  # the bottom was rewritten a window of key groups at a time
+
+
+def test_changes_beyond_the_budget_between_checkpoints_go_to_local_disk_too():
+    store = KeyedStore(key="k", budget_bytes=256 * 1024)
+    rng = np.random.default_rng(9)
+    expected = {}
+    for epoch in range(40):  # no checkpoint: every change stays in fresh runs
+        keys = np.unique(rng.integers(0, 200_000, 5_000))
+        store.put(pa.table({"k": keys, "n": np.full(len(keys), epoch)}))
+        expected.update(dict.fromkeys(keys.tolist(), epoch))
+        assert store.resident_bytes() <= 256 * 1024 + 5_000 * 24 * 5  # the budget, and the runs since a merge
+    assert any(run.mapped for run in store.fresh)
+    got = store.get(pa.array(list(expected)))
+    assert dict(zip(got.column("k").to_pylist(), got.column("n").to_pylist())) == expected
