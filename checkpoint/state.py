@@ -75,30 +75,11 @@ def write_key_groups(storage: JobStorage, checkpoint_id: int, step: str, subtask
 
 def read_key_groups(storage: JobStorage, step_map: dict[str, list], files: dict[str, dict],
                     key_groups: range | set[int]) -> dict[int, list[pa.Table]]:
-    """The chains of ``key_groups`` of one step (full copy first, then the
-    deltas), as the manifest's state map names them; every file read is
-    checked against its size and sha256."""
-    by_file: dict[str, list[tuple[int, int, int]]] = {}
-    for kg_text, chain in step_map.items():
-        if int(kg_text) in key_groups:
-            for position, (path, batch) in enumerate(chain):
-                by_file.setdefault(path, []).append((int(kg_text), position, batch))
-    parts: dict[int, dict[int, pa.Table]] = {}
-    for path, wanted in sorted(by_file.items()):
-        meta = files.get(path)
-        if meta is None:
-            raise CorruptCheckpointError(f"state file {path} is named in the state map but not in the manifest's files")
-        data = storage.read_bytes(storage.absolute(path))
-        if data is None:
-            raise CorruptCheckpointError(f"state file {path} named in the manifest is missing")
-        if len(data) != meta["size_bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise CorruptCheckpointError(
-                f"state file {path} fails its checksum ({len(data)} bytes, manifest says {meta['size_bytes']})"
-            )
-        reader = pa.ipc.open_file(pa.BufferReader(data))
-        for kg, position, batch in wanted:
-            parts.setdefault(kg, {})[position] = pa.Table.from_batches([reader.get_batch(batch)])
-    return {kg: [chain[i] for i in sorted(chain)] for kg, chain in parts.items()}
+    """The chains of ``key_groups`` of one step (oldest run first), as the
+    manifest's state map names them; every file read is checked against its
+    size and sha256 (:class:`StateFiles`)."""
+    fetch = StateFiles(storage, files)
+    return {int(kg): [fetch(ref) for ref in chain] for kg, chain in step_map.items() if int(kg) in key_groups}
 
 
 class StateFiles:
@@ -113,11 +94,15 @@ class StateFiles:
         self.storage, self.files = storage, files
         self._readers: dict[str, pa.ipc.RecordBatchFileReader] = {}
 
+    def _meta(self, path: str) -> dict:
+        meta = self.files.get(path)
+        if meta is None:
+            raise CorruptCheckpointError(f"state file {path} is named in the state map but not in the manifest's files")
+        return meta
+
     def check_present(self, chains: dict) -> None:
         for path in sorted({ref[0] for chain in chains.values() for ref in chain}):
-            meta = self.files.get(path)
-            if meta is None:
-                raise CorruptCheckpointError(f"state file {path} is named in the state map but not in the manifest's files")
+            meta = self._meta(path)
             size = self.storage.file_size(self.storage.absolute(path))
             if size is None:
                 raise CorruptCheckpointError(f"state file {path} named in the manifest is missing")
@@ -129,9 +114,7 @@ class StateFiles:
         path, batch = ref
         reader = self._readers.get(path)
         if reader is None:
-            meta = self.files.get(path)
-            if meta is None:
-                raise CorruptCheckpointError(f"state file {path} is named in the state map but not in the manifest's files")
+            meta = self._meta(path)
             data = self.storage.read_bytes(self.storage.absolute(path))
             if data is None:
                 raise CorruptCheckpointError(f"state file {path} named in the manifest is missing")
@@ -155,8 +138,6 @@ class MemoryStateFiles:
         self.chains: dict[int, list] = {}
 
     def checkpoint(self, logic, whole: bool = False) -> dict[int, list]:
-        from sluiceway.operators.state import StateChanges  # noqa: F401 - the shape logic returns
-
         changes = logic.snapshot_changes(whole)
         for compacted, tables in ((False, changes.runs), (True, changes.compacted)):
             if tables:

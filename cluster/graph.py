@@ -20,6 +20,7 @@ from sluiceway.operators.base import Operator
 from sluiceway.operators.errors import FlowDefinitionError
 from sluiceway.operators.sinks import Sink
 from sluiceway.operators.sources import Source
+from sluiceway.operators.store import DEFAULT_STATE_BUDGET_MB
 
 
 @dataclass
@@ -66,7 +67,7 @@ class JobGraph:
     steps: dict[str, Step] = field(default_factory=dict)
     max_key_groups: int = DEFAULT_MAX_KEY_GROUPS
     parallelism: int | None = None
-    state_budget_mb: int = 512  # memory per stateful step and task for its state; the rest is on local disk
+    state_budget_mb: int = DEFAULT_STATE_BUDGET_MB  # memory per stateful step and task; the rest on local disk
 
     def add(self, step: Step) -> Step:
         if step.id in self.steps:

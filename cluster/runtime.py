@@ -27,7 +27,7 @@ from sluiceway.operators.event_time import EventTimeLogic, SourceEpoch, restored
 from sluiceway.operators.errors import FlowValidationError, UserCodeError, missing_columns
 from sluiceway.operators.keys import key_groups
 from sluiceway.operators.sinks import SinkContext, SinkWriter
-from sluiceway.operators.state import RestoredState
+from sluiceway.operators.state import RestoredState, concat
 from sluiceway.operators.stateless import Identity
 
 
@@ -67,13 +67,6 @@ class EpochResult:
     snapshot_s: float = 0.0
     event_time: dict[str, dict] = field(default_factory=dict)  # event-time step -> marks, at a checkpoint
     state_memory: dict[str, dict] = field(default_factory=dict)  # step -> resident and mapped bytes, at a checkpoint
-
-
-def _concat(tables: list[pa.Table]) -> pa.Table | None:
-    tables = [t for t in tables if t is not None and t.num_rows]
-    if not tables:
-        return None
-    return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
 
 
 def stage_watermark(watermarks: dict, stage: str) -> int | None:
@@ -244,14 +237,14 @@ class TaskRuntime:
             by_port = [[t for t, p in zip(inputs, ports) if p == port] for port in range(len(self.stage.inputs))]
             kind = self.plan.graph.steps[root].kind
             self._deliver(root, self._user_call(root, kind, self.logic[root].process_inputs,
-                                                [_concat(tables) for tables in by_port]))
+                                                [concat(tables) for tables in by_port]))
             batches = []
         elif self.event_logic and partitions is not None:
             for logic in self.event_logic.values():
                 logic.planned_at = source.planned_at
             batches = list(zip(partitions, inputs))
         else:
-            batches = [(None, _concat(inputs))]
+            batches = [(None, concat(inputs))]
         for partition, table in batches:
             if table is None or table.num_rows == 0:
                 continue
@@ -276,7 +269,7 @@ class TaskRuntime:
         out: dict[Exchange, list[pa.Table | None]] = {}
         for exchange, tables in self._exchange_buffers.items():
             n = self.plan.stages[exchange.to_stage].parallelism
-            data = _concat(tables)
+            data = concat(tables)
             if data is None:
                 out[exchange] = [None] * n
             elif exchange.key is None:
@@ -293,7 +286,7 @@ class TaskRuntime:
         """Pre-commit sink output, and snapshot state at a checkpoint epoch."""
         result = EpochResult()
         for step_id, writer in self.sink_writers.items():
-            table = _concat(self._buffers[step_id])
+            table = concat(self._buffers[step_id])
             self._buffers[step_id] = []
             if epoch <= self.high_water:  # committed before: the coordinator committed it again
                 continue

@@ -25,6 +25,7 @@ from sluiceway.operators.windows import Hopping, Tumbling, Window
 from sluiceway.operators.sinks import Sink
 from sluiceway.operators.sources import Source
 from sluiceway.operators.stateless import Filter, MapBatches, MapRecords
+from sluiceway.operators.store import DEFAULT_STATE_BUDGET_MB
 
 
 def _check_budget(megabytes) -> None:
@@ -46,7 +47,7 @@ class Dataflow:
     """
 
     def __init__(self, name: str, *, parallelism: int | None = None, max_key_groups: int = DEFAULT_MAX_KEY_GROUPS,
-                 state_budget_mb: int = 512):
+                 state_budget_mb: int = DEFAULT_STATE_BUDGET_MB):
         if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_" for c in name):
             raise FlowDefinitionError(f"flow name {name!r} must be letters, digits, '-' or '_' (it names a folder)")
         _check_parallelism(parallelism)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from sluiceway.operators.state import StateChanges, earliest_per_group
+from sluiceway.operators.store import DEFAULT_BUDGET_BYTES
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class OperatorContext:
     parallelism: int
     max_key_groups: int
     watermark: int | None = None
-    state_budget_bytes: int = 512 * 2**20  # state kept in memory; the rest on local disk
+    state_budget_bytes: int = DEFAULT_BUDGET_BYTES  # state kept in memory; the rest on local disk
 
 
 @dataclass

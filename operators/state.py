@@ -55,21 +55,30 @@ def apply_chain(tables: list[pa.Table], key: str | None) -> pa.Table:
     >>> apply_chain([base, delta], "k").sort_by("k").to_pylist()
     [{'k': 1, 'n': 10}, {'k': 2, 'n': 21}, {'k': 4, 'n': 40}]
     """
-    result = _live_rows(tables[0])
+    result = live_rows(tables[0])
     for delta in tables[1:]:
         replaced = pc.is_in(result.column(key), value_set=delta.column(key).combine_chunks())
         result = pa.concat_tables(
-            [result.filter(pc.invert(replaced)), _live_rows(delta).select(result.column_names)],
+            [result.filter(pc.invert(replaced)), live_rows(delta).select(result.column_names)],
             promote_options="permissive",
         )
     return result
 
 
-def _live_rows(table: pa.Table) -> pa.Table:
+def live_rows(table: pa.Table) -> pa.Table:
+    """``table`` without its tombstones (and without the ``__deleted`` column)."""
     if DELETED_COLUMN not in table.column_names:
         return table
     deleted = pc.fill_null(table.column(DELETED_COLUMN), False)
     return table.filter(pc.invert(deleted)).drop_columns([DELETED_COLUMN])
+
+
+def concat(tables: list) -> pa.Table | None:
+    """The non-empty ``tables`` as one (``None`` if there are none), columns a table lacks as nulls."""
+    tables = [t for t in tables if t is not None and t.num_rows]
+    if not tables:
+        return None
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
 
 
 def split_by_key_group(table: pa.Table, key_groups: pa.Array) -> dict[int, pa.Table]:

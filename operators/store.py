@@ -54,11 +54,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluiceway.operators.keys import key_groups as groups_of, stable_hash
-from sluiceway.operators.state import DELETED_COLUMN, RestoredState, StateChanges, apply_chain, split_by_key_group
+from sluiceway.operators.state import (DELETED_COLUMN, RestoredState, StateChanges, apply_chain, concat, live_rows,
+                                       split_by_key_group)
 
 TIER_RATIO = 4  # a new run is merged into the one below it while that one is under TIER_RATIO times its size
 MAX_RUNS = 8  # runs per store, at most: past it the newest ones are merged whatever their sizes
-DEFAULT_BUDGET_BYTES = 512 * 2**20  # state a task keeps in memory per step; the rest is mapped from local disk
+DEFAULT_STATE_BUDGET_MB = 512  # state a task keeps in memory per step; the rest is mapped from local disk
+DEFAULT_BUDGET_BYTES = DEFAULT_STATE_BUDGET_MB * 2**20
 DRAIN_ROWS = 2_000_000  # rows of the bottom (and of the run merged into it) one checkpoint rewrites, at least
 MAX_FRESH = 4  # fresh runs (epochs' writes since the last checkpoint) before they are merged into one
 PREFETCH_PER_CHECKPOINT = 16  # key groups of a lazy restore fetched at each checkpoint, touched or not
@@ -159,8 +161,9 @@ class KeyedStore:
         positions = self._positions(keys)
         order = np.argsort(positions, kind="stable")  # sorted needles: each search starts near the last one
         keys, positions = keys.take(pa.array(order)), positions[order]
-        self._fetch(np.unique(positions >> _SHIFT))
-        self.counters.reads.update((positions >> _SHIFT).tolist())
+        groups = _group_starts(positions)[0].tolist()  # the needles are sorted: their groups are runs
+        self._fetch(groups)
+        self.counters.reads.update(groups)
         found = []
         for run in reversed(self._all_runs()):  # newest first
             if len(keys) == 0:
@@ -179,7 +182,8 @@ class KeyedStore:
                 keep = np.ones(len(keys), bool)
                 keep[first:last] = ~hit
                 keys, positions = keys.filter(pa.array(keep)), positions[keep]
-        rows = _live(_concat(found))
+        rows = concat(found)
+        rows = None if rows is None else live_rows(rows)
         return rows.drop_columns([POSITION]) if rows is not None and rows.num_rows else None
 
     def put(self, rows: pa.Table, keys: pa.Array | pa.ChunkedArray | None = None) -> None:
@@ -196,9 +200,9 @@ class KeyedStore:
             tombstones = pa.table({key: gone, DELETED_COLUMN: pa.repeat(True, len(gone))})
             rows = pa.concat_tables([rows, tombstones], promote_options="permissive")
         self.counters.rows_written += rows.num_rows
-        rows = self._sorted(rows)
-        self.counters.writes.update(np.unique(_positions_of(rows) >> _SHIFT).tolist())
-        self.fresh.append(_Run(rows))
+        run = _Run(self._sorted(rows))
+        self.counters.writes.update(_group_starts(run.positions)[0].tolist())
+        self.fresh.append(run)
         if len(self.fresh) > MAX_FRESH:
             self.fresh = [_Run(self._merged([run.table for run in self.fresh]))]
         if self.resident_bytes() > self.budget_bytes:  # changes beyond the budget between checkpoints
@@ -232,7 +236,7 @@ class KeyedStore:
         if not parts:
             return None
         self.counters.rows_read += sum(p.num_rows for p in parts)
-        table = apply_chain(parts, self.key) if len(parts) > 1 else _live(parts[0])
+        table = apply_chain(parts, self.key)
         return table.drop_columns([POSITION]) if table.num_rows else None
 
     def write(self, tables: dict[int, pa.Table], changed: dict[int, pa.Array]) -> None:
@@ -253,7 +257,7 @@ class KeyedStore:
         """Key groups that may hold state."""
         groups = set(self._pending)
         for run in self._all_runs():
-            groups.update(np.unique(run.positions >> _SHIFT).tolist())
+            groups.update(_group_starts(run.positions)[0].tolist())
         return sorted(groups)
 
     @property
@@ -288,7 +292,7 @@ class KeyedStore:
             self._fetch(list(self._pending))
             tables = [run.table for run in self._all_runs()]
             self.upper, self.fresh, self._cursor = [], [], None
-            self._top = self._segment(_live(self._merged(tables)), {}, 0, self.max_key_groups)
+            self._top = self._segment(live_rows(self._merged(tables)), {}, 0, self.max_key_groups)
             self.bottom = [self._top]
             changes.runs = _split_by_group(self._top)
         changed = 0
@@ -302,7 +306,7 @@ class KeyedStore:
                 self.counters.rows_merged += below.rows + new.num_rows
                 new = _merge(below.table, new, self.key)
             if not self.upper and not self._pending and not any(run.rows for run in self.bottom):
-                self._top = self._segment(_live(new), {}, 0, self.max_key_groups)
+                self._top = self._segment(live_rows(new), {}, 0, self.max_key_groups)
                 self.bottom = [self._top]
             else:
                 self._top = _Run(new)
@@ -347,7 +351,7 @@ class KeyedStore:
         below = _by_position(pa.concat_tables(parts, promote_options="permissive")) if parts else None
         above = source.table.slice(a, b - a)
         self.counters.rows_merged += (0 if below is None else below.num_rows) + above.num_rows
-        merged = _live(above if below is None or below.num_rows == 0 else _merge(below, above, self.key))
+        merged = live_rows(above if below is None or below.num_rows == 0 else _merge(below, above, self.key))
         segment = self._segment(merged, refs, start, end)
         self.bottom = sorted(kept + [segment], key=lambda seg: seg.lo)
         self._cursor = end
@@ -404,7 +408,7 @@ class KeyedStore:
                 parts = [self._restored.load(ref) for ref in chain]
                 self._restored.fetched.extend(chain)
                 self.counters.fetched += len(chain)
-                table = apply_chain(parts, self.key) if len(parts) > 1 else _live(parts[0])
+                table = apply_chain(parts, self.key)
                 if table.num_rows:
                     tables.append(self._sorted(table))
                 refs[kg] = list(chain)
@@ -482,20 +486,6 @@ def _by_position(table: pa.Table) -> pa.Table:
     return table.take(pc.sort_indices(table.column(POSITION)))
 
 
-def _concat(tables: list) -> pa.Table | None:
-    tables = [t for t in tables if t is not None and t.num_rows]
-    if not tables:
-        return None
-    return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
-
-
-def _live(table: pa.Table | None) -> pa.Table | None:
-    if table is None or DELETED_COLUMN not in table.column_names:
-        return table
-    deleted = pc.fill_null(table.column(DELETED_COLUMN), False)
-    return table.filter(pc.invert(deleted)).drop_columns([DELETED_COLUMN])
-
-
 def _merge(below: pa.Table, above: pa.Table, key: str) -> pa.Table:
     """Two runs as one: ``above``'s keys replace ``below``'s; tombstones are
     kept (runs further below may still hold those keys)."""
@@ -503,15 +493,26 @@ def _merge(below: pa.Table, above: pa.Table, key: str) -> pa.Table:
     return _by_position(pa.concat_tables([kept, above], promote_options="permissive"))
 
 
+def _group_starts(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The key groups of sorted ``positions`` and where each one's run starts.
+
+    >>> groups, starts = _group_starts(np.array([3 << 48, 3 << 48 | 5, 9 << 48], np.uint64))
+    >>> groups.tolist(), starts.tolist()
+    ([3, 9], [0, 2])
+    """
+    groups = positions >> _SHIFT
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]]) if len(groups) else np.zeros(0, np.int64)
+    return groups[starts], starts
+
+
 def _split_by_group(run: _Run) -> dict[int, pa.Table]:
     """A run's slice of each key group (contiguous: positions start with the group)."""
     if run.rows == 0:
         return {}
-    groups = run.positions >> _SHIFT
-    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
-    ends = np.r_[starts[1:], len(groups)]
+    groups, starts = _group_starts(run.positions)
+    ends = np.r_[starts[1:], run.rows]
     table = run.table.drop_columns([POSITION])
-    return {int(groups[s]): table.slice(int(s), int(e - s)) for s, e in zip(starts, ends)}
+    return {int(kg): table.slice(int(s), int(e - s)) for kg, s, e in zip(groups, starts, ends)}
 
 
 def _same(a: pa.Array, b: pa.Array) -> np.ndarray:

@@ -15,6 +15,22 @@ from sluiceway.operators.store import KeyedStore
 CTX = OperatorContext("sums", 0, 1, 128)
 
 
+class StoreLogic:
+    """The checkpoint face of an operator, for a bare store."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def snapshot_changes(self, whole=False):
+        return self.store.take_changes(whole)
+
+    def state_written(self, path, batches, compacted=False):
+        self.store.written(path, batches, compacted)
+
+    def state_chains(self):
+        return self.store.chains()
+
+
 def counts(keys) -> pa.Table:
     keys = pa.array(keys, pa.int64())
     return pa.table({"k": keys, "v": pa.array(np.ones(len(keys), np.int64))})
@@ -73,30 +89,19 @@ def test_state_beyond_the_budget_is_mapped_from_local_disk_and_stays_exact():
     expected = {}
     rng = np.random.default_rng(5)
     files = MemoryStateFiles()
-
-    class Logic:  # what MemoryStateFiles drives: the store's checkpoint face
-        def snapshot_changes(self, whole=False):
-            return store.take_changes(whole)
-
-        def state_written(self, path, batches, compacted=False):
-            store.written(path, batches, compacted)
-
-        def state_chains(self):
-            return store.chains()
-
     for epoch in range(20):
         keys = np.unique(rng.integers(0, 20_000, 3_000))
         values = rng.integers(0, 100, len(keys))
         store.put(pa.table({"k": keys, "n": values}))
         expected.update(zip(keys.tolist(), values.tolist()))
         if epoch % 3 == 2:
-            files.checkpoint(Logic())
+            files.checkpoint(StoreLogic(store))
     assert any(run.mapped for run in store.runs) and store.resident_bytes() <= 64 * 1024 + 200_000
     probe = np.arange(0, 20_000, 3)
     got = store.get(pa.array(probe))
     assert dict(zip(got.column("k").to_pylist(), got.column("n").to_pylist())) == \
         {k: v for k, v in expected.items() if k % 3 == 0}
-    files.checkpoint(Logic())
+    files.checkpoint(StoreLogic(store))
     again = KeyedStore(files.restored(), key="k")
     assert sum(t.num_rows for t in again.groups.values()) == len(expected)
 
@@ -112,22 +117,6 @@ def test_deletes_and_several_rows_per_key_replace_what_older_runs_hold():
     got = store.get(pa.array([1, 2, 3, None], pa.int64()))
     assert sorted(got.to_pylist(), key=lambda r: (r["k"] is None, r["k"] or 0)) == \
         [{"k": 1, "w": 12}, {"k": 3, "w": 30}, {"k": None, "w": 0}]
-
-
-class StoreLogic:
-    """The checkpoint face of an operator, for a bare store."""
-
-    def __init__(self, store):
-        self.store = store
-
-    def snapshot_changes(self, whole=False):
-        return self.store.take_changes(whole)
-
-    def state_written(self, path, batches, compacted=False):
-        self.store.written(path, batches, compacted)
-
-    def state_chains(self):
-        return self.store.chains()
 
 
 @pytest.mark.parametrize("seed", range(6))
