@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from sluiceway.checkpoint.types import DEFAULT_MAX_KEY_GROUPS, TaskId
 from sluiceway.cluster.alignment import BarrierAligner
 from sluiceway.operators.base import Operator
-from sluiceway.operators.errors import FlowDefinitionError
+from sluiceway.operators.errors import FlowDefinitionError, call_site
 from sluiceway.operators.sinks import Sink
 from sluiceway.operators.sources import Source
 from sluiceway.operators.store import DEFAULT_STATE_BUDGET_MB
@@ -43,6 +43,7 @@ class Step:
     right_key: str | None = None
     right_timed: bool = True
     state_budget_mb: int | None = None  # memory for this step's state per task (None: the flow's)
+    defined_at: str | None = None  # the user's call that made the step (file:line: code), for errors
 
     @property
     def inputs(self) -> list[str]:
@@ -77,6 +78,8 @@ class JobGraph:
         for upstream in step.inputs:
             if upstream not in self.steps:
                 raise FlowDefinitionError(f"step {step.id!r} reads from unknown step {upstream!r}")
+        if step.defined_at is None:
+            step.defined_at = call_site()
         self.steps[step.id] = step
         return step
 

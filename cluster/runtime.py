@@ -172,7 +172,7 @@ class TaskRuntime:
         except (StorageError, CorruptCheckpointError):  # checkpoint storage (retried), or state it holds
             raise
         except Exception as exc:  # noqa: BLE001 - carried to the coordinator with the user's traceback
-            raise UserCodeError.from_exception(step_id, kind, exc) from None
+            raise UserCodeError.from_exception(step_id, kind, exc, self.plan.graph.steps[step_id].defined_at) from None
 
     def _emit(self, step_id: str, table: pa.Table | None, port: str = "main") -> None:
         """Send ``table`` to the children of ``step_id`` that read ``port``:

@@ -121,6 +121,11 @@ class Accumulators:
         """The input columns the pairs read."""
         return list(dict.fromkeys(c for c, _ in self.pairs if c is not None))
 
+    def wanted(self, *keys: str) -> list[str]:
+        """``keys`` then the input columns, each once: a key may be aggregated
+        too (``key_by("a").aggregate([("a", "count")])``), as in pyarrow."""
+        return list(dict.fromkeys([*keys, *self.inputs]))
+
     def partial(self, table: pa.Table, keys: list[str]) -> pa.Table:
         """One row of accumulators per distinct ``keys`` in ``table``."""
         specs = [([], "count_all") if a.partial == "count_all" else (a.column, a.partial) for a in self.columns]
@@ -197,7 +202,7 @@ class AggregateLogic(KeyedLogic):
 
     def _partial(self, table: pa.Table) -> pa.Table:
         op = self.op
-        wanted = [op.key] + op.acc.inputs
+        wanted = op.acc.wanted(op.key)
         if any(c not in table.column_names for c in wanted):
             raise missing_columns(
                 self.context.step, "aggregate", wanted, table.column_names, "fix the column names in aggregate(...)"

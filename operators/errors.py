@@ -13,6 +13,30 @@ _OWN_DIRS = tuple(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + d + os.sep
     for d in ("operators", "cluster", "checkpoint", "jobs")
 )
+# Libraries the built-in operators call: their frames are not the user's code.
+_LIBRARY_PARTS = tuple(f"{os.sep}{lib}{os.sep}" for lib in ("ray", "pyarrow", "numpy", "fsspec"))
+
+
+def _is_user_frame(filename: str) -> bool:
+    return not filename.startswith(_OWN_DIRS) and not any(part in filename for part in _LIBRARY_PARTS) \
+        and not filename.startswith("pyarrow/")
+
+
+def _exception_only(exc: BaseException) -> list[str]:
+    """The exception's last line; a library's exception by its class name alone (``ArrowInvalid: ...``)."""
+    if type(exc).__module__.split(".")[0] in ("pyarrow", "numpy"):
+        return [f"{type(exc).__name__}: {exc}\n" if str(exc) else f"{type(exc).__name__}\n"]
+    return traceback.format_exception_only(type(exc), exc)
+
+
+def call_site() -> str | None:
+    """Where the user's code called into sluiceway: ``"job.py:12: flow.source(...)"``
+    (the innermost frame outside sluiceway), for errors that name the user's call."""
+    for frame in reversed(traceback.extract_stack()[:-1]):
+        if _is_user_frame(frame.filename):
+            line = f"{frame.filename}:{frame.lineno}"
+            return f"{line}: {frame.line.strip()}" if frame.line else line
+    return None
 
 
 class OperatorError(Exception):
@@ -42,12 +66,8 @@ def user_frames(exc: BaseException) -> str:
     ...     print(user_frames(e).splitlines()[-1])
     KeyError: 'missing'
     """
-    frames = [
-        f
-        for f in traceback.extract_tb(exc.__traceback__)
-        if not f.filename.startswith(_OWN_DIRS) and f"{os.sep}ray{os.sep}" not in f.filename
-    ]
-    lines = traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if _is_user_frame(f.filename)]
+    lines = traceback.format_list(frames) + _exception_only(exc)
     return "".join(lines).rstrip("\n")
 
 
@@ -73,9 +93,15 @@ class UserCodeError(OperatorError):
         self.epoch = epoch
 
     @classmethod
-    def from_exception(cls, step: str, kind: str, exc: BaseException) -> "UserCodeError":
+    def from_exception(cls, step: str, kind: str, exc: BaseException, defined_at: str | None = None
+                       ) -> "UserCodeError":
+        """``defined_at``: where the user made the step (:func:`call_site`), shown when the error came from
+        a built-in operator (no frame of the user's own code), in place of the library's internals."""
         message = str(exc).splitlines()[0] if str(exc) else ""
-        return cls(step, kind, type(exc).__name__, message, user_frames(exc))
+        frames = user_frames(exc)
+        if defined_at and frames == "".join(_exception_only(exc)).rstrip("\n"):  # no frame of the user's
+            frames = f"  the step was made at {defined_at}\n{frames}"
+        return cls(step, kind, type(exc).__name__, message, frames)
 
     @property
     def headline(self) -> str:

@@ -331,7 +331,7 @@ class WindowLogic(KeyedLogic):
         if table.num_rows == 0:
             return None
         op = self.op
-        wanted = [op.key, op.time_column] + (op.acc.inputs if op.acc is not None else [])
+        wanted = op.acc.wanted(op.key, op.time_column) if op.acc is not None else [op.key, op.time_column]
         if any(c not in table.column_names for c in wanted):
             raise missing_columns(self.context.step, "window", wanted, table.column_names,
                                   "fix the column names in key_by(...), with_event_time(...) or aggregate(...)")
@@ -373,7 +373,7 @@ class WindowLogic(KeyedLogic):
         """Tumbling, hopping, session aggregates: accumulators per key and window."""
         op, key = self.op, self.op.key
         if isinstance(op.spec, Session):
-            values = table.select([key] + op.acc.inputs)
+            values = table.select(op.acc.wanted(key))
             rows = pa.table({key: values.column(key), START: t, END: t + op.gap, **op.acc.per_row(values),
                              "__new": pa.repeat(pa.scalar(1, pa.int8()), table.num_rows),
                              "__row": np.arange(table.num_rows)})
@@ -394,7 +394,7 @@ class WindowLogic(KeyedLogic):
         closed = self._closed(end)
         late_idx = np.unique(idx[closed])
         keep = ~closed
-        pairs = table.select([key] + op.acc.inputs).take(pa.array(idx[keep]))
+        pairs = table.select(op.acc.wanted(key)).take(pa.array(idx[keep]))
         pairs = pairs.append_column(START, pa.array(start[keep])).append_column(END, pa.array(end[keep]))
         late = table.take(pa.array(late_idx)) if len(late_idx) else None
         if pairs.num_rows == 0:
@@ -434,7 +434,7 @@ class WindowLogic(KeyedLogic):
     def _keep_events(self, table: pa.Table, t: np.ndarray) -> pa.Table | None:
         """Sliding windows and reducers: keep each event until its windows close."""
         op, key = self.op, self.op.key
-        kept_columns = table.column_names if op.acc is None else list(dict.fromkeys([key] + op.acc.inputs))
+        kept_columns = table.column_names if op.acc is None else op.acc.wanted(key)
         rows = table.select(kept_columns).append_column(TIME, pa.array(t))
         if isinstance(op.spec, Session):
             late = self._late_for_sessions(rows)

@@ -122,3 +122,54 @@ def test_an_epoch_touching_one_key_group_reads_and_writes_only_that_group():
     changes = logic.snapshot_changes()
     assert list(changes.runs) == [kg] and changes.removed == set()
     assert sorted(changes.runs[kg].column("user").to_pylist()) == sorted(same_group)  # only the changed rows
+
+
+def _bids(n=60):
+    from datetime import datetime, timedelta, timezone
+
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    return [{"auction": i % 4, "name": f"n{i}", "ts": t0 + timedelta(seconds=i), "price": i} for i in range(n)]
+
+
+def test_aggregating_the_key_column_itself_works_as_in_pyarrow():
+    from datetime import timedelta
+
+    from sluiceway.jobs.dataflow import Dataflow
+    from sluiceway.jobs.testing import CollectSink, run_local
+    from sluiceway.operators.windows import Hopping, Session, Tumbling
+
+    rows = _bids()
+    flow, keyed = Dataflow("key_counts"), CollectSink()
+    stream = flow.source(ListSource(rows)).with_event_time("ts")
+    stream.key_by("auction").aggregate([("auction", "count"), ("price", "sum")]).sink(keyed)
+    windowed = {}
+    for name, spec in [("tumbling", Tumbling(timedelta(seconds=10))),
+                       ("hopping", Hopping(timedelta(seconds=10), timedelta(seconds=5))),
+                       ("session", Session(timedelta(seconds=30)))]:
+        windowed[name] = CollectSink()
+        stream.key_by("auction").window(spec).aggregate([("auction", "count"), ("ts", "max")]).sink(windowed[name])
+    run_local(flow, max_records_per_epoch=7)
+    table = pa.Table.from_pylist(rows)
+    expected = table.group_by("auction").aggregate([("auction", "count"), ("price", "sum")])
+    last = {r["auction"]: r for r in keyed.rows()}  # an upsert changelog: the last row per key
+    assert {k: (r["auction_count"], r["price_sum"]) for k, r in last.items()} == {
+        r["auction"]: (r["auction_count"], r["price_sum"]) for r in expected.to_pylist()}
+    tumbling = windowed["tumbling"].rows()
+    assert sum(r["auction_count"] for r in tumbling) == len(rows) and len(tumbling) == 4 * 6
+    assert sum(r["auction_count"] for r in windowed["hopping"].rows()) == 2 * len(rows)
+    assert sorted((r["auction"], r["auction_count"]) for r in windowed["session"].rows()) == [(k, 15) for k in range(4)]
+
+
+def test_an_arrow_error_in_a_built_in_step_names_the_step_and_the_users_call():
+    from sluiceway.jobs.dataflow import Dataflow
+    from sluiceway.jobs.testing import CollectSink, run_local
+    from sluiceway.operators.errors import UserCodeError
+
+    flow = Dataflow("bad_sum")
+    flow.source(ListSource(_bids())).key_by("auction").aggregate([("name", "sum")], name="sums").sink(CollectSink())
+    with pytest.raises(UserCodeError) as caught:
+        run_local(flow)
+    lines = str(caught.value).splitlines()
+    assert lines[0].startswith("step 'sums' (aggregate) raised ArrowNotImplementedError: ")
+    assert "the step was made at" in lines[2] and __file__ in lines[2] and 'aggregate([("name", "sum")]' in lines[2]
+    assert not any("pyarrow" in line for line in lines[1:]), lines
