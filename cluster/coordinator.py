@@ -4,13 +4,18 @@ The controller (:mod:`sluiceway.cluster.controller`) decides; this module
 carries its instructions out on Ray and feeds it what happens. Its loop
 (:meth:`Coordinator.run`):
 
-1. **Collect** what tasks sent (acks, failure reports, storage waits) from
-   the inbox, and the answers of liveness pings (a dead actor or node fails
-   its ping within about a second with the fast health check); each is an
-   event for the controller.
+1. **Collect** what executors sent (acks, failure reports, storage waits)
+   from the inbox, and the answers of liveness pings (a dead executor or
+   node fails its ping within about a second with the fast health check;
+   each of its tasks is lost); each is an event for the controller.
 2. **Tick**: the controller plans, detects a stuck epoch, ends a restart
    delay; the driver carries out what it says (:mod:`~sluiceway.cluster.driver`
    does the storage and sink side, this module the actors).
+
+Tasks run in executors (:mod:`sluiceway.cluster.executor`), a few per node
+(one per CPU by default), started once: a recovery places a lost task on a
+live executor that is already running, and a node that joins gets standby
+executors while the job runs.
 
 A lease-renewal thread runs beside the loop; a run that loses its lease
 stops at once. A coordinator started on an existing checkpoint dir rebuilds
@@ -38,12 +43,13 @@ from sluiceway.cluster.controller import JobController
 from sluiceway.cluster.driver import Driver
 from sluiceway.cluster.epochs import TaskAck
 from sluiceway.cluster.errors import JobFailedError
+from sluiceway.cluster.executor import interleave, place
+from sluiceway.cluster.executor_actor import ExecutorActor
 from sluiceway.cluster.graph import PhysicalPlan
 from sluiceway.cluster.metrics import ray_metrics
 from sluiceway.cluster.options import RunOptions
-from sluiceway.cluster.placement import pinned, spread, worker_nodes
+from sluiceway.cluster.placement import pinned, worker_node_cpus
 from sluiceway.cluster.restart import Failure
-from sluiceway.cluster.task import TaskActor
 
 __all__ = ["Coordinator", "CoordinatorActor", "RunOptions"]
 
@@ -55,6 +61,7 @@ RESET_TIMEOUT_S = 120.0
 # rather than waited for.
 PROBE_TIMEOUT_S = 5.0
 NODE_WAIT_S = 60.0  # how long a recovery waits for a node with CPUs to place tasks on
+NODE_SCAN_S = 2.0  # how often the coordinator looks for nodes that joined (they get standby executors)
 
 
 class Coordinator(Driver):
@@ -71,18 +78,21 @@ class Coordinator(Driver):
         self._metrics_failed = False
         self._lease_lost: LeaseLostError | None = None
         self._stop_renewing = threading.Event()
-        self.actors: dict[TaskId, object] = {}
-        self.actor_names: dict[TaskId, str] = {}
-        self.incarnations: dict[TaskId, int] = {}
-        self._pings: dict[TaskId, tuple[object | None, float]] = {}
-        self._alive_at: dict[str, float] = {}  # task -> when it last answered a ping
+        self.executors: dict[str, object] = {}  # name -> actor
+        self.executor_node: dict[str, str] = {}
+        self.assignment: dict[TaskId, str] = {}  # task -> the executor it runs in
+        self._started_executors = 0
+        self._node_scan_at = 0.0
+        self._pings: dict[str, tuple[object | None, float]] = {}  # executor -> (outstanding ping, sent at)
+        self._alive_at: dict[str, float] = {}  # task -> when its executor last answered a ping
         self.storage.on_wait = lambda kind, message: self.storage_event("coordinator", kind, message)
         for step, sink in self.sinks.items():  # commits that wait for their system say so
             sink.on_wait = lambda kind, message, step=step: self.storage_event(f"sink {step}", kind, message)
 
     # ------------------------------------------------------------ messages
-    def ack(self, ack: TaskAck) -> None:
-        self.inbox.put(ack)
+    def ack(self, acks: list[TaskAck]) -> None:
+        """The acks of one executor's round."""
+        self.inbox.put(tuple(acks))
 
     def task_failed(self, task: TaskId, generation: int, failure: Failure) -> None:
         self.inbox.put(p.TaskFailed(task, generation, failure))
@@ -141,7 +151,7 @@ class Coordinator(Driver):
             self._stop_renewing.set()
             if self._lease_lost is None:
                 self.end_records(reason, error)
-            for actor in self.actors.values():
+            for actor in self.executors.values():
                 ray.kill(actor, no_restart=True)
         return {**self.controller.summary(), "duration_s": round(time.time() - started, 3)}
 
@@ -178,87 +188,135 @@ class Coordinator(Driver):
             except queue.Empty:
                 break
             wait = 0
-            if isinstance(message, TaskAck):
-                acks.append(message)
+            if isinstance(message, tuple):
+                acks.extend(message)
             else:
                 events.append(message)
         if acks:
             events.insert(0, p.Acked(tuple(acks)))
+        self._add_standby_executors()
         return events + self._check_liveness()
 
+    def _tasks_of(self, executor: str) -> list[TaskId]:
+        return [t for t, e in self.assignment.items() if e == executor]
+
     def _check_liveness(self) -> list[p.Event]:
-        """One outstanding ping per task; a dead actor's ping fails."""
+        """One outstanding ping per executor; a dead executor's ping fails, and each of its tasks is lost."""
         now = time.time()
-        for task, actor in self.actors.items():
-            ref, sent = self._pings.get(task, (None, 0.0))
+        for name, actor in self.executors.items():
+            ref, sent = self._pings.get(name, (None, 0.0))
             if ref is None and now - sent >= PING_INTERVAL_S:
-                self._pings[task] = (actor.ping.remote(), now)
-        outstanding = {ref: task for task, (ref, _) in self._pings.items() if ref is not None}
+                self._pings[name] = (actor.ping.remote(), now)
+        outstanding = {ref: name for name, (ref, _) in self._pings.items() if ref is not None}
         if not outstanding:
             return []
         ready, _ = ray.wait(list(outstanding), num_returns=len(outstanding), timeout=0)
         lost = []
         for ref in ready:
-            task = outstanding[ref]
+            name = outstanding[ref]
             try:
                 ray.get(ref)
-                self._pings[task] = (None, now)
-                self._alive_at[str(task)] = now
+                self._pings[name] = (None, now)
+                for task in self._tasks_of(name):
+                    self._alive_at[str(task)] = now
             except RayActorError:
-                self._pings.pop(task, None)
-                lost.append(p.TaskLost(task))
+                self._drop_executor(name)
+                lost.extend(p.TaskLost(task, name.rsplit("/", 1)[-1]) for task in self._tasks_of(name))
         return lost
 
     def _silent(self) -> dict:
-        """Tasks whose ping has gone unanswered, and for how long."""
+        """Tasks whose executor has not answered its ping, and for how long."""
         now = time.time()
-        return {task: now - sent for task, (ref, sent) in self._pings.items() if ref is not None and now - sent > 1.0}
+        return {task: now - sent for name, (ref, sent) in self._pings.items() if ref is not None and now - sent > 1.0
+                for task in self._tasks_of(name)}
 
     def lost_at(self, failure: Failure) -> float | None:
         return self._alive_at.get(failure.task or "")
 
-    # -------------------------------------------------------------- tasks
-    def start_tasks(self, instruction: p.StartTasks) -> None:
-        """Actors for these tasks, spread over the live nodes (the old actor of a restarted task is killed).
-        With no node offering CPUs (all lost, their replacements not joined yet) it waits up to
-        :data:`NODE_WAIT_S` for one."""
-        nodes = worker_nodes()
+    # ---------------------------------------------------------- executors
+    def _live_nodes(self) -> dict[str, int]:
+        """Live nodes with CPUs (id -> CPUs); with none (all lost, their replacements not joined yet) it waits up
+        to :data:`NODE_WAIT_S` for one."""
+        nodes = worker_node_cpus()
         deadline = time.time() + NODE_WAIT_S
         while not nodes and time.time() < deadline:
             time.sleep(0.25)
-            nodes = worker_nodes()
-        self.nodes = len(nodes)
-        for task, node in zip(instruction.tasks, spread(len(instruction.tasks), nodes, offset=instruction.offset)):
-            if task in self.actors:
-                ray.kill(self.actors[task], no_restart=True)
-            self.actors[task] = self._create_actor(task, node)
-            self.placement[task] = node
+            nodes = worker_node_cpus()
+        if not nodes:
+            raise JobFailedError(
+                f"job {self.plan.job!r}: no live Ray node offers CPUs to run tasks on (none joined within "
+                f"{NODE_WAIT_S:.0f} s); add a worker node or give the head node CPUs"
+            )
+        return nodes
+
+    def _start_executors(self, nodes: dict[str, int]) -> None:
+        """Executors on each node of ``nodes`` that has none: ``executors_per_node`` of them, or one per CPU
+        (never more than the job has tasks). Their processes start in parallel."""
+        have = set(self.executor_node.values())
+        cap = len(self.plan.tasks())
+        for node, cpus in sorted(nodes.items()):
+            if node in have:
+                continue
+            for _ in range(min(self.options.executors_per_node or cpus, cap)):
+                name = f"sluiceway/{self.plan.job}/{self.run_id}/x{self._started_executors}"
+                self._started_executors += 1
+                self.executors[name] = ExecutorActor.options(scheduling_strategy=pinned(node), name=name).remote(
+                    self.plan, self.storage, name, self.me)
+                self.executor_node[name] = node
+
+    def _add_standby_executors(self) -> None:
+        """Executors (with no tasks yet) on nodes that joined since the start: where lost tasks go next."""
+        now = time.time()
+        if not self.executors or now - self._node_scan_at < NODE_SCAN_S:
+            return
+        self._node_scan_at = now
+        nodes = worker_node_cpus()
+        if set(nodes) - set(self.executor_node.values()):
+            self._start_executors(nodes)
+
+    def _drop_executor(self, name: str) -> None:
+        actor = self.executors.pop(name, None)
+        self.executor_node.pop(name, None)
+        self._pings.pop(name, None)
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
+
+    def start_tasks(self, instruction: p.StartTasks) -> None:
+        """Place these tasks on executors: at the start, round-robin over new executors on every live node;
+        in a recovery, on the live executors with the fewest tasks (already running, so nothing waits for a
+        process to start). An executor still hosting one of them (it stopped answering) is killed first."""
+        for name in {self.assignment[t] for t in instruction.tasks if t in self.assignment}:
+            self._drop_executor(name)
+        if not self.executors:
+            self._start_executors(self._live_nodes())
+        self.nodes = len(set(self.executor_node.values()))
+        by_node: dict[str, list[str]] = {}
+        for name, node in self.executor_node.items():
+            by_node.setdefault(node, []).append(name)
+        load = {name: len(self._tasks_of(name)) for name in self.executors}
+        placed = place(instruction.tasks, load, interleave(by_node), offset=instruction.offset)
+        self.assignment.update(placed)
+        self.placement.update({t: self.executor_node[e] for t, e in placed.items()})
         self._pings = {}
 
-    def _create_actor(self, task: TaskId, node_id: str):
-        """A task actor pinned to ``node_id``, named ``sluiceway/<job>/<run>/<task>#<incarnation>``."""
-        n = self.incarnations[task] = self.incarnations.get(task, -1) + 1
-        name = self.actor_names[task] = f"sluiceway/{self.plan.job}/{self.run_id}/{task}#{n}"
-        return TaskActor.options(scheduling_strategy=pinned(node_id), name=name).remote(
-            self.plan, task, self.storage, self.me
-        )
-
     def started_fields(self) -> dict:
-        return {"actor_names": {str(t): n for t, n in self.actor_names.items()}}
+        return {"actor_names": {str(t): e for t, e in self.assignment.items()},
+                "executors": len(self.executors)}
 
     def reset_tasks(self, instruction: p.ResetTasks) -> p.Event:
-        """Reset every task to the restore point; a corrupt state file is an answer, not an error."""
-        downstream = {s.id: [self.actors[t] for t in s.tasks()] for s in self.plan.stages.values()}
+        """Reset every executor to the restore point; a corrupt state file is an answer, not an error."""
         refs = [
-            a.reset.remote(instruction.generation, instruction.manifest, downstream, instruction.first_epoch,
-                           self.lease.fencing, instruction.high_water)
-            for a in self.actors.values()
+            actor.reset.remote(instruction.generation, self._tasks_of(name), self.assignment, self.executors,
+                               instruction.manifest, instruction.first_epoch, self.lease.fencing,
+                               instruction.high_water)
+            for name, actor in self.executors.items()
         ]
         try:
             ray.get(refs, timeout=RESET_TIMEOUT_S)
             return p.TasksReset()
         except RayActorError as exc:
-            return p.ResetFailed(f"a task died while restoring checkpoint state ({type(exc).__name__})", lost=True)
+            return p.ResetFailed(f"an executor died while restoring checkpoint state ({type(exc).__name__})",
+                                 lost=True)
         except GetTimeoutError as exc:
             raise JobFailedError(
                 f"job {self.plan.job!r}: tasks did not restore checkpoint state within {RESET_TIMEOUT_S:.0f} s"
@@ -270,25 +328,28 @@ class Coordinator(Driver):
             return p.ResetFailed(str(cause))
 
     def find_dead(self, instruction: p.FindDead) -> p.DeadFound:
-        """The known dead, and every task that does not answer a probe now."""
-        dead = set(instruction.known)
-        probes = {a.ping.remote(): t for t, a in self.actors.items() if t not in dead}
+        """The known dead, and every task of an executor that is dead, or does not answer a probe now."""
+        dead_executors = {self.assignment[t] for t in instruction.known if t in self.assignment}
+        probes = {a.ping.remote(): n for n, a in self.executors.items() if n not in dead_executors}
         answered, silent = ray.wait(list(probes), num_returns=len(probes), timeout=PROBE_TIMEOUT_S) if probes \
             else ([], [])
-        dead.update(probes[ref] for ref in silent)
+        dead_executors.update(probes[ref] for ref in silent)
         for ref in answered:
             try:
                 ray.get(ref)
             except RayActorError:
-                dead.add(probes[ref])
+                dead_executors.add(probes[ref])
+        dead = set(instruction.known) | {t for t, e in self.assignment.items() if e in dead_executors}
+        for name in dead_executors:
+            self._drop_executor(name)
         self._pings = {}
         return p.DeadFound(frozenset(dead))
 
     def run_epoch(self, instruction: p.RunEpoch) -> None:
-        for stage in self.plan.stages.values():
-            if stage.source is not None:
-                for task in stage.tasks():
-                    self.actors[task].run_source_epoch.remote(instruction.generation, instruction.plan)
+        """One call per executor that hosts a source task."""
+        sources = {self.assignment[t] for s in self.plan.stages.values() if s.source is not None for t in s.tasks()}
+        for name in sources:
+            self.executors[name].run_source_epoch.remote(instruction.generation, instruction.plan)
 
     def __reduce__(self):
         raise TypeError("a Coordinator lives inside its actor; it must not be pickled")
@@ -318,8 +379,8 @@ class CoordinatorActor:
                 traceback.format_exc(),
             ) from None
 
-    def ack(self, ack: TaskAck) -> None:
-        self.coordinator.ack(ack)
+    def ack(self, acks: list[TaskAck]) -> None:
+        self.coordinator.ack(acks)
 
     def task_failed(self, task: TaskId, generation: int, error: str) -> None:
         self.coordinator.task_failed(task, generation, error)

@@ -2,9 +2,10 @@
 :func:`sluiceway.jobs.testing.run_local` runs.
 
 The same :class:`~sluiceway.cluster.controller.JobController` plans,
-completes and commits; the same :class:`~sluiceway.cluster.taskhost.TaskHost`
-runs every task's epochs; messages between tasks go through a queue in this
-process. Checkpoint storage is a dict (:mod:`sluiceway.checkpoint.dictfiles`).
+completes and commits; :class:`~sluiceway.cluster.executor.Executor`\ s
+run the tasks' epochs as they do on Ray (one by default, holding every
+task; ``executors=n`` spreads the tasks round-robin over ``n`` of them, and
+their batches to each other go through a queue in this process). Checkpoint storage is a dict (:mod:`sluiceway.checkpoint.dictfiles`).
 Differences from a run on Ray, all for a test's sake: epoch ``n`` counts as
 planned at ``start_time + n * trigger_s`` whatever the clock says; sources
 are read as of the end of time (every record a generator will make is
@@ -22,14 +23,13 @@ from sluiceway.checkpoint import lease as leases
 from sluiceway.checkpoint.dictfiles import in_memory_storage
 from sluiceway.checkpoint.errors import CorruptCheckpointError
 from sluiceway.checkpoint.lease import LeaseHolder
-from sluiceway.checkpoint.types import TaskId
 from sluiceway.cluster import protocol as p
 from sluiceway.cluster.controller import JobController
 from sluiceway.cluster.driver import Driver
 from sluiceway.cluster.epochs import plan_epoch, sources_exhausted
+from sluiceway.cluster.executor import Executor, Message, place
 from sluiceway.cluster.graph import PhysicalPlan
 from sluiceway.cluster.options import RunOptions
-from sluiceway.cluster.taskhost import TaskHost
 
 NEVER = 10**9  # checkpoint_every: no checkpoint but the last epoch's
 
@@ -38,7 +38,7 @@ class InProcessDriver(Driver):
     """Runs a flow's epochs in this process (see module doc)."""
 
     def __init__(self, plan: PhysicalPlan, *, max_records_per_epoch: int, max_epochs: int, start_time: float,
-                 trigger_s: float):
+                 trigger_s: float, executors: int = 1):
         storage = in_memory_storage(plan.job)
         options = RunOptions(trigger_s=0.0, checkpoint_every=NEVER, max_epochs_in_flight=1,
                              max_records_per_epoch=max_records_per_epoch, keep_checkpoints=1, until_idle=True,
@@ -48,9 +48,12 @@ class InProcessDriver(Driver):
         self.start_time, self.trigger_s = start_time, trigger_s
         controller = JobController(plan, options, fencing=lease.fencing, clock=self._planned_at)
         super().__init__(controller, storage, lease, {"sources_started_at": 0.0}, self._planned_at)
-        self.hosts: dict[TaskId, TaskHost] = {}
-        self.messages: deque = deque()
         self.acks: list = []
+        self.ack_calls = 0
+        self.batches: deque[tuple[str, list[Message]]] = deque()
+        self.executors = {name: Executor(plan, self.storage, name, transmit=self._transmit,
+                                         acknowledge=self._acknowledge, report=self._report)
+                          for name in (f"x{i}" for i in range(executors))}
 
     def _planned_at(self) -> float:
         return self.start_time + self.controller.next_epoch * self.trigger_s
@@ -68,12 +71,14 @@ class InProcessDriver(Driver):
 
     # -------------------------------------------------------------- tasks
     def start_tasks(self, instruction: p.StartTasks) -> None:
-        for task in instruction.tasks:
-            self.hosts[task] = TaskHost(self.plan, task, self.storage, send=self._send,
-                                        acknowledge=self.acks.append, report=self._report)
+        self.placement.update(place(instruction.tasks, {}, list(self.executors)))
 
-    def _send(self, stage: str, subtask: int, generation: int, channel: tuple, table, barrier) -> None:
-        self.messages.append((TaskId(stage, subtask), generation, channel, table, barrier))
+    def _transmit(self, where: str, messages: list[Message]) -> None:
+        self.batches.append((where, messages))
+
+    def _acknowledge(self, acks) -> None:
+        self.ack_calls += 1
+        self.acks.extend(acks)
 
     @staticmethod
     def _report(task, generation, failure, exc: BaseException) -> None:
@@ -81,9 +86,10 @@ class InProcessDriver(Driver):
 
     def reset_tasks(self, instruction: p.ResetTasks) -> p.Event:
         try:
-            for host in self.hosts.values():
-                host.reset(instruction.generation, instruction.manifest, instruction.first_epoch,
-                           self.lease.fencing, instruction.high_water)
+            for name, executor in self.executors.items():
+                executor.reset(instruction.generation, [t for t, e in self.placement.items() if e == name],
+                               self.placement, instruction.manifest, instruction.first_epoch, self.lease.fencing,
+                               instruction.high_water)
         except CorruptCheckpointError as exc:
             return p.ResetFailed(str(exc))
         return p.TasksReset()
@@ -93,13 +99,11 @@ class InProcessDriver(Driver):
 
     def run_epoch(self, instruction: p.RunEpoch) -> None:
         """Every source task reads its part, then messages flow until every task has run the epoch."""
-        for stage in self.plan.stages.values():
-            if stage.source is not None:
-                for task in stage.tasks():
-                    self.hosts[task].run_source_epoch(instruction.generation, instruction.plan)
-        while self.messages:
-            task, generation, channel, table, barrier = self.messages.popleft()
-            self.hosts[task].deliver(generation, channel, table, barrier)
+        for executor in self.executors.values():
+            executor.run_source_epoch(instruction.generation, instruction.plan)
+        while self.batches:
+            where, messages = self.batches.popleft()
+            self.executors[where].deliver(messages)
 
     def probe_sources(self, instruction: p.ProbeSources) -> p.SourcesProbed:
         planned = plan_epoch(instruction.epoch, self.sources, instruction.next_offsets, now=math.inf,

@@ -26,6 +26,7 @@ class RunOptions:
     epochs: int | None = None  # stop after this many new epochs in this run
     restore_checkpoint: int | None = None  # start from this retained checkpoint, not the latest
     storage_deadline_s: float = StorageRetry.deadline_s  # retry failing checkpoint storage this long (the job pauses)
+    executors_per_node: int | None = None  # processes that run the job's tasks on each node (None: its CPUs)
 
     def __post_init__(self):
         problems = []
@@ -47,6 +48,8 @@ class RunOptions:
             problems.append(f"restore_checkpoint must be a checkpoint id (>= 1), got {self.restore_checkpoint}")
         if self.storage_deadline_s < 0:
             problems.append(f"storage_deadline_s must be >= 0 seconds, got {self.storage_deadline_s}")
+        if self.executors_per_node is not None and self.executors_per_node < 1:
+            problems.append(f"executors_per_node must be >= 1 or None, got {self.executors_per_node}")
         if self.epochs is not None and self.epochs < 1:
             problems.append(f"epochs must be >= 1, got {self.epochs}")
         if problems:
@@ -61,7 +64,7 @@ class RunOptions:
         >>> RunOptions().with_settings(trigger=0.5)
         Traceback (most recent call last):
         ...
-        TypeError: unknown run option 'trigger'; the options are: checkpoint_every, epoch_timeout_s, epochs, keep_checkpoints, lease_ttl_s, max_epochs_in_flight, max_records_per_epoch, restart, restore_checkpoint, storage_deadline_s, trigger_s, until_idle
+        TypeError: unknown run option 'trigger'; the options are: checkpoint_every, epoch_timeout_s, epochs, executors_per_node, keep_checkpoints, lease_ttl_s, max_epochs_in_flight, max_records_per_epoch, restart, restore_checkpoint, storage_deadline_s, trigger_s, until_idle
         """
         known = {f.name for f in fields(self)}
         unknown = sorted(set(settings) - known)

@@ -1,4 +1,4 @@
-"""Where actors go: tasks spread over live nodes that offer CPUs, with hard
+"""Where actors go: executors on live nodes that offer CPUs, with hard
 node affinity (soft affinity did not stick, RAY_NOTES.md); the coordinator
 on the driver's node."""
 
@@ -21,23 +21,14 @@ def default_parallelism() -> int:
 
 def worker_nodes() -> list[str]:
     """Ids of live nodes that offer CPUs to jobs, in a stable order."""
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
-    return sorted(n["NodeID"] for n in nodes)
+    return sorted(worker_node_cpus())
+
+
+def worker_node_cpus() -> dict[str, int]:
+    """Live nodes that offer CPUs to jobs: id -> CPUs."""
+    return {n["NodeID"]: int(n["Resources"]["CPU"]) for n in ray.nodes()
+            if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0}
 
 
 def pinned(node_id: str) -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
-
-
-def spread(count: int, nodes: list[str], offset: int = 0) -> list[str]:
-    """Round-robin ``count`` placements over ``nodes``.
-
-    >>> spread(5, ["a", "b"])
-    ['a', 'b', 'a', 'b', 'a']
-    """
-    if not nodes:
-        raise RuntimeError(
-            "no live Ray node offers CPUs to run tasks on (none joined within 60 s); "
-            "add a worker node or give the head node CPUs"
-        )
-    return [nodes[(offset + i) % len(nodes)] for i in range(count)]

@@ -110,9 +110,10 @@ class TaskFailed(Event):
 
 @dataclass(frozen=True)
 class TaskLost(Event):
-    """A task's actor or node is gone (its liveness probe failed)."""
+    """A task's process or node is gone (its liveness probe failed); ``executor``: the process, when known."""
 
     task: TaskId
+    executor: str | None = None
 
 
 @dataclass(frozen=True)

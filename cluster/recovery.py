@@ -90,8 +90,9 @@ class Recovery:
     def _on_task_lost(self, event: p.TaskLost) -> list[p.Instruction]:
         self.known_dead.add(event.task)
         if self.phase is Phase.RUNNING:
+            where = f"its executor {event.executor}" if event.executor else "its process"
             self.pending_failures.append(Failure(
-                FailureKind.TASK_LOST, f"task {event.task} died: its actor or node was lost", task=str(event.task)))
+                FailureKind.TASK_LOST, f"task {event.task} died: {where} or its node was lost", task=str(event.task)))
         return []
 
     def _recover(self, now: float) -> list[p.Instruction]:

@@ -235,7 +235,8 @@ class JobSupervisor:
         tasks = {}
         coordinator = self.coordinator
         if coordinator is not None:
-            refs = {str(t): a.log_lines.remote(offsets.get(str(t), {})) for t, a in list(coordinator.actors.items())}
+            refs = {name.rsplit("/", 1)[-1]: a.log_lines.remote(offsets.get(name.rsplit("/", 1)[-1], {}))
+                    for name, a in list(coordinator.executors.items())}
             for task, ref in refs.items():
                 try:
                     lines, offsets[task] = ray.get(ref, timeout=5)

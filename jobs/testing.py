@@ -77,7 +77,7 @@ class CollectSink(Sink):
 
 
 def run_local(flow, *, parallelism: int | None = None, max_records_per_epoch: int = 1_000_000,
-              max_epochs: int = 10_000, start_time: float = 0.0, trigger_s: float = 1.0) -> int:
+              max_epochs: int = 10_000, start_time: float = 0.0, trigger_s: float = 1.0, executors: int = 1) -> int:
     """Run ``flow`` in this process until its bounded sources are exhausted.
     Returns the number of epochs run. Sources must be bounded. Epoch ``n``
     counts as planned at ``start_time + n * trigger_s`` (seconds since the
@@ -85,10 +85,12 @@ def run_local(flow, *, parallelism: int | None = None, max_records_per_epoch: in
 
     The job controller, the task runner and the barrier alignment are the
     ones a run on Ray uses (:mod:`sluiceway.cluster.inprocess`); a failing
-    step raises its exception at once."""
+    step raises its exception at once. ``executors``: how many executors
+    the tasks are spread over (their batches to each other go through a
+    queue, as they go through Ray calls on a cluster)."""
     plan = physical_plan(flow.graph, parallelism)
     driver = InProcessDriver(plan, max_records_per_epoch=max_records_per_epoch, max_epochs=max_epochs,
-                             start_time=start_time, trigger_s=trigger_s)
+                             start_time=start_time, trigger_s=trigger_s, executors=executors)
     return driver.run()
 
 

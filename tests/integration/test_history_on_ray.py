@@ -30,8 +30,10 @@ def test_history_survives_retention_and_restarts_and_shows_the_recovery(tmp_path
     kinds = [r["kind"] for r in history(ckpt, "clicks").records]
     assert kinds[0] == "run_started" and kinds.count("run_started") == 2 and kinds.count("run_ended") == 2
     recovery = [r for r in history(ckpt, "clicks").records if r["kind"] == "recovery"]
-    assert len(recovery) == 1 and recovery[0]["failure"].startswith("task by_user[1] died")
-    assert recovery[0]["restarted_tasks"] == ["by_user[1]"] and recovery[0]["detect_s"] >= 0
+    assert len(recovery) == 1 and " died: its executor x" in recovery[0]["failure"]
+    # The killed executor's tasks, the one named among them, restarted on the other executor.
+    assert "by_user[1]" in recovery[0]["restarted_tasks"] and recovery[0]["detect_s"] >= 0
+    assert recovery[0]["failure"].split()[1] in recovery[0]["restarted_tasks"]
 
     listed = cli_json(capsys, "checkpoints", "list", "clicks", "--checkpoint-dir", ckpt)
     complete = [c for c in listed if c["status"] in ("complete", "removed")]
@@ -60,4 +62,4 @@ def test_history_survives_retention_and_restarts_and_shows_the_recovery(tmp_path
 
     assert cli(["history", "clicks", "--checkpoint-dir", ckpt]) == 0
     text = capsys.readouterr().out
-    assert "recovery     task by_user[1] died" in text and "run_ended" in text and "complete:" in text
+    assert f"recovery     {recovery[0]['failure'][:40]}" in text and "run_ended" in text and "complete:" in text

@@ -59,23 +59,30 @@ def test_stopped_job_started_again_continues_without_loss_or_duplicates(tmp_path
     assert third["epochs"] == 0 and third["stopped"] == "idle"
 
 
-def test_killed_task_actor_recovers_with_exactly_once_output(tmp_path):
+def test_killed_executor_recovers_onto_a_running_one_with_exactly_once_output(tmp_path):
     rows = 6000
     out, ckpt = str(tmp_path / "out"), str(tmp_path / "ckpt")
     flow = example.build(output=out, rows_per_partition=rows, rows_per_second=1000)
-    names, killed = {}, {}
+    names, after, killed, pids = {}, {}, {}, {}
     kill = threading.Event()
 
     def on_event(event):
         if event["type"] == "started":
             names.update(event["actor_names"])
+            pids.update({name: ray.get(ray.get_actor(name).pid.remote()) for name in set(names.values())})
+        if event["type"] == "recovered":
+            after.update(event["actor_names"])
         if event["type"] == "epoch" and event["epoch"] >= 2 and not kill.is_set():
-            killed["after_epoch"] = event["epoch"]
+            killed["after_epoch"], killed["executor"] = event["epoch"], names["by_user[1]"]
             kill.set()
             ray.kill(ray.get_actor(names["by_user[1]"]), no_restart=True)
 
     summary = run(flow, ckpt, trigger_s=0.5, checkpoint_every=2, on_event=on_event)
     assert kill.is_set() and summary["restarts"] == 1
+    # The killed executor's tasks now run in an executor that was running before the failure (a standby).
+    assert len(pids) == 2 and set(names) == set(after)  # the embedded cluster's 2 CPUs: 2 executors
+    moved = {t for t, e in names.items() if e == killed["executor"]}
+    assert "by_user[1]" in moved and all(after[t] != killed["executor"] and after[t] in pids for t in moved)
     clicks, totals = verdicts(out, rows)
     assert clicks.exactly_once, clicks.line()
     assert totals.exactly_once

@@ -107,9 +107,11 @@ def test_stuck_task_is_detected_and_the_job_recovers(tmp_path):
     stuck = [e for e in events if e["type"] == "failure" and e["failure_kind"] == "stuck"]
     assert len(stuck) == 1, [e for e in events if e["type"] == "failure"]
     assert "did not complete within 3 s" in stuck[0]["error"]
-    assert "events[0]" in stuck[0]["error"] and "restarting events[0], which stopped answering" in stuck[0]["error"]
+    # The hung task's executor stopped answering: its tasks (events[0] among them) restart elsewhere.
+    restarting = stuck[0]["error"].split("; restarting ")[1].removesuffix(", which stopped answering").split(", ")
+    assert "events[0]" in restarting and "by_user[1]" not in restarting
     recovered = [e for e in events if e["type"] == "recovered"]
-    assert recovered and recovered[0]["restarted_tasks"] == ["events[0]"]
+    assert recovered and sorted(recovered[0]["restarted_tasks"]) == sorted(restarting)
     assert summary["stopped"] == "idle"
     ok, line = exactly_once(out, rows)
     assert ok, line

@@ -115,7 +115,7 @@ def test_the_job_page_of_a_running_job_in_chromium(tmp_path):
     assert float(page.cards["input rows/s"].replace(",", "")) > 0
     assert page.cards["restarts"] == "1"
     assert page.rows.get("checkpoints", 0) >= 1 and page.rows.get("recoveries") == 1
-    assert "by_user[1] died" in dom.stdout
+    assert "died: its executor x" in dom.stdout
     assert page.points["chart-rows"] >= 4 and page.points["chart-ckpt-duration"] >= 1
     assert page.points["chart-lag"] >= 4 and page.rows.get("sources") == 1  # the job's one source, and its lag
     assert not page.text.get("error", "").strip()

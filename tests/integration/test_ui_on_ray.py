@@ -62,7 +62,7 @@ def test_api_follows_a_running_job_then_reads_its_history_from_storage(ui, tmp_p
     [source] = job["sources"]
     assert source["source"] == "events" and source["records"] == 0 and source["kind"]
     [recovery] = job["recoveries"]
-    assert recovery["restarted_tasks"] == ["by_user[1]"] and recovery["restored_checkpoint"] is not None
+    assert "by_user[1]" in recovery["restarted_tasks"] and recovery["restored_checkpoint"] is not None
     assert recovery["detect_s"] is not None and recovery["restore_s"] is not None
     complete = [c for c in job["checkpoints"] if c["status"] == "complete"]
     assert complete and all(c["size_bytes"] and c["duration_s"] is not None for c in complete)
