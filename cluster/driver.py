@@ -48,6 +48,7 @@ class Driver:
         self.clock = clock
         self.sources = controller.sources
         self.sinks = self.plan.sinks()
+        self.source_parallelism = {s.source: s.parallelism for s in self.plan.stages.values() if s.source is not None}
         self.history = HistoryWriter(storage, lease.fencing)
         self.run_id = lease.holder.run_id
         self.placement: dict = {}  # task -> where it runs
@@ -96,7 +97,8 @@ class Driver:
     def probe_sources(self, instruction: p.ProbeSources) -> p.SourcesProbed:
         return p.SourcesProbed(plan_epoch(instruction.epoch, self.sources, instruction.next_offsets,
                                           now=self.clock(), started_at=self.job_doc["sources_started_at"],
-                                          max_records_per_epoch=instruction.max_records))
+                                          max_records_per_epoch=instruction.max_records,
+                                          parallelism=self.source_parallelism))
 
     def publish(self, event: dict) -> None:
         """A progress event (the Ray driver keeps them for the CLI and metrics)."""

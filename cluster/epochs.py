@@ -152,8 +152,11 @@ def plan_epoch(
     now: float,
     started_at: float,
     max_records_per_epoch: int,
+    parallelism: dict[str, int] | None = None,
 ) -> Planned:
-    """Ranges for ``epoch``: each source's cap is split evenly over its partitions.
+    """Ranges for ``epoch``: each source's cap is split evenly over its partitions; for a source that
+    :attr:`~sluiceway.operators.sources.Source.reads_in_order`, evenly over its ``parallelism[step]`` tasks,
+    each spending its share on its unfinished partitions lowest first (:func:`_in_order_caps`).
 
     >>> from sluiceway.operators.sources import ListSource
     >>> plan_epoch(1, {"s": ListSource([{"x": i} for i in range(10)])}, {}, now=0, started_at=0,
@@ -168,25 +171,57 @@ def plan_epoch(
     any_rows = False
     for step, source in sources.items():
         n = source.partition_count()
+        offsets = next_offsets.get(step, {})
         cap = max(1, max_records_per_epoch // n)
+        caps = _in_order_caps(source, offsets, (parallelism or {}).get(step, 1), max_records_per_epoch) \
+            if source.reads_in_order else None
         if source.max_offsets_per_epoch is not None:
             cap = min(cap, source.max_offsets_per_epoch)
         parts = {}
         for p in range(n):
-            start = next_offsets.get(step, {}).get(p, 0)
+            start = offsets.get(p, 0)
+            if caps is not None:
+                cap = caps.get(p, 0)
             first, latest = source.readable(p, now, started_at)
             if start < first:  # deleted before it was read: the source says whether to go on
                 skipped_to = source.skip_gap(p, start, first)
                 gaps.setdefault(step, {})[p] = (start, skipped_to)
                 start = skipped_to
             latest = max(start, latest)
-            stop = max(start, min(latest, source.plan_stop(p, start, latest, cap)))
+            stop = max(start, min(latest, source.plan_stop(p, start, latest, cap))) if cap > 0 else start
             parts[p] = (start, stop)
             lag = source.lag(p, stop, latest, now) if stop < latest else Lag()
             lags[step] = lags.get(step, Lag()) + lag
             any_rows = any_rows or stop > start or p in gaps.get(step, {})
         ranges[step] = parts
     return Planned(ranges if any_rows else None, lags, gaps)
+
+
+def _in_order_caps(source: Source, offsets: dict[int, int], parallelism: int, budget: int) -> dict[int, int]:
+    """What each partition of an in-order backlog may read this epoch: each of the ``parallelism`` tasks (task
+    ``s`` reads the partitions ``p % parallelism == s``) gets an even share of ``budget`` and spends it on its
+    unfinished partitions lowest first (many small files, or a slice of one big one).
+
+    >>> from sluiceway.operators.sources import ListSource
+    >>> _in_order_caps(ListSource([{"x": i} for i in range(12)], partitions=4), {0: 3}, 2, 8)
+    {1: 3, 2: 3, 3: 1}
+    """
+    left = [max(1, budget // parallelism)] * parallelism
+    if source.max_offsets_per_epoch is not None:
+        left = [min(x, source.max_offsets_per_epoch) for x in left]
+    caps = {}
+    for p in range(source.partition_count()):
+        task = p % parallelism
+        if left[task] <= 0:
+            if not any(left):
+                break
+            continue
+        end = source.end_offset(p)
+        remaining = left[task] if end is None else min(left[task], end - offsets.get(p, 0))
+        if remaining > 0:
+            caps[p] = remaining
+            left[task] -= remaining
+    return caps
 
 
 @dataclass

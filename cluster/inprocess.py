@@ -107,7 +107,8 @@ class InProcessDriver(Driver):
 
     def probe_sources(self, instruction: p.ProbeSources) -> p.SourcesProbed:
         planned = plan_epoch(instruction.epoch, self.sources, instruction.next_offsets, now=math.inf,
-                             started_at=0.0, max_records_per_epoch=instruction.max_records)
+                             started_at=0.0, max_records_per_epoch=instruction.max_records,
+                             parallelism=self.source_parallelism)
         if planned.ranges is None and not sources_exhausted(self.sources, instruction.next_offsets):
             raise RuntimeError("run_local needs bounded sources; a source has nothing to read yet")
         return p.SourcesProbed(planned)

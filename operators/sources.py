@@ -109,6 +109,9 @@ class Source:
 
     kind = "source"
     max_offsets_per_epoch: int | None = None  # a source's own cap on what one epoch reads per partition
+    # A backlog read in order: each source task reads one partition at a time, its lowest unfinished one, so an
+    # epoch touches at most one partition per task however many there are (many files: few open at a time).
+    reads_in_order: bool = False
 
     def bind(self, storage, step: str) -> None:
         """Called where the source runs (coordinator and source tasks) with the
