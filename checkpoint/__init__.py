@@ -5,16 +5,22 @@ No Ray here: this package is tested in milliseconds and used by the runtime,
 the CLI and anyone who wants to read what a job did.
 """
 
-from sluiceway.checkpoint.errors import (
-    CheckpointError,
-    CorruptCheckpointError,
-    IncompatibleJobError,
-    StorageError,
-)
-from sluiceway.checkpoint.history import CheckpointHistory, CheckpointInfo
-from sluiceway.checkpoint.manifest import Manifest
-from sluiceway.checkpoint.storage import JobStorage
-from sluiceway.checkpoint.types import CheckpointId, Epoch, KeyGroup, TaskId
+import importlib
+
+_WHERE = {
+    "CheckpointError": "errors", "CorruptCheckpointError": "errors", "IncompatibleJobError": "errors",
+    "StorageError": "errors", "CheckpointHistory": "history", "CheckpointInfo": "history", "Manifest": "manifest",
+    "JobStorage": "storage", "CheckpointId": "types", "Epoch": "types", "KeyGroup": "types", "TaskId": "types",
+}
+
+
+def __getattr__(name: str):  # imported when first used: the CLI starts without fsspec and pyarrow
+    if name not in _WHERE:
+        raise AttributeError(f"module 'sluiceway.checkpoint' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"sluiceway.checkpoint.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CheckpointError",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import glob
 import os
 
-from sluiceway.operators.event_time import format_watermark
 
 
 def lowest_watermark(event: dict) -> int | None:
@@ -32,6 +31,8 @@ def format_event(event: dict) -> str | None:
         rate = f"{event['rows_per_s']:>12,.0f} rows/s" if event["rows_per_s"] else f"{'-':>12} rows/s"
         late = f"  late {event['late']:,}" if event.get("late") else ""
         mark = lowest_watermark(event)
+        from sluiceway.operators.event_time import format_watermark
+
         watermark = f"  watermark {format_watermark(mark)}" if mark is not None else ""
         return (f"epoch {event['epoch']:>5}  in {event['rows_in']:>9,}  out {event['rows_out']:>9,}  {rate}  "
                 f"{event['duration_s']:6.3f} s  {ckpt}{late}{watermark}")

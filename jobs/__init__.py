@@ -3,10 +3,30 @@
 >>> from sluiceway.jobs import Dataflow
 >>> Dataflow("hello").name
 'hello'
+
+Names are imported when first used, so that ``sluiceway --help`` and other
+commands that need no cluster start without importing Ray or pyarrow.
 """
 
-from sluiceway.jobs.dataflow import Dataflow, KeyedStream, Stream
-from sluiceway.jobs.errors import FlowDefinitionError, JobFailedError, JobFileError
-from sluiceway.jobs.runner import run
+from __future__ import annotations
 
-__all__ = ["Dataflow", "FlowDefinitionError", "JobFailedError", "JobFileError", "KeyedStream", "Stream", "run"]
+import importlib
+
+_WHERE = {
+    "Dataflow": "sluiceway.jobs.dataflow", "KeyedStream": "sluiceway.jobs.dataflow", "Stream": "sluiceway.jobs.dataflow",
+    "FlowDefinitionError": "sluiceway.jobs.errors", "JobFailedError": "sluiceway.jobs.errors",
+    "JobFileError": "sluiceway.jobs.errors", "run": "sluiceway.jobs.runner",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'sluiceway.jobs' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 
-from sluiceway.checkpoint.history import CheckpointHistory
-from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.jobs.cli.common import job_command, when
-from sluiceway.operators.event_time import format_watermark
 
 
 def register(sub) -> None:
@@ -27,8 +24,15 @@ def offsets_summary(offsets: dict) -> str:
     return " ".join(f"{s}:{sum(parts.values())}" for s, parts in offsets.items()) or "-"
 
 
+def _history(args):
+    from sluiceway.checkpoint.history import CheckpointHistory
+    from sluiceway.checkpoint.storage import JobStorage
+
+    return CheckpointHistory(JobStorage(args.checkpoint_dir, args.job_name))
+
+
 def cmd_checkpoints_list(args) -> int:
-    rows = CheckpointHistory(JobStorage(args.checkpoint_dir, args.job_name)).list()
+    rows = _history(args).list()
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=1))
         return 0
@@ -52,8 +56,10 @@ def cmd_checkpoints_list(args) -> int:
 
 
 def cmd_checkpoints_show(args) -> int:
+    from sluiceway.operators.event_time import format_watermark
+
     """A checkpoint's history record, and its manifest while its files are retained."""
-    checkpoints = CheckpointHistory(JobStorage(args.checkpoint_dir, args.job_name))
+    checkpoints = _history(args)
     row = checkpoints.row(args.id)
     if row is not None and row.status not in ("complete", "corrupt", "incomplete"):
         record = checkpoints.record(args.id)
@@ -104,7 +110,7 @@ def cmd_checkpoints_show(args) -> int:
 
 
 def cmd_checkpoints_diff(args) -> int:
-    d = CheckpointHistory(JobStorage(args.checkpoint_dir, args.job_name)).diff(args.a, args.b)
+    d = _history(args).diff(args.a, args.b)
     if args.json:
         print(json.dumps(d, indent=1))
         return 0
@@ -167,6 +173,7 @@ def format_record(r: dict) -> str:
 
 
 def cmd_history(args) -> int:
+    from sluiceway.checkpoint.storage import JobStorage
     from sluiceway.checkpoint.timeline import read_history
 
     records = read_history(JobStorage(args.checkpoint_dir, args.job_name)).records

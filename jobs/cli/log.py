@@ -14,19 +14,19 @@ import stat
 import sys
 import time
 
-import pyarrow as pa
-
-from sluiceway.checkpoint.storage import StorageRetry
 from sluiceway.jobs.cli.common import env, json_arg, nonnegative_int, positive_int, seconds_or_duration
-from sluiceway.operators.connectors.log import DEFAULT_LOG_DIR, Log, Topic, TopicConfig
+from sluiceway.operators.connectors import DEFAULT_LOG_DIR
 from sluiceway.operators.errors import SourceError
 
 _OFFSET = "__offset"
-CLI_RETRY = StorageRetry(deadline_s=5.0)  # a command answers within seconds; a job waits longer
+CLI_DEADLINE_S = 5.0  # a command answers within seconds; a job waits longer
 
 
-def open_log(args) -> Log:
-    return Log(args.log_dir, retry=CLI_RETRY)
+def open_log(args):
+    from sluiceway.checkpoint.storage import StorageRetry
+    from sluiceway.operators.connectors.log import Log
+
+    return Log(args.log_dir, retry=StorageRetry(deadline_s=CLI_DEADLINE_S))
 
 
 def register(sub) -> None:
@@ -78,6 +78,8 @@ def register(sub) -> None:
 
 
 def cmd_create(args) -> int:
+    from sluiceway.operators.connectors.log import TopicConfig
+
     config = TopicConfig(args.topic, args.partitions, key=args.key, retention_age_s=args.retention_age,
                          retention_bytes=args.retention_bytes, tombstone_delay_s=args.tombstone_delay)
     log = open_log(args)
@@ -112,6 +114,8 @@ def _lines(stream, linger_s: float):
 
 
 def cmd_produce(args) -> int:
+    import pyarrow as pa
+
     topic = open_log(args).topic(args.topic)
     source = open(args.file, "rb") if args.file else sys.stdin.buffer
     name = args.file or "stdin"
@@ -167,7 +171,7 @@ def cmd_produce(args) -> int:
     return 0
 
 
-def _print_records(table: pa.Table, partition: int) -> None:
+def _print_records(table, partition: int) -> None:
     for row in table.to_pylist():
         offset = row.pop(_OFFSET)
         print(json.dumps({"partition": partition, "offset": offset, **row}, default=str), flush=True)
@@ -223,7 +227,7 @@ def cmd_describe(args) -> int:
 
 
 def cmd_compact(args) -> int:
-    topic: Topic = open_log(args).topic(args.topic)
+    topic = open_log(args).topic(args.topic)
     report = topic.compact(key=args.key)
     if not report:
         print(f"topic {args.topic} has no records yet: nothing to compact")

@@ -5,6 +5,8 @@ import importlib
 
 from sluiceway.operators.errors import SinkError
 
+DEFAULT_LOG_DIR = "./.sluiceway-log"  # the durable log's folder when none is named (here: the CLI imports it light)
+
 
 def requires(module: str, who: str, extra: str):
     """Import ``module``, which connector ``who`` needs; when it is missing,

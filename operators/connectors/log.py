@@ -56,11 +56,11 @@ from sluiceway.checkpoint.storage import (
     create_exclusive,
     open_filesystem,
 )
+from sluiceway.operators.connectors import DEFAULT_LOG_DIR  # noqa: F401 - the log's default, named here too
 from sluiceway.operators.errors import FlowDefinitionError, SourceError
 from sluiceway.operators.keys import key_groups
 from sluiceway.operators.sources import DEAD_LETTER_SCHEMA, Source, dead_letter, offsets
 
-DEFAULT_LOG_DIR = "./.sluiceway-log"
 _DIGITS = 20
 _OFFSET = "__offset"
 _META_FIRST, _META_END, _META_CREATED = b"sluiceway.first", b"sluiceway.end", b"sluiceway.created"
