@@ -25,7 +25,8 @@ def format_event(event: dict) -> str | None:
         resume = event["resume_checkpoint"]
         where = f"resuming from checkpoint {resume}" if resume else "from the start"
         replay = f", replaying epochs {event['replay_epochs']}" if event["replay_epochs"] else ""
-        return f"started {len(event['tasks'])} tasks on {event['nodes']} node(s), {where}{replay}"
+        processes = f" in {event['executors']} executors" if event.get("executors") else ""
+        return f"started {len(event['tasks'])} tasks{processes} on {event['nodes']} node(s), {where}{replay}"
     if kind == "epoch":
         ckpt = f"checkpoint {event['checkpoint']} complete" if event["checkpoint"] else f"last checkpoint {event['last_checkpoint']}"
         rate = f"{event['rows_per_s']:>12,.0f} rows/s" if event["rows_per_s"] else f"{'-':>12} rows/s"

@@ -24,12 +24,15 @@ epoch's handles in its commit log entry before it commits them.
 
     data/epoch=<epoch>/part-<subtask>-<attempt>.parquet   pre-committed by each subtask
     _committed/<epoch>.json     created once by commit(): names the epoch's files
+    data/compacted/<from>-<to>-<id>.parquet, _compacted/<from>-<to>.json
+                                consecutive epochs merged (ParquetSink(compaction=...))
 
 Files of an epoch that its marker does not name (an attempt that failed, a
 run that lost its lease) are deleted once the marker exists.
 
-Readers (:func:`read_committed`) see only files named by a commit marker, so
-they never see a half-written or replayed epoch twice.
+Readers (:func:`read_committed`) see only files named by a commit marker or
+a compaction marker, each committed epoch once, so they never see a
+half-written or replayed epoch twice (:mod:`sluiceway.operators.compaction`).
 """
 
 from __future__ import annotations
@@ -178,14 +181,32 @@ class _ParquetWriter(SinkWriter):
 
 class ParquetSink(Sink):
     """Parquet files on any fsspec URL, one per (epoch, subtask), made visible
-    per epoch by a commit marker."""
+    per epoch by a commit marker. With ``compaction`` (a
+    :class:`~sluiceway.operators.compaction.Compaction`), the coordinator
+    merges committed epochs into larger files in the background."""
 
     kind = "parquet"
 
-    def __init__(self, url: str, retry: StorageRetry = StorageRetry()):
+    def __init__(self, url: str, retry: StorageRetry = StorageRetry(), compaction=None):
         self.url = absolute_url(url)  # the same folder from every worker's working directory
         self.retry = retry
+        self.compaction = compaction
+        self._compactor = None
         _ParquetLayout(url)  # fail at build time on an unknown protocol
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_compactor"] = None  # the coordinator's thread stays there
+        return state
+
+    def _after_commit(self) -> None:
+        if self.compaction is None:
+            return
+        if self._compactor is None:
+            from sluiceway.operators.compaction import Compactor
+
+            self._compactor = Compactor(self.compaction, lambda: _ParquetLayout(self.url, self.retry))
+        self._compactor.after_commit()
 
     def open(self, context: SinkContext) -> SinkWriter:
         return _ParquetWriter(_ParquetLayout(self.url, self.retry, context.on_wait), context)
@@ -207,6 +228,7 @@ class ParquetSink(Sink):
         except FileExistsError:
             marker = layout.read_marker(epoch)
         self._remove_unnamed(layout, epoch, marker)
+        self._after_commit()
 
     def abort(self, after_epoch: int, context: SinkContext) -> None:
         """Delete the files of epochs after ``after_epoch`` that no marker names."""
@@ -247,16 +269,44 @@ class ParquetSink(Sink):
 
 def read_committed(url: str, include_epoch: bool = False) -> pa.Table:
     """Every committed row of a :class:`ParquetSink`, exactly once, in epoch
-    then subtask order. ``include_epoch`` adds an ``epoch`` column."""
+    then subtask order (compacted epochs from their compaction's file).
+    ``include_epoch`` adds an ``epoch`` column."""
     layout = _ParquetLayout(url)
-    tables = []
-    for epoch in layout.committed_epochs():
+    for attempt in range(3):
+        try:
+            return _read_committed(layout, include_epoch)
+        except FileNotFoundError:  # an epoch folder removed after a compaction this read did not see: list again
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _read_committed(layout: _ParquetLayout, include_epoch: bool) -> pa.Table:
+    from sluiceway.operators.compaction import list_compactions, usable
+
+    def read(relative: str) -> pa.Table:
+        with layout.fs.open(posixpath.join(layout.base, relative), "rb") as f:
+            # Whole, then parsed from Arrow's memory: Arrow's reader threads never call back into
+            # Python (a file object, or a buffer of Python bytes, released by one of them as the
+            # interpreter exits aborts the process).
+            return pq.read_table(arrow_buffer(f.read()))
+
+    epochs = layout.committed_epochs()
+    compacted = {c.first: c for c in usable(list_compactions(layout), set(epochs))}
+    tables, skip_through = [], 0
+    for epoch in epochs:
+        if epoch <= skip_through:
+            continue
+        if epoch in compacted:
+            c = compacted[epoch]
+            table, skip_through = read(c.path), c.last
+            if include_epoch:
+                column = pa.array([e for e, rows in c.epochs for _ in range(rows)], pa.int64())
+                table = table.append_column("epoch", column)
+            tables.append(table)
+            continue
         for entry in layout.read_marker(epoch)["files"]:
-            with layout.fs.open(posixpath.join(layout.base, entry["path"]), "rb") as f:
-                # Whole, then parsed from Arrow's memory: Arrow's reader threads never call back into
-                # Python (a file object, or a buffer of Python bytes, released by one of them as the
-                # interpreter exits aborts the process).
-                table = pq.read_table(arrow_buffer(f.read()))
+            table = read(entry["path"])
             if include_epoch:
                 table = table.append_column("epoch", pa.array([epoch] * table.num_rows, pa.int64()))
             tables.append(table)
@@ -266,6 +316,7 @@ def read_committed(url: str, include_epoch: bool = False) -> pa.Table:
 
 
 __getattr__ = lazy_exports(__name__, {
+    "Compaction": "sluiceway.operators.compaction",
     "DeltaSink": "sluiceway.operators.connectors.delta",
     "PostgresSink": "sluiceway.operators.connectors.postgres",
     "RedisSink": "sluiceway.operators.connectors.redis_streams",

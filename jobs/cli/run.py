@@ -1,4 +1,5 @@
-"""``sluiceway run``: a job on an embedded local Ray cluster, its progress
+"""``sluiceway run``: a job on the local cluster ``sluiceway up`` started
+when one answers, else on an embedded local Ray cluster; its progress
 printed as it goes."""
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from sluiceway.jobs.cli.common import (
 
 
 def register(sub) -> None:
-    r = sub.add_parser("run", help="run a job on an embedded local Ray cluster")
+    r = sub.add_parser("run", help="run a job here: on the cluster `sluiceway up` started, else an embedded one")
     r.set_defaults(func=cmd_run)
     job_options(r)
+    env_switch(r, "--embedded", "SLUICEWAY_EMBEDDED",
+               "start an embedded Ray cluster for this run even when `sluiceway up` started one")
 
 
 def job_options(r) -> None:
@@ -29,6 +32,8 @@ def job_options(r) -> None:
     env_arg(r, "--checkpoint-every", "SLUICEWAY_CHECKPOINT_EVERY", "5", positive_int, "checkpoint every N epochs")
     env_arg(r, "--parallelism", "SLUICEWAY_PARALLELISM", None, positive_int,
             "parallelism of steps that set none (default: one task per CPU)")
+    env_arg(r, "--executors-per-node", "SLUICEWAY_EXECUTORS_PER_NODE", None, positive_int,
+            "processes that run the job's tasks on each node (default: one per CPU of the node)")
     env_arg(r, "--max-failures", "SLUICEWAY_MAX_FAILURES", "5", nonnegative_int,
             "restart budget: failures allowed within --failure-window without a completed checkpoint between them")
     env_arg(r, "--failure-window", "SLUICEWAY_FAILURE_WINDOW", "600", seconds,
@@ -49,6 +54,22 @@ def job_options(r) -> None:
     env_switch(r, "--until-idle", "SLUICEWAY_UNTIL_IDLE",
                "stop when bounded sources are exhausted, after a final checkpoint; without --epochs or "
                "--until-idle, run until Ctrl-C", group=stop)
+
+
+def _join_recorded_cluster() -> None:
+    """Connect to the cluster ``sluiceway up`` recorded when it answers (and say so); else ``run`` starts an
+    embedded one."""
+    from sluiceway.cluster.connect import answers, connect
+    from sluiceway.cluster.devcluster import load_state
+
+    import ray
+
+    state = load_state()
+    if ray.is_initialized() or state is None or not answers(state.address, timeout_s=0.5):
+        return
+    connect(state.address)
+    print(f"running on the cluster `sluiceway up` started at {state.address} (--embedded for one of its own)",
+          flush=True)
 
 
 def print_event(event: dict) -> None:
@@ -78,7 +99,8 @@ def run_options(args):
     try:
         return RunOptions(trigger_s=args.trigger, checkpoint_every=args.checkpoint_every,
                           restart=restart_policy(args), epoch_timeout_s=args.epoch_timeout,
-                          until_idle=args.until_idle, epochs=args.epochs, storage_deadline_s=args.storage_deadline)
+                          until_idle=args.until_idle, epochs=args.epochs, storage_deadline_s=args.storage_deadline,
+                          executors_per_node=args.executors_per_node)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -89,6 +111,8 @@ def cmd_run(args) -> int:
 
     options = run_options(args)
     flow = load_flow(args.job)
+    if not args.embedded:
+        _join_recorded_cluster()
     summary = run(
         flow,
         args.checkpoint_dir,

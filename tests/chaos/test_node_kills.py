@@ -187,6 +187,50 @@ print(json.dumps(r, default=str))
 """
 
 
+MANY = """
+import json, sys
+import pyarrow as pa, pyarrow.compute as pc
+from sluiceway.jobs import Dataflow, run
+from sluiceway.jobs.demo import kill_nodes_during
+from sluiceway.jobs.testing import compare_exactly_once
+from sluiceway.operators.sinks import ParquetSink, read_committed
+from sluiceway.operators.sources import GeneratorSource
+work, partitions, per_partition, keys = {work!r}, 8, 12_000, 5000
+def clicks(partition, start, stop):
+    offset = pa.array(range(start, stop), pa.int64())
+    return pa.record_batch({{"user": pc.remainder(pc.add(offset, partition * 7), keys), "n": pc.remainder(offset, 5)}})
+def flow(parallelism):
+    f = Dataflow("many_tasks")
+    f.source(GeneratorSource(clicks, partitions, 300, per_partition), parallelism=parallelism) \\
+        .key_by("user", parallelism=parallelism).aggregate([("n", "sum"), ("n", "count")], name="totals") \\
+        .sink(ParquetSink(work + "/out"))
+    return f
+ckpt, r = work + "/ckpt", {{}}
+r["first"] = run(flow(4), ckpt, epochs=3, trigger_s=0.5, checkpoint_every=1)  # 4 + 4 tasks, embedded
+events = []
+# 8 source + 8 aggregate tasks on 2 nodes of 2 CPUs (4 executors); one node killed; stopped with a savepoint
+# once the recovery is checkpointed.
+r.update(kill_nodes_during(flow(8), ckpt, kill_after_epoch=6, checkpoint_every=2, trigger_s=0.5,
+                           until=lambda: True, on_event=events.append, log=lambda l: print(l, file=sys.stderr)))
+if "error" not in r:
+    started = [e for e in events if e["type"] == "started"][0]
+    r["tasks"], r["executors"] = len(started["tasks"]), started["executors"]
+    recovered = [e for e in events if e["type"] == "recovered"]
+    r["onto_running"] = bool(recovered) and set(recovered[0]["actor_names"].values()) <= set(
+        started["actor_names"].values())
+    r["last"] = run(flow(2), ckpt, trigger_s=0, until_idle=True)  # 2 + 2 tasks, embedded
+    table = pa.Table.from_batches([clicks(p, 0, per_partition) for p in range(partitions)])
+    want = table.group_by("user").aggregate([("n", "sum"), ("n", "count")]).select(["user", "n_sum", "n_count"])
+    changelog = read_committed(work + "/out")
+    indexed = changelog.append_column("__row", pa.array(range(changelog.num_rows), pa.int64()))
+    last = indexed.group_by("user").aggregate([("__row", "max")])
+    got = changelog.take(last["__row_max"]).select(["user", "n_sum", "n_count"])
+    r["verdict"] = compare_exactly_once(got, want).line()
+    r["exactly_once"] = compare_exactly_once(got, want).exactly_once
+print(json.dumps(r, default=str))
+"""
+
+
 @pytest.fixture(scope="module")
 def runs(postgres_dsn, s3_endpoint, redis_server, nats_server, rabbitmq_server, tmp_path_factory):
     """The four runs, started together."""
@@ -203,6 +247,7 @@ def runs(postgres_dsn, s3_endpoint, redis_server, nats_server, rabbitmq_server, 
                                   amqp_url=rabbitmq_server.url, broker_rows=4000),
         "examples": EXAMPLES.format(tests=TESTS),
         "state": STATE.format(work=str(tmp_path_factory.mktemp("big_state"))),
+        "many": MANY.format(work=str(tmp_path_factory.mktemp("many_tasks"))),
     }
     procs = {name: subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True) for name, script in scripts.items()}
@@ -264,4 +309,14 @@ def test_state_several_times_its_budget_through_a_node_kill_and_a_rescale(runs):
     assert len(r["kills"]) == 1 and r["summary"]["restarts"] >= 1
     assert r["mapped"] > 2**20, r["mapped"]  # state beyond the 1 MiB budget lived on local disk
     assert r["rescaled"]["stopped"] == "idle"
+    assert r["exactly_once"], r["verdict"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sixteen_tasks_on_two_nodes_through_a_node_kill_and_rescales_8_16_4_tasks(runs):
+    r = _result(runs["many"])
+    assert r["first"]["epochs"] == 3 and r["tasks"] == 16 and r["executors"] == 4, (r["tasks"], r["executors"])
+    assert len(r["kills"]) == 1 and r["summary"]["restarts"] >= 1 and r["onto_running"]
+    assert r["last"]["stopped"] == "idle" and r["last"]["rows_in"] > 0  # input was left for the third run
     assert r["exactly_once"], r["verdict"]

@@ -187,6 +187,18 @@ def test_up_submit_status_kill_node_history_stop(cli, tmp_path, request):
     assert cli.json("jobs") == []
 
 
+def test_run_uses_the_cluster_up_started_and_says_so(cli, tmp_path):
+    env = _job_env(tmp_path, rows=500, rate=100_000, name="here")
+    started = time.time()
+    ran = cli("run", JOB, "--checkpoint-dir", str(tmp_path / "ckpt"), "--until-idle",
+              "--trigger", "0.1", env=env)
+    took = time.time() - started
+    address = json.load(open(os.path.join(cli.home, "cluster.json")))["address"]
+    assert f"running on the cluster `sluiceway up` started at {address}" in ran.stdout.splitlines()[0], ran.stdout
+    assert "done (idle)" in ran.stdout and took < 60, (took, ran.stdout)
+    _exactly_once(env)
+
+
 def test_the_coordinator_process_killed_the_job_resumes_by_itself(cli, tmp_path):
     env = _submit(cli, tmp_path, "phoenix", rows=32_000, rate=4000, until_idle=False)
     time.sleep(3)
