@@ -38,6 +38,13 @@ the same work on the same data.
    parallelism 2 to 32 on Ray at 4,000 rows/s in all: the epoch latency
    that is per-task overhead, not rows.
 
+0e. **Start and recovery** (``BENCH_ONLY=start``): on the running
+   embedded cluster, ``run()`` to the first committed epoch of a 10-row job;
+   an executor of the clicks example killed after epoch 3: kill to the
+   recovery, and to the next completed epoch (processing again); and, as
+   subprocesses, ``sluiceway --help`` and ``sluiceway run --until-idle``
+   of a 10-row job, embedded cluster start and stop included.
+
 0c. **Keyed state as it grows** (``BENCH_ONLY=state``; sizes in
    ``BENCH_STATE_KEYS``): one task's store in process at 1 M, 10 M and 40 M
    keys, 100,000-row epochs on keys from all of the state, a checkpoint
@@ -725,6 +732,63 @@ def state_job_bench(sizes=None) -> None:
                   f"{epochs[-1]:>8.2f} s {max(written) / 1e6:>14.1f} MB", flush=True)
 
 
+def start_bench(runs: int = 3) -> None:
+    """Start and recovery times (see module doc, 0e)."""
+    import ray
+
+    from sluiceway.jobs.examples import clicks as example
+    from sluiceway.operators.sinks import ParquetSink
+    from sluiceway.operators.sources import ListSource
+
+    print("\n## Start and recovery (embedded cluster, 2 CPUs: 2 executors)", flush=True)
+    firsts = []
+    for i in range(runs):
+        with tempfile.TemporaryDirectory() as work:
+            flow = Dataflow(f"bench_start_{i}")
+            flow.source(ListSource([{"x": n} for n in range(10)])).sink(ParquetSink(os.path.join(work, "out")))
+            t0, first = time.perf_counter(), []
+            run(flow, os.path.join(work, "ckpt"), trigger_s=0.1,
+                on_event=lambda e: first.append(time.perf_counter() - t0) if e["type"] == "epoch" else None)
+            firsts.append(first[0])
+    print(f"run() -> first committed epoch: {', '.join(f'{1000 * s:.0f} ms' for s in firsts)}", flush=True)
+    for i in range(runs):
+        with tempfile.TemporaryDirectory() as work:
+            flow = example.build(output=os.path.join(work, "out"), rows_per_partition=20_000, rows_per_second=4000)
+            names, marks = {}, {}
+
+            def on_event(event, names=names, marks=marks):
+                now = time.perf_counter()
+                if event["type"] == "started":
+                    names.update(event["actor_names"])
+                elif event["type"] == "recovered":
+                    marks["recovered"] = now
+                elif event["type"] == "epoch" and "recovered" in marks and "again" not in marks:
+                    marks["again"] = now
+                elif event["type"] == "epoch" and event["epoch"] >= 3 and "killed" not in marks:
+                    marks["killed"] = time.perf_counter()
+                    ray.kill(ray.get_actor(names["by_user[1]"]), no_restart=True)
+
+            run(flow, os.path.join(work, "ckpt"), trigger_s=0.5, checkpoint_every=2, epochs=10, on_event=on_event)
+            print(f"executor killed -> recovered {1000 * (marks['recovered'] - marks['killed']):.0f} ms, "
+                  f"-> next epoch completed {1000 * (marks['again'] - marks['killed']):.0f} ms", flush=True)
+    exe = os.path.join(os.path.dirname(sys.executable), "sluiceway")
+    t0 = time.perf_counter()
+    subprocess.run([exe, "--help"], check=True, capture_output=True)
+    print(f"sluiceway --help: {1000 * (time.perf_counter() - t0):.0f} ms", flush=True)
+    with tempfile.TemporaryDirectory() as work:
+        job = os.path.join(work, "job.py")
+        with open(job, "w") as f:
+            f.write("from sluiceway.jobs import Dataflow\nfrom sluiceway.operators.sinks import ParquetSink\n"
+                    "from sluiceway.operators.sources import ListSource\nflow = Dataflow('ten')\n"
+                    f"flow.source(ListSource([{{'x': n}} for n in range(10)])).sink(ParquetSink({work + '/out'!r}))\n")
+        env = {**os.environ, "SLUICEWAY_HOME": os.path.join(work, "home")}  # no `up` cluster: an embedded one
+        t0 = time.perf_counter()
+        subprocess.run([exe, "run", job, "--checkpoint-dir", os.path.join(work, "ckpt"), "--until-idle",
+                        "--trigger", "0.1"], check=True, capture_output=True, env=env)
+        print(f"sluiceway run --until-idle (10 rows, embedded cluster started and stopped): "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+
+
 def controller_bench() -> None:
     """The job controller's CPU per epoch at 10 to 2,000 simulated tasks (no Ray, no storage: its decisions only)."""
     from sluiceway.cluster.simulation import scale_table
@@ -747,6 +811,8 @@ def main() -> int:
             controller_bench()
         if os.environ.get("BENCH_ONLY") in (None, "", "tasks"):
             tasks_bench()
+        if os.environ.get("BENCH_ONLY") in (None, "", "start"):
+            start_bench()
         if os.environ.get("BENCH_ONLY") in (None, "", "state"):
             state_bench()
         if os.environ.get("BENCH_ONLY") in (None, "", "state_job"):

@@ -346,10 +346,13 @@ class Coordinator(Driver):
         return p.DeadFound(frozenset(dead))
 
     def run_epoch(self, instruction: p.RunEpoch) -> None:
-        """One call per executor that hosts a source task."""
+        """One call per executor that hosts a source task (one found dead since is skipped: its tasks are lost,
+        and the recovery that follows replays the epoch)."""
         sources = {self.assignment[t] for s in self.plan.stages.values() if s.source is not None for t in s.tasks()}
         for name in sources:
-            self.executors[name].run_source_epoch.remote(instruction.generation, instruction.plan)
+            actor = self.executors.get(name)
+            if actor is not None:
+                actor.run_source_epoch.remote(instruction.generation, instruction.plan)
 
     def __reduce__(self):
         raise TypeError("a Coordinator lives inside its actor; it must not be pickled")
