@@ -96,6 +96,7 @@ class BarrierAligner:
         self._closed: dict[Hashable, deque[tuple[Barrier, list]]] = {c: deque() for c in self.channels}
         self._open: dict[Hashable, list] = {c: [] for c in self.channels}
         self._last_barrier: dict[Hashable, int] = {c: first_epoch - 1 for c in self.channels}
+        self._behind = len(self.channels)  # channels with no closed epoch: an epoch aligns when none is
 
     def handle(self, event: Data | BarrierEvent) -> list[Aligned]:
         if event.channel not in self._open:
@@ -109,11 +110,14 @@ class BarrierAligner:
                 f"channel {event.channel!r} sent the barrier of epoch {event.barrier.epoch}, expected {expected}"
             )
         self._last_barrier[event.channel] = event.barrier.epoch
-        self._closed[event.channel].append((event.barrier, self._open[event.channel]))
+        closed = self._closed[event.channel]
+        self._behind -= not closed
+        closed.append((event.barrier, self._open[event.channel]))
         self._open[event.channel] = []
         out = []
-        while all(self._closed[c] for c in self.channels):
+        while not self._behind:
             heads = [self._closed[c].popleft() for c in self.channels]
+            self._behind = sum(not self._closed[c] for c in self.channels)
             barriers = [b for b, _ in heads]
             watermark, idle = min_watermark(
                 [b.watermark for b in barriers], [b.idle or c in self.untimed for c, b in zip(self.channels, barriers)]

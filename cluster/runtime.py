@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -89,8 +90,12 @@ def partition_by_key(table: pa.Table, key: str, parallelism: int, max_key_groups
     if parallelism == 1:
         return [table]
     kg = key_groups(table.column(key), max_key_groups)
-    target = pc.divide(pc.multiply(kg, parallelism), max_key_groups)
-    return [table.filter(pc.equal(target, j)) for j in range(parallelism)]
+    target = pc.divide(pc.multiply(kg, parallelism), max_key_groups).to_numpy()
+    # One stable sort by target, then one gather per part (not a slice: a pickled slice carries every buffer
+    # it views): O(rows) whatever the parallelism, where a filter per part is O(rows x parallelism).
+    order = np.argsort(target, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(target, minlength=parallelism))])
+    return [table.take(pa.array(order[bounds[j]:bounds[j + 1]])) for j in range(parallelism)]
 
 
 def partition_rebalance(table: pa.Table, parallelism: int) -> list[pa.Table | None]:
