@@ -64,6 +64,21 @@ NODE_WAIT_S = 60.0  # how long a recovery waits for a node with CPUs to place ta
 NODE_SCAN_S = 2.0  # how often the coordinator looks for nodes that joined (they get standby executors)
 
 
+def start_executors(plan: PhysicalPlan, storage: JobStorage, options: RunOptions, run_id: str, coordinator,
+                    nodes: dict[str, int], first: int = 0) -> dict[str, tuple[object, str]]:
+    """Executors on each of ``nodes`` (id -> CPUs): ``executors_per_node`` of them, or one per CPU (never more
+    than the job has tasks), named ``sluiceway/<job>/<run>/x<n>`` from ``n = first``. Their processes start in
+    parallel. Returns name -> (actor, node)."""
+    started, n = {}, first
+    for node, cpus in sorted(nodes.items()):
+        for _ in range(min(options.executors_per_node or cpus, len(plan.tasks()))):
+            name = f"sluiceway/{plan.job}/{run_id}/x{n}"
+            n += 1
+            started[name] = (ExecutorActor.options(scheduling_strategy=pinned(node), name=name).remote(
+                plan, storage, name, coordinator), node)
+    return started
+
+
 class Coordinator(Driver):
     """The controller's driver on Ray (see module doc)."""
 
@@ -129,8 +144,10 @@ class Coordinator(Driver):
                 print(f"metrics are off for job {self.plan.job!r}: {type(exc).__name__}: {exc}", flush=True)
 
     # ---------------------------------------------------------------- run
-    def run(self, me) -> dict:
+    def run(self, me, executors: dict | None = None) -> dict:
+        """Run the job; ``executors``: those started for it already (:meth:`adopt`)."""
         self.me = me
+        self.adopt(executors or {})
         started = time.time()
         renewer = threading.Thread(target=self._renew_lease, name="lease-renewer", daemon=True)
         renewer.start()
@@ -250,19 +267,18 @@ class Coordinator(Driver):
         return nodes
 
     def _start_executors(self, nodes: dict[str, int]) -> None:
-        """Executors on each node of ``nodes`` that has none: ``executors_per_node`` of them, or one per CPU
-        (never more than the job has tasks). Their processes start in parallel."""
+        """Executors on each node of ``nodes`` that has none (see :func:`start_executors`)."""
         have = set(self.executor_node.values())
-        cap = len(self.plan.tasks())
-        for node, cpus in sorted(nodes.items()):
-            if node in have:
-                continue
-            for _ in range(min(self.options.executors_per_node or cpus, cap)):
-                name = f"sluiceway/{self.plan.job}/{self.run_id}/x{self._started_executors}"
-                self._started_executors += 1
-                self.executors[name] = ExecutorActor.options(scheduling_strategy=pinned(node), name=name).remote(
-                    self.plan, self.storage, name, self.me)
-                self.executor_node[name] = node
+        started = start_executors(self.plan, self.storage, self.options, self.run_id, self.me,
+                                  {n: c for n, c in nodes.items() if n not in have}, first=self._started_executors)
+        self.adopt(started)
+
+    def adopt(self, executors: dict[str, tuple[object, str]]) -> None:
+        """Executors started for this run elsewhere (``run()`` starts the first ones beside the coordinator's
+        own process, so that both start at once): name -> (actor, node)."""
+        for name, (actor, node) in executors.items():
+            self.executors[name], self.executor_node[name] = actor, node
+            self._started_executors = max(self._started_executors, int(name.rsplit("/x", 1)[1]) + 1)
 
     def _add_standby_executors(self) -> None:
         """Executors (with no tasks yet) on nodes that joined since the start: where lost tasks go next."""
@@ -366,11 +382,11 @@ class CoordinatorActor:
     def __init__(self, plan: PhysicalPlan, storage: JobStorage, options: RunOptions, job_doc: dict, lease: Lease):
         self.coordinator = Coordinator(plan, storage, options, job_doc, lease)
 
-    def run(self) -> dict:
+    def run(self, executors: dict | None = None) -> dict:
         """Run the job; whatever stops it is raised as a :class:`JobFailedError`
         whose first line names the cause."""
         try:
-            return self.coordinator.run(ray.get_runtime_context().current_actor)
+            return self.coordinator.run(ray.get_runtime_context().current_actor, executors)
         except JobFailedError:
             raise
         except CheckpointError as exc:

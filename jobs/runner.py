@@ -11,14 +11,14 @@ from typing import Callable
 import ray
 from ray.exceptions import RayTaskError
 
-from sluiceway.cluster.coordinator import CoordinatorActor
+from sluiceway.cluster.coordinator import CoordinatorActor, start_executors
 from sluiceway.cluster.options import RunOptions
 from sluiceway.cluster.launch import open_job, release_job
 from sluiceway.cluster.restart import RestartPolicy
 from sluiceway.cluster.graph import PhysicalPlan
 from sluiceway.cluster.graph import plan as physical_plan
 from sluiceway.cluster.local import init_embedded
-from sluiceway.cluster.placement import default_parallelism, pinned
+from sluiceway.cluster.placement import default_parallelism, pinned, worker_node_cpus
 from sluiceway.jobs.jobfile import ship_by_value
 from sluiceway.operators.errors import FlowDefinitionError
 
@@ -125,9 +125,11 @@ def run(
             coordinator = CoordinatorActor.options(
                 scheduling_strategy=pinned(ray.get_runtime_context().get_node_id())
             ).remote(plan, storage, options, job_doc, lease)
+            # The executors' processes start beside the coordinator's, not after it.
+            executors = start_executors(plan, storage, options, lease.holder.run_id, coordinator, worker_node_cpus())
             if on_started is not None:
                 on_started(coordinator)
-            return _wait(coordinator, on_event)
+            return _wait(coordinator, on_event, executors)
         finally:
             if embedded:
                 ray.shutdown()
@@ -135,8 +137,8 @@ def run(
         release_job(storage, lease)
 
 
-def _wait(coordinator, on_event) -> dict:
-    done = coordinator.run.remote()
+def _wait(coordinator, on_event, executors: dict | None = None) -> dict:
+    done = coordinator.run.remote(executors)
     try:
         while True:
             ready, _ = ray.wait([done], timeout=0.25)
@@ -157,3 +159,5 @@ def _wait(coordinator, on_event) -> dict:
         return ray.get(done)
     finally:
         ray.kill(coordinator, no_restart=True)
+        for actor, _ in (executors or {}).values():  # the coordinator kills them too, unless it never ran
+            ray.kill(actor, no_restart=True)
