@@ -66,16 +66,17 @@ NODE_SCAN_S = 2.0  # how often the coordinator looks for nodes that joined (they
 
 def start_executors(plan: PhysicalPlan, storage: JobStorage, options: RunOptions, run_id: str, coordinator,
                     nodes: dict[str, int], first: int = 0) -> dict[str, tuple[object, str]]:
-    """Executors on each of ``nodes`` (id -> CPUs): ``executors_per_node`` of them, or one per CPU (never more
-    than the job has tasks), named ``sluiceway/<job>/<run>/x<n>`` from ``n = first``. Their processes start in
-    parallel. Returns name -> (actor, node)."""
+    """Executors on ``nodes`` (id -> CPUs): ``executors_per_node`` on each, or one per CPU, named
+    ``sluiceway/<job>/<run>/x<n>`` from ``n = first``; never more in all than the job has tasks (taken a node
+    at a time, round-robin). Their processes start in parallel. Returns name -> (actor, node)."""
+    wanted = {node: options.executors_per_node or cpus for node, cpus in sorted(nodes.items())}
+    order = [node for i in range(max(wanted.values(), default=0)) for node, k in wanted.items() if i < k]
     started, n = {}, first
-    for node, cpus in sorted(nodes.items()):
-        for _ in range(min(options.executors_per_node or cpus, len(plan.tasks()))):
-            name = f"sluiceway/{plan.job}/{run_id}/x{n}"
-            n += 1
-            started[name] = (ExecutorActor.options(scheduling_strategy=pinned(node), name=name).remote(
-                plan, storage, name, coordinator), node)
+    for node in order[:len(plan.tasks())]:
+        name = f"sluiceway/{plan.job}/{run_id}/x{n}"
+        n += 1
+        started[name] = (ExecutorActor.options(scheduling_strategy=pinned(node), name=name).remote(
+            plan, storage, name, coordinator), node)
     return started
 
 
