@@ -3,9 +3,10 @@ report how the job took each kill.
 
 For each kill the report gives the time to detect it and to restore (from
 the job's recovery records in checkpoint storage, which every real failure
-writes too), the time until the job caught up with its input again (the
-first epoch after the recovery that is not a replay and leaves nothing
-waiting), and the epochs replayed. :func:`report` is pure: it matches kills
+writes too), the time until the job processed again (kill to the first
+epoch completed after the restore, a replay or not), the time until it
+caught up with its input again (the first epoch after the recovery that is
+not a replay and leaves nothing waiting), and the epochs replayed. :func:`report` is pure: it matches kills
 to records by time.
 """
 
@@ -25,6 +26,7 @@ class KillFigures:
     killed_at: float
     detect_s: float | None = None
     restore_s: float | None = None
+    processing_s: float | None = None  # kill to the first epoch completed after the restore
     caught_up_s: float | None = None  # kill to the first fresh epoch with no input waiting
     replayed_epochs: list[int] | None = None
     restored_checkpoint: int | None = None
@@ -39,7 +41,7 @@ class KillFigures:
             return f"{self.node:<10} no task of the job ran there (nothing to recover)" if self.tasks_lost == [] \
                 else f"{self.node:<10} no recovery recorded"
         return (f"{self.node:<10} detect {s(self.detect_s):>8}  restore {s(self.restore_s):>8}  "
-                f"caught up {s(self.caught_up_s):>8}  replayed {len(self.replayed_epochs or [])} epoch(s)  "
+                f"processing {s(self.processing_s):>8}  caught up {s(self.caught_up_s):>8}  replayed {len(self.replayed_epochs or [])} epoch(s)  "
                 f"restored checkpoint {self.restored_checkpoint}  tasks {', '.join(self.tasks_lost or []) or '-'}")
 
 
@@ -53,7 +55,7 @@ def report(kills: list[tuple[str, float, list[str]]], recoveries: list[dict], pr
     >>> prog = [{"timestamp": "1970-01-01T00:00:14.000Z", "replay": True, "sourceLag": 0},
     ...         {"timestamp": "1970-01-01T00:00:15.500Z", "replay": False, "sourceLag": 0}]
     >>> [f.line() for f in report([("worker-2", 11.0, ["a[1]"])], recs, prog)]
-    ['worker-2   detect   0.80 s  restore   1.10 s  caught up   4.50 s  replayed 2 epoch(s)  restored checkpoint 3  tasks a[1]']
+    ['worker-2   detect   0.80 s  restore   1.10 s  processing   3.00 s  caught up   4.50 s  replayed 2 epoch(s)  restored checkpoint 3  tasks a[1]']
     """
     figures = []
     used: set[int] = set()
@@ -75,6 +77,8 @@ def report(kills: list[tuple[str, float, list[str]]], recoveries: list[dict], pr
                 done = r["at"] + (r.get("restore_s") or 0)
                 for p in progress:
                     when = timestamp_seconds(p["timestamp"])
+                    if when > done and f.processing_s is None:
+                        f.processing_s = round(when - at, 3)
                     if when > done and not p["replay"] and p["sourceLag"] == 0:
                         f.caught_up_s = round(when - at, 3)
                         break

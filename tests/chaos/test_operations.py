@@ -267,6 +267,7 @@ def test_chaos_reports_every_kill_and_output_stays_exactly_once(cli, tmp_path):
             assert kill["recovered"], kill
             assert kill["detect_s"] is not None and kill["restore_s"] is not None
             assert kill["caught_up_s"] is not None and kill["replayed_epochs"] is not None
+            assert kill["processing_s"] is not None and kill["processing_s"] <= kill["caught_up_s"]
     assert report["still_running"] or report["state"] == "finished"
     _wait_state(cli, "storm")
     _exactly_once(env)
