@@ -14,8 +14,8 @@ carries its instructions out on Ray and feeds it what happens. Its loop
 
 Tasks run in executors (:mod:`sluiceway.cluster.executor`), a few per node
 (one per CPU by default), started once: a recovery places a lost task on a
-live executor that is already running, and a node that joins gets standby
-executors while the job runs.
+live executor that is already running; when executors were lost, a node
+that joins gets standby executors, up to as many as the run had.
 
 A lease-renewal thread runs beside the loop; a run that loses its lease
 stops at once. A coordinator started on an existing checkpoint dir rebuilds
@@ -65,14 +65,14 @@ NODE_SCAN_S = 2.0  # how often the coordinator looks for nodes that joined (they
 
 
 def start_executors(plan: PhysicalPlan, storage: JobStorage, options: RunOptions, run_id: str, coordinator,
-                    nodes: dict[str, int], first: int = 0) -> dict[str, tuple[object, str]]:
+                    nodes: dict[str, int], first: int = 0, limit: int | None = None) -> dict[str, tuple[object, str]]:
     """Executors on ``nodes`` (id -> CPUs): ``executors_per_node`` on each, or one per CPU, named
-    ``sluiceway/<job>/<run>/x<n>`` from ``n = first``; never more in all than the job has tasks (taken a node
-    at a time, round-robin). Their processes start in parallel. Returns name -> (actor, node)."""
+    ``sluiceway/<job>/<run>/x<n>`` from ``n = first``; never more in all than the job has tasks, or ``limit``
+    (taken a node at a time, round-robin). Their processes start in parallel. Returns name -> (actor, node)."""
     wanted = {node: options.executors_per_node or cpus for node, cpus in sorted(nodes.items())}
     order = [node for i in range(max(wanted.values(), default=0)) for node, k in wanted.items() if i < k]
     started, n = {}, first
-    for node in order[:len(plan.tasks())]:
+    for node in order[:min(len(plan.tasks()), len(order) if limit is None else limit)]:
         name = f"sluiceway/{plan.job}/{run_id}/x{n}"
         n += 1
         started[name] = (ExecutorActor.options(scheduling_strategy=pinned(node), name=name).remote(
@@ -98,6 +98,7 @@ class Coordinator(Driver):
         self.executor_node: dict[str, str] = {}
         self.assignment: dict[TaskId, str] = {}  # task -> the executor it runs in
         self._started_executors = 0
+        self._capacity = 0  # the most executors this run had: lost ones are replaced by standbys up to it
         self._node_scan_at = 0.0
         self._pings: dict[str, tuple[object | None, float]] = {}  # executor -> (outstanding ping, sent at)
         self._alive_at: dict[str, float] = {}  # task -> when its executor last answered a ping
@@ -267,12 +268,14 @@ class Coordinator(Driver):
             )
         return nodes
 
-    def _start_executors(self, nodes: dict[str, int]) -> None:
+    def _start_executors(self, nodes: dict[str, int], limit: int | None = None) -> None:
         """Executors on each node of ``nodes`` that has none (see :func:`start_executors`)."""
         have = set(self.executor_node.values())
         started = start_executors(self.plan, self.storage, self.options, self.run_id, self.me,
-                                  {n: c for n, c in nodes.items() if n not in have}, first=self._started_executors)
+                                  {n: c for n, c in nodes.items() if n not in have}, first=self._started_executors,
+                                  limit=limit)
         self.adopt(started)
+        self._capacity = max(self._capacity, len(self.executors))
 
     def adopt(self, executors: dict[str, tuple[object, str]]) -> None:
         """Executors started for this run elsewhere (``run()`` starts the first ones beside the coordinator's
@@ -280,16 +283,20 @@ class Coordinator(Driver):
         for name, (actor, node) in executors.items():
             self.executors[name], self.executor_node[name] = actor, node
             self._started_executors = max(self._started_executors, int(name.rsplit("/x", 1)[1]) + 1)
+        self._capacity = max(self._capacity, len(self.executors))
 
     def _add_standby_executors(self) -> None:
-        """Executors (with no tasks yet) on nodes that joined since the start: where lost tasks go next."""
+        """When executors were lost, standby ones (no tasks yet) on nodes that have none (a node that joined, a
+        replacement), up to the number the run had: where the next lost tasks go without waiting for a
+        process to start."""
         now = time.time()
-        if not self.executors or now - self._node_scan_at < NODE_SCAN_S:
+        deficit = self._capacity - len(self.executors)
+        if not self.executors or deficit <= 0 or now - self._node_scan_at < NODE_SCAN_S:
             return
         self._node_scan_at = now
         nodes = worker_node_cpus()
         if set(nodes) - set(self.executor_node.values()):
-            self._start_executors(nodes)
+            self._start_executors(nodes, limit=deficit)
 
     def _drop_executor(self, name: str) -> None:
         actor = self.executors.pop(name, None)
