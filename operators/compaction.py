@@ -25,7 +25,8 @@ file, in the background, without touching what readers rely on:
 :class:`Compaction` is the policy: merge once at least ``min_files``
 uncompacted files are committed, into files of about ``target_mb``.
 ``ParquetSink(url, compaction=Compaction())`` runs it in a thread of the
-coordinator after commits; :func:`compact` runs it once, from anywhere.
+coordinator after commits; :func:`compact` runs it once, from anywhere, on a
+sink's URL.
 """
 
 from __future__ import annotations
@@ -78,8 +79,18 @@ def marker_path(base: str, first: int, last: int) -> str:
     return posixpath.join(base, "_compacted", f"{first:0{DIGITS}d}-{last:0{DIGITS}d}.json")
 
 
-def list_compactions(layout) -> list[Compacted]:
-    """Every compaction marker under the sink's folder, by first epoch."""
+def _layout(sink):
+    """A sink's URL, or its layout, as its layout."""
+    if isinstance(sink, str):
+        from sluiceway.operators.sinks import _ParquetLayout
+
+        return _ParquetLayout(sink)
+    return sink
+
+
+def list_compactions(sink) -> list[Compacted]:
+    """Every compaction marker under a sink's folder (its URL, or its layout), by first epoch."""
+    layout = _layout(sink)
     folder = posixpath.join(layout.base, "_compacted")
     try:
         names = layout.call("list", folder, lambda: layout.fs.ls(folder, detail=False))
@@ -107,11 +118,12 @@ def usable(compactions: list[Compacted], committed: set[int]) -> list[Compacted]
     return chosen
 
 
-def compact(layout, policy: Compaction, now: float | None = None, seen: dict | None = None) -> Compacted | None:
-    """Compact once, if the policy says so: the committed epochs after the last compaction, oldest first,
-    until about ``target_mb``; then delete the folders of epochs compacted more than ``keep_inputs_s`` ago.
-    ``seen``: epoch -> files of markers read before (markers never change). Returns the new compaction, or
-    None."""
+def compact(sink, policy: Compaction, now: float | None = None, seen: dict | None = None) -> Compacted | None:
+    """Compact a sink's folder (its URL, or its layout) once, if the policy says so: the committed epochs after
+    the last compaction, oldest first, until about ``target_mb``; then delete the folders of epochs compacted
+    more than ``keep_inputs_s`` ago. ``seen``: epoch -> files of markers read before (markers never change).
+    Returns the new compaction, or None."""
+    layout = _layout(sink)
     now = time.time() if now is None else now
     seen = {} if seen is None else seen
     compactions = list_compactions(layout)

@@ -199,6 +199,14 @@ class ParquetSink(Sink):
         state["_compactor"] = None  # the coordinator's thread stays there
         return state
 
+    def wait_for_compaction(self, timeout_s: float | None = None) -> dict:
+        """Wait for the background compaction under way in this process, if any; how it went: ``runs``
+        completed and the ``last_error`` (None when the last run succeeded)."""
+        if self._compactor is None:
+            return {"runs": 0, "last_error": None}
+        self._compactor.wait(timeout_s)
+        return {"runs": self._compactor.runs, "last_error": self._compactor.last_error}
+
     def _after_commit(self) -> None:
         if self.compaction is None:
             return

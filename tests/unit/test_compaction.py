@@ -4,6 +4,7 @@ readers read: every row exactly once, in order, at every moment."""
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 
@@ -12,7 +13,7 @@ import pytest
 from sluiceway.jobs import Dataflow
 from sluiceway.jobs.testing import run_local
 from sluiceway.operators.compaction import Compaction, compact, list_compactions
-from sluiceway.operators.sinks import ParquetSink, _ParquetLayout, read_committed
+from sluiceway.operators.sinks import ParquetSink, read_committed
 from sluiceway.operators.sources import ListSource
 
 
@@ -44,19 +45,19 @@ def test_compaction_while_the_job_commits_and_readers_read(tmp_path):
     thread.start()
     try:
         epochs = run_local(flow, max_records_per_epoch=150)  # 40 epochs of 3 files
-        sink._compactor.wait(30)
+        background = sink.wait_for_compaction(30)
         # What the background thread had not reached yet, and the replaced folders, a second later.
-        while compact(_ParquetLayout(out), sink.compaction) is not None:
+        while compact(out, sink.compaction) is not None:
             pass
-        compact(_ParquetLayout(out), sink.compaction, now=time.time() + 2)
+        compact(out, sink.compaction, now=time.time() + 2)
     finally:
         done.set()
         thread.join(30)
     assert not problems, problems[:5]
-    assert reads[0] >= 2 and epochs == 40 and sink._compactor.runs >= 1 and sink._compactor.last_error is None
+    assert reads[0] >= 2 and epochs == 40 and background["runs"] >= 1 and background["last_error"] is None
     final = read_committed(out, include_epoch=True)
     assert sorted(final.column("n").to_pylist()) == list(range(rows))
-    compactions = list_compactions(_ParquetLayout(out))
+    compactions = list_compactions(out)
     assert len(compactions) >= 2 and compactions[0].first == 1
     assert all(a.last < b.first for a, b in zip(compactions, compactions[1:]))
     covered = {e for c in compactions for e in range(c.first, c.last + 1)}
@@ -71,12 +72,11 @@ def test_compaction_keeps_replaced_files_for_readers_that_listed_them_and_is_nev
     flow = Dataflow("kept")
     flow.source(ListSource([{"n": i} for i in range(100)], partitions=2), parallelism=2).sink(sink)
     run_local(flow, max_records_per_epoch=10)
-    layout = _ParquetLayout(out)
-    made = compact(layout, Compaction(min_files=2, target_mb=1, keep_inputs_s=600), now=1000.0)
+    made = compact(out, Compaction(min_files=2, target_mb=1, keep_inputs_s=600), now=1000.0)
     assert made is not None and made.first == 1 and made.last == 10 and made.rows == 100
     assert len([d for d in os.listdir(os.path.join(out, "data")) if d.startswith("epoch=")]) == 10  # still there
-    assert compact(layout, Compaction(min_files=2, keep_inputs_s=600), now=1500.0) is None  # nothing new
-    compact(layout, Compaction(min_files=2, keep_inputs_s=600), now=1601.0)  # older than keep_inputs_s now
+    assert compact(out, Compaction(min_files=2, keep_inputs_s=600), now=1500.0) is None  # nothing new
+    compact(out, Compaction(min_files=2, keep_inputs_s=600), now=1601.0)  # older than keep_inputs_s now
     assert [d for d in os.listdir(os.path.join(out, "data")) if d.startswith("epoch=")] == []
     before = read_committed(out, include_epoch=True)  # from the compaction, in the order of the epochs
     assert before.column("n").to_pylist() == [n for e in range(10) for p in (0, 1) for n in range(10 * e + p, 10 * e + 10, 2)]
@@ -85,17 +85,21 @@ def test_compaction_keeps_replaced_files_for_readers_that_listed_them_and_is_nev
         Compaction(min_files=1)
 
 
-def test_an_overlapping_compaction_is_ignored_by_readers(tmp_path):
-    out = str(tmp_path / "out")
+def test_of_two_overlapping_compactions_readers_use_one(tmp_path):
+    out, other = tmp_path / "out", tmp_path / "other"
     flow = Dataflow("overlap")
-    flow.source(ListSource([{"n": i} for i in range(60)])).sink(ParquetSink(out))
+    flow.source(ListSource([{"n": i} for i in range(60)])).sink(ParquetSink(str(out)))
     run_local(flow, max_records_per_epoch=10)
-    layout = _ParquetLayout(out)
-    first = compact(layout, Compaction(min_files=3, target_mb=1))
-    # A second compactor that did not see the first (its own view of the range): readers use one of them.
-    from sluiceway.operators import compaction
-
-    markers = [(e, layout.read_marker(e)["files"]) for e in range(2, 5)]
-    second = compaction._merge(layout, markers, 2**30, 0.0)
-    assert (first.first, first.last) == (1, 6) and (second.first, second.last) == (2, 4)
-    assert read_committed(out).column("n").to_pylist() == list(range(60))
+    # A second compactor that saw only epochs 1..3 committed, and did not see the first compactor's work.
+    shutil.copytree(out, other)
+    for epoch in (4, 5, 6):
+        os.remove(other / "_committed" / f"{epoch:010d}.json")
+    second = compact(str(other), Compaction(min_files=2, target_mb=1))
+    first = compact(str(out), Compaction(min_files=2, target_mb=1))
+    assert (first.first, first.last) == (1, 6) and (second.first, second.last) == (1, 3)
+    for relative in (second.path, f"_compacted/{os.listdir(other / '_compacted')[0]}"):
+        shutil.copy(other / relative, out / relative)
+    assert [(c.first, c.last) for c in list_compactions(str(out))] == [(1, 3), (1, 6)]
+    # Readers take 1..3 from the one that starts first and ends first, 4..6 from the epochs' own files.
+    assert read_committed(str(out)).column("n").to_pylist() == list(range(60))
+    assert compact(str(out), Compaction(min_files=2, target_mb=1)) is None  # nothing after epoch 6
