@@ -97,6 +97,7 @@ class Coordinator(Driver):
         self.executors: dict[str, object] = {}  # name -> actor
         self.executor_node: dict[str, str] = {}
         self.assignment: dict[TaskId, str] = {}  # task -> the executor it runs in
+        self._hosted: dict[str, list[TaskId]] = {}  # the other way round, made when the assignment changes
         self._started_executors = 0
         self._capacity = 0  # the most executors this run had: lost ones are replaced by standbys up to it
         self._node_scan_at = 0.0
@@ -217,7 +218,7 @@ class Coordinator(Driver):
         return events + self._check_liveness()
 
     def _tasks_of(self, executor: str) -> list[TaskId]:
-        return [t for t, e in self.assignment.items() if e == executor]
+        return self._hosted.get(executor, [])
 
     def _check_liveness(self) -> list[p.Event]:
         """One outstanding ping per executor; a dead executor's ping fails, and each of its tasks is lost."""
@@ -320,6 +321,9 @@ class Coordinator(Driver):
         load = {name: len(self._tasks_of(name)) for name in self.executors}
         placed = place(instruction.tasks, load, interleave(by_node), offset=instruction.offset)
         self.assignment.update(placed)
+        self._hosted = {}
+        for task, name in self.assignment.items():
+            self._hosted.setdefault(name, []).append(task)
         self.placement.update({t: self.executor_node[e] for t, e in placed.items()})
         self._pings = {}
 
