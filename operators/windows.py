@@ -61,6 +61,7 @@ from sluiceway.operators.event_time import event_micros, micros, to_timestamps
 from sluiceway.operators.state import earliest_per_group
 from sluiceway.operators.store import KeyedStore
 
+FIRE_GROUPS = 256  # due key groups read, fired and written back together
 START, END, TIME = "__start", "__end", "__t"  # state columns: window bounds ([start, end)), an event's time
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -495,30 +496,38 @@ class WindowLogic(KeyedLogic):
             return None
         previous, self.watermark = self.watermark, watermark
         fired = []
-        for kg in sorted(kg for kg, due in self.due.items() if due <= watermark):
-            table = self.store.read({kg})
-            if table is None:
-                self.due.pop(kg, None)
-                continue
-            if self.op.incremental:
-                out, closed = self._fire_accumulated(table, watermark)
-            else:
-                table = table.sort_by([(self.op.key, "ascending"), (TIME, "ascending")])
-                out, closed = self._fire_events(table, previous, watermark)
+        due = sorted(kg for kg, at in self.due.items() if at <= watermark)
+        # The due key groups a batch at a time: one read and one write per batch, whatever the groups.
+        for first in range(0, len(due), FIRE_GROUPS):
+            out = self._fire(due[first:first + FIRE_GROUPS], previous, watermark)
             if out is not None and out.num_rows:
                 fired.append(out)
-            if closed.any():  # purge: the keys that lost rows go into the next delta
-                gone = pc.unique(table.column(self.op.key).filter(pa.array(closed)).combine_chunks())
-                table = table.filter(pa.array(~closed))
-                self.store.write({kg: table}, changed={kg: gone})
-            if table.num_rows:
-                self.due[kg] = self._due(table)
-            else:
-                self.due.pop(kg)
         if not fired or self.op.emit == "updates":
             return None
         out = pa.concat_tables(fired, promote_options="permissive")
         return out.sort_by([("window_end", "ascending"), ("window_start", "ascending"), (self.op.key, "ascending")])
+
+    def _fire(self, groups: list[int], previous: int | None, watermark: int) -> pa.Table | None:
+        """Fire what closed in key groups ``groups``, purge it, and say when each group is due next."""
+        op = self.op
+        for kg in groups:
+            self.due.pop(kg, None)
+        table = self.store.read(groups)
+        if table is None:
+            return None
+        if op.incremental:
+            out, closed = self._fire_accumulated(table, watermark)
+        else:
+            table = table.sort_by([(op.key, "ascending"), (TIME, "ascending")])
+            out, closed = self._fire_events(table, previous, watermark)
+        if closed.any():  # purge: the keys that lost rows go into the next delta
+            gone = pc.unique(table.column(op.key).filter(pa.array(closed)).combine_chunks())
+            table = table.filter(pa.array(~closed))
+            self.store.put(table.filter(pc.is_in(table.column(op.key), value_set=gone)), gone)
+        column = END if op.incremental else TIME
+        for kg, first in earliest_per_group(table, op.key, column, self.context.max_key_groups).items():
+            self.due[kg] = self._due_at(first)
+        return out
 
     def _fire_accumulated(self, table: pa.Table, watermark: int) -> tuple[pa.Table | None, np.ndarray]:
         """Windows whose end plus lateness the watermark reached: their results, and which rows they were."""
