@@ -61,7 +61,8 @@ from sluiceway.operators.event_time import event_micros, micros, to_timestamps
 from sluiceway.operators.state import earliest_per_group
 from sluiceway.operators.store import KeyedStore
 
-FIRE_GROUPS = 256  # due key groups read, fired and written back together
+FIRE_GROUPS = 256  # due key groups read, fired and written back together, at most ...
+FIRE_ROWS = 1_000_000  # ... and fewer once a batch held more state rows than this (state beyond memory)
 START, END, TIME = "__start", "__end", "__t"  # state columns: window bounds ([start, end)), an event's time
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -497,24 +498,32 @@ class WindowLogic(KeyedLogic):
         previous, self.watermark = self.watermark, watermark
         fired = []
         due = sorted(kg for kg, at in self.due.items() if at <= watermark)
-        # The due key groups a batch at a time: one read and one write per batch, whatever the groups.
-        for first in range(0, len(due), FIRE_GROUPS):
-            out = self._fire(due[first:first + FIRE_GROUPS], previous, watermark)
+        # The due key groups a batch at a time: one read and one write per batch, whatever the groups; batches
+        # shrink when their state is large, so a watermark that closes everything never reads all state at once.
+        batch, first = FIRE_GROUPS, 0
+        while first < len(due):
+            groups = due[first:first + batch]
+            first += len(groups)
+            out, rows = self._fire(groups, previous, watermark)
             if out is not None and out.num_rows:
                 fired.append(out)
+            if rows > FIRE_ROWS:
+                batch = max(1, batch * FIRE_ROWS // rows)
         if not fired or self.op.emit == "updates":
             return None
         out = pa.concat_tables(fired, promote_options="permissive")
         return out.sort_by([("window_end", "ascending"), ("window_start", "ascending"), (self.op.key, "ascending")])
 
-    def _fire(self, groups: list[int], previous: int | None, watermark: int) -> pa.Table | None:
-        """Fire what closed in key groups ``groups``, purge it, and say when each group is due next."""
+    def _fire(self, groups: list[int], previous: int | None, watermark: int) -> tuple[pa.Table | None, int]:
+        """Fire what closed in key groups ``groups``, purge it, and say when each group is due next. Returns
+        what fired and how many state rows the groups held."""
         op = self.op
         for kg in groups:
             self.due.pop(kg, None)
         table = self.store.read(groups)
         if table is None:
-            return None
+            return None, 0
+        rows = table.num_rows
         if op.incremental:
             out, closed = self._fire_accumulated(table, watermark)
         else:
@@ -527,7 +536,7 @@ class WindowLogic(KeyedLogic):
         column = END if op.incremental else TIME
         for kg, first in earliest_per_group(table, op.key, column, self.context.max_key_groups).items():
             self.due[kg] = self._due_at(first)
-        return out
+        return out, rows
 
     def _fire_accumulated(self, table: pa.Table, watermark: int) -> tuple[pa.Table | None, np.ndarray]:
         """Windows whose end plus lateness the watermark reached: their results, and which rows they were."""

@@ -251,3 +251,24 @@ def test_event_rate_and_rolling_mean_helpers():
         (0, 3, 0.6), (5, 1, 0.2), (10, 1, 0.2)]
     assert [((r["window_start"] - T0) / S, r["v_mean"]) for r in means.rows()] == [
         (-5, 4.0), (0, 5.0), (5, 9.0), (10, 10.0)]
+
+
+def test_firing_in_small_batches_gives_the_same_windows(monkeypatch):
+    from sluiceway.jobs.dataflow import Dataflow
+    from sluiceway.jobs.testing import CollectSink, run_local
+    from sluiceway.operators import windows
+    from sluiceway.operators.sources import ListSource
+
+    rows = [{"k": i % 300, "ts": at(i * 0.01), "v": i % 7} for i in range(6000)]
+
+    def fired():
+        flow, out = Dataflow("batches"), CollectSink()
+        flow.source(ListSource(rows)).with_event_time("ts").key_by("k").window(Tumbling(timedelta(seconds=5))) \
+            .aggregate([("v", "sum"), ([], "count_all")]).sink(out)
+        run_local(flow, max_records_per_epoch=700)
+        return sorted((r["k"], r["window_start"], r["v_sum"], r["count_all"]) for r in out.rows())
+
+    whole = fired()
+    monkeypatch.setattr(windows, "FIRE_GROUPS", 3)
+    monkeypatch.setattr(windows, "FIRE_ROWS", 5)  # every batch is "large": they shrink to one group
+    assert fired() == whole and len(whole) == 300 * 12 and sum(w[3] for w in whole) == 6000
