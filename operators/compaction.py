@@ -184,18 +184,9 @@ def _remove_replaced(layout, compactions: list[Compacted], keep_s: float, now: f
     replaced = {e for c in old if now - c.created_at >= keep_s for e in range(c.first, c.last + 1)}
     if not replaced:
         return
-    folder = posixpath.join(layout.base, "data")
-    try:
-        names = layout.call("list", folder, lambda: layout.fs.ls(folder, detail=False))
-    except FileNotFoundError:
-        return
-    for name in names:
-        stem = posixpath.basename(name.rstrip("/"))
-        if stem.startswith("epoch=") and stem[6:].isdigit() and int(stem[6:]) in replaced:
-            try:
-                layout.call("delete", name, lambda n=name: layout.fs.rm(n, recursive=True))
-            except FileNotFoundError:
-                pass
+    for epoch, folder in layout.epoch_folders().items():
+        if epoch in replaced:
+            layout.delete_folder(folder)
 
 
 class Compactor:

@@ -146,6 +146,24 @@ class _ParquetLayout:
         stems = (posixpath.basename(n)[: -len(".json")] for n in names if n.endswith(".json"))
         return sorted(int(s) for s in stems if s.isdigit())
 
+    def epoch_folders(self) -> dict[int, str]:
+        """Each epoch's data folder present now (``data/epoch=<n>``): epoch -> path."""
+        folder = posixpath.join(self.base, "data")
+        try:
+            names = self.call("list", folder, lambda: self.fs.ls(folder, detail=False))
+        except FileNotFoundError:
+            return {}
+        stems = {name: posixpath.basename(name.rstrip("/")) for name in names}
+        return {int(s[len("epoch="):]): name for name, s in stems.items()
+                if s.startswith("epoch=") and s[len("epoch="):].isdigit()}
+
+    def delete_folder(self, path: str) -> None:
+        """Delete ``path`` and what it holds; gone already is fine."""
+        try:
+            self.call("delete", path, lambda: self.fs.rm(path, recursive=True))
+        except FileNotFoundError:
+            pass
+
     def read_marker(self, epoch: int) -> dict | None:
         path = self.marker_path(epoch)
         try:
@@ -241,19 +259,9 @@ class ParquetSink(Sink):
     def abort(self, after_epoch: int, context: SinkContext) -> None:
         """Delete the files of epochs after ``after_epoch`` that no marker names."""
         layout = _ParquetLayout(self.url, self.retry, context.on_wait)
-        folder = posixpath.join(layout.base, "data")
-        try:
-            names = layout.call("list", folder, lambda: layout.fs.ls(folder, detail=False))
-        except FileNotFoundError:
-            return
-        for name in names:
-            stem = posixpath.basename(name.rstrip("/"))
-            epoch = int(stem[len("epoch="):]) if stem.startswith("epoch=") and stem[6:].isdigit() else None
-            if epoch is not None and epoch > after_epoch and layout.read_marker(epoch) is None:
-                try:
-                    layout.call("delete", name, lambda n=name: layout.fs.rm(n, recursive=True))
-                except FileNotFoundError:
-                    pass
+        for epoch, folder in layout.epoch_folders().items():
+            if epoch > after_epoch and layout.read_marker(epoch) is None:
+                layout.delete_folder(folder)
 
     def _remove_unnamed(self, layout: _ParquetLayout, epoch: int, marker: dict) -> None:
         """Once an epoch is committed, files in its folder that the marker does

@@ -532,7 +532,7 @@ class WindowLogic(KeyedLogic):
         if closed.any():  # purge: the keys that lost rows go into the next delta
             gone = pc.unique(table.column(op.key).filter(pa.array(closed)).combine_chunks())
             table = table.filter(pa.array(~closed))
-            self.store.put(table.filter(pc.is_in(table.column(op.key), value_set=gone)), gone)
+            self.store.rewrite(groups, table, op.key, self.context.max_key_groups, changed=gone)
         column = END if op.incremental else TIME
         for kg, first in earliest_per_group(table, op.key, column, self.context.max_key_groups).items():
             self.due[kg] = self._due_at(first)

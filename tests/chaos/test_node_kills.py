@@ -155,6 +155,7 @@ from sluiceway.jobs import Dataflow, run
 from sluiceway.jobs.demo import kill_nodes_during
 from sluiceway.jobs.testing import compare_exactly_once
 from sluiceway.operators.sinks import ParquetSink, read_committed
+from sluiceway.operators.tables import last_per_key
 from sluiceway.operators.sources import GeneratorSource
 work, keys = {work!r}, 150_000
 def readings(partition, start, stop):
@@ -177,10 +178,7 @@ if "error" not in r:
     table = pa.Table.from_batches([readings(p, 0, 2 * keys) for p in range(2)])
     want = table.group_by("sensor").aggregate([("value", "sum"), ("value", "count")]).select(
         ["sensor", "value_sum", "value_count"])
-    changelog = read_committed(work + "/out")
-    indexed = changelog.append_column("__row", pa.array(range(changelog.num_rows), pa.int64()))
-    last = indexed.group_by("sensor").aggregate([("__row", "max")])
-    got = changelog.take(last["__row_max"]).select(["sensor", "value_sum", "value_count"])
+    got = last_per_key(read_committed(work + "/out"), "sensor").select(["sensor", "value_sum", "value_count"])
     r["verdict"] = compare_exactly_once(got, want).line()
     r["exactly_once"] = compare_exactly_once(got, want).exactly_once
 print(json.dumps(r, default=str))
@@ -194,6 +192,7 @@ from sluiceway.jobs import Dataflow, run
 from sluiceway.jobs.demo import kill_nodes_during
 from sluiceway.jobs.testing import compare_exactly_once
 from sluiceway.operators.sinks import ParquetSink, read_committed
+from sluiceway.operators.tables import last_per_key
 from sluiceway.operators.sources import GeneratorSource
 work, partitions, per_partition, keys = {work!r}, 8, 12_000, 5000
 def clicks(partition, start, stop):
@@ -221,10 +220,7 @@ if "error" not in r:
     r["last"] = run(flow(2), ckpt, trigger_s=0, until_idle=True)  # 2 + 2 tasks, embedded
     table = pa.Table.from_batches([clicks(p, 0, per_partition) for p in range(partitions)])
     want = table.group_by("user").aggregate([("n", "sum"), ("n", "count")]).select(["user", "n_sum", "n_count"])
-    changelog = read_committed(work + "/out")
-    indexed = changelog.append_column("__row", pa.array(range(changelog.num_rows), pa.int64()))
-    last = indexed.group_by("user").aggregate([("__row", "max")])
-    got = changelog.take(last["__row_max"]).select(["user", "n_sum", "n_count"])
+    got = last_per_key(read_committed(work + "/out"), "user").select(["user", "n_sum", "n_count"])
     r["verdict"] = compare_exactly_once(got, want).line()
     r["exactly_once"] = compare_exactly_once(got, want).exactly_once
 print(json.dumps(r, default=str))

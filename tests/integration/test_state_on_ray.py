@@ -11,6 +11,7 @@ from sluiceway.jobs import Dataflow, run
 from sluiceway.jobs.testing import compare_exactly_once
 from sluiceway.operators.sinks import ParquetSink, read_committed
 from sluiceway.operators.sources import GeneratorSource
+from sluiceway.operators.tables import last_per_key
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.timeout(180)]
 
@@ -44,9 +45,7 @@ def expected():
 
 
 def last_per_sensor(changelog):
-    indexed = changelog.append_column("__row", pa.array(range(changelog.num_rows), pa.int64()))
-    last = indexed.group_by("sensor").aggregate([("__row", "max")])
-    return changelog.take(last["__row_max"]).select(["sensor", "value_sum", "value_count"])
+    return last_per_key(changelog, "sensor").select(["sensor", "value_sum", "value_count"])
 
 
 def test_incremental_chain_restores_exactly_after_rescaling(tmp_path):
