@@ -9,6 +9,12 @@ class StorageError(CheckpointError):
     """The checkpoint storage could not be read or written."""
 
 
+class NoSuchBucketError(StorageError, FileNotFoundError):
+    """A URL names an object-store bucket that does not exist. sluiceway
+    never creates buckets (a mistyped name would become a new, empty one);
+    a ``FileNotFoundError`` too, so that storage calls do not retry it."""
+
+
 class CorruptCheckpointError(CheckpointError):
     """A checkpoint's manifest or state files fail their checks."""
 

@@ -72,6 +72,7 @@ class Manifest:
     fencing: int = 0
     savepoint: bool = False
     event_time: dict = field(default_factory=dict)  # event-time step -> partitions' marks and floors
+    steps: dict = field(default_factory=dict)  # step -> what it was (kind, key, configuration): see cluster.evolution
 
     @property
     def duration_s(self) -> float:
@@ -93,7 +94,7 @@ class Manifest:
             "watermarks": self.watermarks, "event_time": self.event_time, "parallelism": self.parallelism,
             "max_key_groups": self.max_key_groups, "fencing": self.fencing, "size_bytes": self.size_bytes,
             "written_bytes": self.written_bytes, "tasks": self.tasks, "state": self.state, "files": self.files,
-            "sink_handles": self.sink_handles,
+            "sink_handles": self.sink_handles, "steps": self.steps,
         }
 
     @classmethod
@@ -107,8 +108,8 @@ class Manifest:
         kinds = {"job": str, "id": int, "epoch": int, "started_at": (int, float), "completed_at": (int, float),
                  "offsets": dict, "watermarks": dict, "parallelism": dict, "max_key_groups": int, "tasks": list,
                  "state": dict, "files": dict, "sink_handles": dict, "fencing": int, "savepoint": bool,
-                 "event_time": dict}
-        optional = {"fencing": 0, "savepoint": False, "event_time": {}, "sink_handles": {}}
+                 "event_time": dict, "steps": dict}
+        optional = {"fencing": 0, "savepoint": False, "event_time": {}, "sink_handles": {}, "steps": {}}
         values = {}
         for name, kind in kinds.items():
             if name not in doc and name in optional:
@@ -140,11 +141,12 @@ def build_manifest(
     fencing: int = 0,
     savepoint: bool = False,
     event_time: dict | None = None,
+    steps: dict | None = None,
 ) -> Manifest:
     return Manifest(job=job, id=checkpoint_id, epoch=epoch, started_at=started_at, completed_at=completed_at,
                     offsets=offsets, watermarks=watermarks, parallelism=parallelism, max_key_groups=max_key_groups,
                     tasks=tasks, state=state, files=files, sink_handles=sink_handles, fencing=fencing,
-                    savepoint=savepoint, event_time=event_time or {})
+                    savepoint=savepoint, event_time=event_time or {}, steps=steps or {})
 
 
 def commit_record_from(manifest: Manifest, sinks: list[str]) -> dict:

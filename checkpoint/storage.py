@@ -44,7 +44,7 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from sluiceway.checkpoint.errors import StorageError
+from sluiceway.checkpoint.errors import NoSuchBucketError, StorageError
 
 _EPOCH_DIGITS = 10
 
@@ -88,8 +88,8 @@ def call_with_retry(what: str, url: str, fn, retry: StorageRetry, on_wait: WaitL
             result = fn()
         except (FileNotFoundError, FileExistsError):
             raise
-        except retry_on as exc:  # re-raised with the path and the cause
-            cause = f"cannot {what} {url}: {type(exc).__name__}: {exc}"
+        except retry_on as exc:  # re-raised with the path and the cause, in one line (details: the chained error)
+            cause = f"cannot {what} {url}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
             now = time.monotonic()
             if started is None:
                 started = now
@@ -158,12 +158,44 @@ def open_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path.rstrip("/") or "/"
 
 
+_BUCKETS_FOUND: set[tuple[str, str]] = set()  # (protocol, bucket): checked once per process
+
+
+def check_bucket(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """On an object store (S3, GCS, Azure: filesystems with buckets), raise
+    :class:`NoSuchBucketError` when the bucket of ``path`` does not exist;
+    elsewhere do nothing. Any other failure of the check is raised as it is
+    (an unreachable endpoint is not a missing bucket)."""
+    if not hasattr(fs, "split_path"):  # folders, no buckets
+        return
+    bucket = fs.split_path(path)[0]
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if not bucket or (protocol, bucket) in _BUCKETS_FOUND:
+        return
+    try:
+        fs.info(bucket)
+    except FileNotFoundError:
+        raise NoSuchBucketError(f"bucket {bucket!r} does not exist ({protocol}://{path}): create it, or fix the "
+                                "name; sluiceway does not create buckets") from None
+    _BUCKETS_FOUND.add((protocol, bucket))
+
+
+def make_folder(fs: fsspec.AbstractFileSystem, folder: str) -> None:
+    """``folder`` and its parents, made where folders exist; on an object
+    store only its bucket is checked: ``makedirs`` there would create a
+    missing bucket, and a mistyped one must be refused, not made."""
+    if hasattr(fs, "split_path"):
+        check_bucket(fs, folder)
+    else:
+        fs.makedirs(folder, exist_ok=True)
+
+
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Create ``path`` holding ``data`` only if nothing is there: raises
     ``FileExistsError`` otherwise. Readers never see half the data (on local
     disks: a hard link of a finished temporary file; elsewhere the
     filesystem's exclusive create)."""
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    make_folder(fs, posixpath.dirname(path))
     if isinstance(fs, LocalFileSystem):
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         fs.pipe_file(tmp, data)
@@ -178,7 +210,7 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> N
 
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` to a temporary name beside ``path``, then move it into place."""
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    make_folder(fs, posixpath.dirname(path))
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     fs.pipe_file(tmp, data)
     fs.mv(tmp, path)
@@ -188,6 +220,8 @@ class JobStorage:
     """The storage of one job under ``<root>/<job>``: paths, logs and documents."""
 
     def __init__(self, root: str, job: str, retry: StorageRetry = StorageRetry()):
+        if not root or not root.strip():
+            raise StorageError("the checkpoint dir is empty: give a path or fsspec URL (default ./.sluiceway)")
         if not job or "/" in job or job.startswith("."):
             raise StorageError(f"job name {job!r} cannot be used as a folder name; use letters, digits, '-' or '_'")
         self.root_url = absolute_url(root)
@@ -319,10 +353,19 @@ class JobStorage:
             pass
 
     def check_access(self) -> None:
-        """Fail early, with the cause, when the root cannot hold a job."""
+        """Fail early, with the cause in one line, when the root cannot hold
+        a job: a folder that cannot be made, a bucket that does not exist,
+        storage that does not answer or refuses."""
         probe = posixpath.join(self.base, f".probe-{uuid.uuid4().hex[:8]}")
-        call_with_retry("write", self.url(probe), lambda: atomic_write(self.fs, probe, b"ok"), NO_RETRY)
-        call_with_retry("delete", self.url(probe), lambda: self.fs.rm(probe), NO_RETRY)
+        try:
+            call_with_retry("write", self.url(probe), lambda: atomic_write(self.fs, probe, b"ok"), NO_RETRY)
+            call_with_retry("delete", self.url(probe), lambda: self.fs.rm(probe), NO_RETRY)
+        except NoSuchBucketError:
+            raise
+        except FileNotFoundError as exc:  # an answer, not a failure, to call_with_retry: a folder that cannot be made
+            missing = f"{exc.filename}: " if exc.filename else ""
+            raise StorageError(f"cannot write {self.url(probe)}: {missing}{exc.strerror or exc}. Check that the "
+                               "checkpoint dir is a folder you can read and write") from None
 
     # ----------------------------------------------------------- documents
     def read_job(self) -> dict | None:

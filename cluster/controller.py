@@ -33,10 +33,10 @@ from collections import deque
 from typing import Callable
 
 from sluiceway.checkpoint.errors import CorruptCheckpointError, IncompatibleJobError
-from sluiceway.checkpoint.manifest import commit_record_from
+from sluiceway.checkpoint.manifest import Manifest, commit_record_from
 from sluiceway.checkpoint.types import TaskId
 from sluiceway.cluster import protocol as p
-from sluiceway.cluster import records
+from sluiceway.cluster import evolution, records
 from sluiceway.cluster.epochs import EpochBook, EpochPlan, EpochSizer, TaskAck, Trigger, sources_exhausted, \
     total_waiting, watermark_marks
 from sluiceway.cluster.graph import PhysicalPlan
@@ -58,6 +58,7 @@ class JobController(Recovery):
         self.tasks = plan.tasks()
         self.sources = plan.sources()
         self.sink_steps = list(plan.sinks())
+        self.step_signatures = evolution.signatures(plan.graph)  # recorded in each manifest
         self.phase = Phase.RESTORING
         self.generation = 0
         self.restarts = 0
@@ -196,14 +197,16 @@ class JobController(Recovery):
                 f"checkpoint {manifest.id} has max_key_groups {manifest.max_key_groups}, "
                 f"the flow has {self.plan.max_key_groups}; max_key_groups is fixed for a job's life"
             )
+        renamed, dropped = self.plan.graph.renamed, set()
+        if manifest is not None:
+            manifest, dropped, changed = self._evolve(manifest, renamed)
+            out += changed
         base = manifest.epoch if manifest else 0
-        plans = list(event.plans)
+        plans = [evolution.replayable(plan, renamed, dropped) for plan in event.plans]
         expected = list(range(base + 1, base + 1 + len(plans)))
         if [plan.epoch for plan in plans] != expected:
-            raise CorruptCheckpointError(
-                f"offsets log of job {self.plan.job!r} has gaps after epoch {base}: "
-                f"{[plan.epoch for plan in plans]} (expected {expected})"
-            )
+            raise CorruptCheckpointError(_gap_message(self.plan.job, base, [plan.epoch for plan in plans],
+                                                      event.corrupt))
         self.restore_manifest = manifest
         self.previous_files = dict(manifest.files) if manifest else {}
         self.last_checkpoint_size = manifest.size_bytes if manifest else None
@@ -235,6 +238,22 @@ class JobController(Recovery):
         self._settling = deque((e, commits[e]["sinks"]) for e in sorted(commits)
                                if e >= base and commits[e] and commits[e].get("sinks"))
         return out + self._settle_next()
+
+    def _evolve(self, manifest: Manifest, renamed: dict[str, str]) -> tuple[Manifest, set[str], list[p.Instruction]]:
+        """The checkpoint as this flow restores it, the steps whose state it
+        drops, and the changes to report; a change that drops state without
+        ``allow_dropped_state`` refuses the restore."""
+        changes = evolution.compare(manifest, self.plan.graph, renamed)
+        losing = [c for c in changes if c.loses]
+        if losing and not self.options.allow_dropped_state:
+            more = f" ({len(losing) - 1} more change(s) would drop state too)" if len(losing) > 1 else ""
+            raise IncompatibleJobError(
+                f"checkpoint {manifest.id} cannot be restored into this flow: {losing[0].line}{more}; to run it "
+                "anyway, with those steps starting empty, pass --allow-dropped-state (allow_dropped_state=True)"
+            )
+        out = [] if self._started else [self._emit("flow_changed", step=c.step, change=c.what, message=c.line,
+                                                   drops_state=c.loses) for c in changes]
+        return evolution.as_restored(manifest, changes, renamed), {c.step for c in losing}, out
 
     def _settle_next(self) -> list[p.Instruction]:
         if self._settling:
@@ -417,7 +436,7 @@ class JobController(Recovery):
 
     def _manifest(self, plan: EpochPlan, acks: list[TaskAck], now: float) -> dict:
         return records.manifest(self.plan, plan, acks, previous_files=self.previous_files, fencing=self.fencing,
-                                completed_at=now)
+                                completed_at=now, steps=self.step_signatures)
 
     def _on_sinks_committed(self, event: p.SinksCommitted) -> list[p.Instruction]:
         if self.phase is Phase.RESTORING:
@@ -489,3 +508,22 @@ _ANSWER_OF = {p.ReadRestorePoint: p.RestorePoint, p.ResetTasks: p.TasksReset, p.
               p.ApplyRetention: p.RetentionApplied}
 _ALT = {p.ResetFailed: p.TasksReset, p.SinkCommitFailed: p.SinksCommitted}
 _ANSWERS = set(_ANSWER_OF.values()) | set(_ALT)
+
+
+def _gap_message(job: str, base: int, logged: list[int], corrupt: list[tuple[int, str]]) -> str:
+    """Why a job cannot resume when the epochs after its restore point are not all in the offsets log.
+
+    >>> _gap_message("j", 0, [3, 4], [(2, "its MANIFEST.json does not parse")])
+    "job 'j' cannot resume: no complete checkpoint is readable (checkpoint 2: its MANIFEST.json does not parse), and the offsets log has no entry for epoch 1 (it holds epochs 3 to 4), so what came after the restore point cannot be replayed; restore the checkpoint folders from a backup, or start the job over with a new checkpoint dir"
+    """
+    first = next(e for e in range(base + 1, base + 2 + len(logged)) if e not in logged)
+    if corrupt:
+        shown = "; ".join(f"checkpoint {c}: {problem}" for c, problem in corrupt[:3])
+        start = (f"no complete checkpoint is readable ({shown})" if base == 0
+                 else f"the latest readable checkpoint is {base} (newer ones are not: {shown})")
+    else:
+        start = "it has no complete checkpoint" if base == 0 else f"its latest checkpoint is {base}"
+    held = f"epochs {logged[0]} to {logged[-1]}" if logged else "none"
+    return (f"job {job!r} cannot resume: {start}, and the offsets log has no entry for epoch {first} (it holds "
+            f"{held}), so what came after the restore point cannot be replayed; restore the checkpoint folders "
+            "from a backup, or start the job over with a new checkpoint dir")

@@ -34,7 +34,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from sluiceway.checkpoint import lease as leases
-from sluiceway.checkpoint.errors import CheckpointError, CorruptCheckpointError, LeaseLostError
+from sluiceway.checkpoint.errors import CheckpointError, CorruptCheckpointError, IncompatibleJobError, LeaseLostError
 from sluiceway.checkpoint.lease import Lease
 from sluiceway.checkpoint.storage import JobStorage
 from sluiceway.checkpoint.types import TaskId
@@ -50,6 +50,7 @@ from sluiceway.cluster.metrics import ray_metrics
 from sluiceway.cluster.options import RunOptions
 from sluiceway.cluster.placement import pinned, worker_node_cpus
 from sluiceway.cluster.restart import Failure
+from sluiceway.operators.errors import FlowDefinitionError, OperatorError
 
 __all__ = ["Coordinator", "CoordinatorActor", "RunOptions"]
 
@@ -399,9 +400,9 @@ class CoordinatorActor:
         whose first line names the cause."""
         try:
             return self.coordinator.run(ray.get_runtime_context().current_actor, executors)
-        except JobFailedError:
-            raise
-        except CheckpointError as exc:
+        except (JobFailedError, IncompatibleJobError, FlowDefinitionError):
+            raise  # a refusal of the flow's change names its cause in its first line
+        except (CheckpointError, OperatorError) as exc:  # storage, or a connector past its deadline: its own words
             lines = str(exc).splitlines()
             raise JobFailedError(lines[0], "\n".join(lines[1:])) from None
         except Exception as exc:  # noqa: BLE001 - a bug of ours: shown whole

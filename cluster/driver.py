@@ -25,6 +25,7 @@ from sluiceway.checkpoint.timeline import HistoryWriter, RecordKind, record_name
 from sluiceway.cluster import protocol as p
 from sluiceway.cluster import records
 from sluiceway.cluster.controller import JobController
+from sluiceway.cluster.launch import record_graph
 from sluiceway.cluster.epochs import EpochPlan, plan_epoch
 from sluiceway.cluster.errors import JobFailedError
 from sluiceway.cluster.restart import Failure, FailureKind
@@ -108,8 +109,11 @@ class Driver:
         ready; a run_started record, and a rescale record when parallelism
         changed since the previous run."""
         now = self.clock()
+        changed = record_graph(self.job_doc, self.plan, now)
         if "sources_started_at" not in self.job_doc:
             self.job_doc["sources_started_at"] = now
+            changed = True
+        if changed:
             self.storage.write_job(self.job_doc)
         parallelism = self.plan.parallelism()
         previous = record_names(self.storage, [RecordKind.RUN_STARTED])

@@ -12,6 +12,9 @@ channel, an upstream task and the port it feeds, carries every barrier.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from dataclasses import dataclass, field
 
 from sluiceway.checkpoint.types import DEFAULT_MAX_KEY_GROUPS, TaskId
@@ -31,7 +34,7 @@ class Step:
     by ``right_key`` on port 1; ``right_timed=False`` keeps the right side's
     watermark from holding the step's back (a table read for lookups)."""
 
-    id: str
+    id: str | None  # None: named by JobGraph.add from what the step is and what feeds it (derived_id)
     kind: str
     upstream: str | None
     parallelism: int | None = None
@@ -69,15 +72,18 @@ class JobGraph:
     max_key_groups: int = DEFAULT_MAX_KEY_GROUPS
     parallelism: int | None = None
     state_budget_mb: int = DEFAULT_STATE_BUDGET_MB  # memory per stateful step and task; the rest on local disk
+    renamed: dict[str, str] = field(default_factory=dict)  # a checkpoint's step id -> the step that restores it
 
     def add(self, step: Step) -> Step:
-        if step.id in self.steps:
+        for upstream in step.inputs:
+            if upstream not in self.steps:
+                raise FlowDefinitionError(f"step {step.id or step.kind!r} reads from unknown step {upstream!r}")
+        if step.id is None:
+            step.id = derived_id(step, self.steps)
+        elif step.id in self.steps:
             raise FlowDefinitionError(
                 f"step {step.id!r} already exists in flow {self.name!r}; do you have two steps with the same name?"
             )
-        for upstream in step.inputs:
-            if upstream not in self.steps:
-                raise FlowDefinitionError(f"step {step.id!r} reads from unknown step {upstream!r}")
         if step.defined_at is None:
             step.defined_at = call_site()
         self.steps[step.id] = step
@@ -97,6 +103,58 @@ class JobGraph:
 
     def describe(self) -> list[dict]:
         return [s.describe() for s in self.steps.values()]
+
+
+# Steps that keep no state and change no partitioning of state: inserting or removing one leaves the identity of
+# the steps after it alone.
+TRANSPARENT = frozenset({"filter", "map", "map_batches", "key_by"})
+# What names where a source reads or a sink writes, among the fields of their describe().
+_LOCATION_FIELDS = ("url", "log", "topic", "table", "tables", "slot", "server", "stream", "subject", "queue", "path")
+
+
+def derived_id(step: Step, steps: dict[str, Step]) -> str:
+    """The id of an unnamed step: its kind, its key column, and a short hash
+    of what it is (kind, key, where a source reads or a sink writes) and of
+    the steps that anchor it, the nearest ones above it that are not
+    :data:`TRANSPARENT` (their ids, derived or given); a sink that names
+    where it writes is anchored by that alone. Adding or removing a
+    filter or a map, or another branch of the flow, leaves it as it was, so
+    a restored checkpoint still finds the step's state. Only steps alike in
+    all of that (two unnamed aggregates by one key of one stream) are told
+    apart by the order they were added: ``-2``, ``-3``.
+
+    >>> source = Step("clicks", "source", None)
+    >>> steps = {"clicks": source, "f": Step("f", "filter", "clicks"), "k": Step("k", "key_by", "f", key="user")}
+    >>> derived_id(Step(None, "aggregate", "k", key="user"), steps)
+    'aggregate-user-03b0df'
+    >>> derived_id(Step(None, "aggregate", "clicks", key="user"), steps)  # without the filter and the key_by
+    'aggregate-user-03b0df'
+    """
+    key = step.key if step.key is not None else getattr(step.operator, "key", None)
+    key = key if isinstance(key, str) else None
+    part = step.source or step.sink
+    where = {}
+    if part is not None:
+        described = part.describe()
+        where = {"type": type(part).__name__, **{f: described[f] for f in _LOCATION_FIELDS if f in described}}
+    # A sink that writes somewhere is that place (two sinks of a flow cannot write one), whatever feeds it.
+    anchors = [] if step.sink is not None and len(where) > 1 else [_anchor(s, steps) for s in step.inputs]
+    identity = [step.kind, key, step.right_key, where, anchors]
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    label = step.kind if key is None else f"{step.kind}-{re.sub(r'[^A-Za-z0-9_]+', '_', key)[:32]}"
+    base = f"{label}-{digest}"
+    derived, n = base, 1
+    while derived in steps:
+        n += 1
+        derived = f"{base}-{n}"
+    return derived
+
+
+def _anchor(step_id: str, steps: dict[str, Step]) -> str:
+    step = steps[step_id]
+    while step.kind in TRANSPARENT and step.upstream is not None:
+        step = steps[step.upstream]
+    return step.id
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ class RunOptions:
     restore_checkpoint: int | None = None  # start from this retained checkpoint, not the latest
     storage_deadline_s: float = StorageRetry.deadline_s  # retry failing checkpoint storage this long (the job pauses)
     executors_per_node: int | None = None  # processes that run the job's tasks on each node (None: its CPUs)
+    allow_dropped_state: bool = False  # restore even when a change of the flow leaves state without its step
 
     def __post_init__(self):
         problems = []
@@ -64,7 +65,7 @@ class RunOptions:
         >>> RunOptions().with_settings(trigger=0.5)
         Traceback (most recent call last):
         ...
-        TypeError: unknown run option 'trigger'; the options are: checkpoint_every, epoch_timeout_s, epochs, executors_per_node, keep_checkpoints, lease_ttl_s, max_epochs_in_flight, max_records_per_epoch, restart, restore_checkpoint, storage_deadline_s, trigger_s, until_idle
+        TypeError: unknown run option 'trigger'; the options are: allow_dropped_state, checkpoint_every, epoch_timeout_s, epochs, executors_per_node, keep_checkpoints, lease_ttl_s, max_epochs_in_flight, max_records_per_epoch, restart, restore_checkpoint, storage_deadline_s, trigger_s, until_idle
         """
         known = {f.name for f in fields(self)}
         unknown = sorted(set(settings) - known)

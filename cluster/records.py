@@ -210,7 +210,7 @@ class EpochRecord:
 
 
 def manifest(job: PhysicalPlan, plan: EpochPlan, acks: list[TaskAck], *, previous_files: dict, fencing: int,
-             completed_at: float) -> Manifest:
+             completed_at: float, steps: dict | None = None) -> Manifest:
     """A checkpoint's manifest from its epoch's acks (task order): per-task
     rows, the state map over this and earlier checkpoints' files, marks."""
     tasks = [{
@@ -227,7 +227,7 @@ def manifest(job: PhysicalPlan, plan: EpochPlan, acks: list[TaskAck], *, previou
         watermarks={str(a.task): a.watermark for a in acks}, event_time=event_time_marks(job, acks),
         tasks=tasks, state=state, files=files, fencing=fencing, started_at=plan.planned_at,
         completed_at=completed_at, parallelism=job.parallelism(), max_key_groups=job.max_key_groups,
-        sink_handles={str(a.task): a.sink_handles for a in acks}, savepoint=plan.savepoint,
+        sink_handles={str(a.task): a.sink_handles for a in acks}, savepoint=plan.savepoint, steps=steps,
     )
 
 

@@ -35,6 +35,7 @@ from sluiceway.cluster.coordinator import Coordinator
 from sluiceway.cluster.options import RunOptions
 from sluiceway.cluster.errors import JobFailedError
 from sluiceway.cluster.events import format_event, lowest_watermark
+from sluiceway.operators.errors import OperatorError
 from sluiceway.operators.event_time import format_watermark
 from sluiceway.cluster.graph import plan as physical_plan
 from sluiceway.cluster.launch import open_job, release_job
@@ -385,7 +386,7 @@ class JobSupervisor:
                       f"last checkpoint {summary['last_checkpoint']}"
                       + (f", savepoint {summary['savepoint']}" if summary.get("savepoint") else ""))
             return summary
-        except (JobFailedError, CheckpointError) as exc:  # their first line names the cause
+        except (JobFailedError, CheckpointError, OperatorError) as exc:  # their first line names the cause
             self._end(FAILED, str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug of ours: shown whole
             self._end(FAILED, f"the supervisor of job {flow.name!r} failed: {type(exc).__name__}: {exc}\n"

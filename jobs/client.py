@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import time
 
 import ray
@@ -24,23 +23,28 @@ from sluiceway.cluster.options import RunOptions
 from sluiceway.cluster.errors import ClusterError, JobFailedError
 from sluiceway.cluster.supervisor import ACTOR_PREFIX, ENDED, STARTING, JobSpec, JobSupervisor, actor_name
 from sluiceway.jobs.jobfile import load_flow
+from sluiceway.jobs.runner import set_server_deadline
 
 ANSWER_TIMEOUT_S = 10.0
 WORKING_DIR_EXCLUDES = [".git", ".venv", "venv", "__pycache__", ".sluiceway", ".pytest_cache", "*.egg-info"]
 
 
-def load_submitted(spec: str, name: str, submit_cwd: str | None):
+def load_submitted(spec: str, name: str, submit_cwd: str | None, server_deadline_s: float | None = None):
     """Where the supervisor runs: load the job file from the uploaded
-    working dir (the current directory there), then work from the
+    working dir (the current directory there) as ``run`` does
+    (:func:`~sluiceway.jobs.jobfile.load_flow`), then work from the
     submitter's directory when this machine has it, so that relative paths
-    in the job mean what they meant to the submitter."""
+    in the job mean what they meant to the submitter. Sources and sinks
+    that wait for a server wait up to ``server_deadline_s`` (the storage
+    deadline) unless they set their own."""
     here = os.getcwd()
     path, sep, attr = spec.partition(":")
-    if here not in sys.path:
-        sys.path.insert(0, here)  # helper modules beside the job file
     if submit_cwd and os.path.isdir(submit_cwd):
         os.chdir(submit_cwd)
-    return load_flow(os.path.join(here, path) + sep + attr, name)
+    flow = load_flow(os.path.join(here, path) + sep + attr, name)
+    if server_deadline_s is not None:
+        set_server_deadline(flow, server_deadline_s)
+    return flow
 
 
 def _head_node() -> str | None:
@@ -65,7 +69,9 @@ def submit(job: str, checkpoint_dir: str, *, name: str | None = None, parallelis
            wait_s: float = 120.0, flow=None) -> dict:
     """Start ``job`` (``path/to/job.py[:attr]``) as a detached job and return
     its summary once it runs. Connect with :func:`job_runtime_env` first.
-    ``flow``: the job file's flow, if the caller loaded it already."""
+    ``flow``: the job file's flow, if the caller loaded it already.
+    ``options``: how it runs; by default as :func:`~sluiceway.jobs.run`
+    runs a job: it ends once every source is read to its end."""
     flow = flow or load_flow(job, name)  # errors in the job file show here, not on the cluster
     path, sep, attr = job.partition(":")
     uploaded = ray.get_runtime_context().runtime_env  # the working dir as Ray stored it (gcs://...)
@@ -81,11 +87,13 @@ def submit(job: str, checkpoint_dir: str, *, name: str | None = None, parallelis
                 f"first (or `sluiceway scale` / `sluiceway restore` it)"
             )
         _remove(existing, flow.name)
+    options = options or RunOptions(until_idle=True)  # as run(): ends when every source is read to its end
     spec = JobSpec(
         name=flow.name,
-        load_flow=functools.partial(load_submitted, os.path.basename(path) + sep + attr, flow.name, os.getcwd()),
+        load_flow=functools.partial(load_submitted, os.path.basename(path) + sep + attr, flow.name, os.getcwd(),
+                                    options.storage_deadline_s),
         checkpoint_dir=absolute_url(checkpoint_dir),
-        options=options or RunOptions(),
+        options=options,
         parallelism=parallelism,
         force=force,
     )

@@ -57,18 +57,40 @@ class Dataflow:
         self.name = name
         self.graph = JobGraph(name, max_key_groups=max_key_groups, parallelism=parallelism,
                               state_budget_mb=state_budget_mb)
-        self._counter = 0
 
     def __repr__(self) -> str:
         return f"Dataflow({self.name!r}, steps={list(self.graph.steps)})"
 
-    def _step_id(self, kind: str, name: str | None) -> str:
+    def _step_id(self, name: str | None) -> str | None:
+        """A step's given name, checked; ``None`` lets the graph derive one
+        that stays the same when steps are added before it
+        (:func:`sluiceway.cluster.graph.derived_id`)."""
         if name is not None:
-            if not isinstance(name, str) or not name or "/" in name:
-                raise FlowDefinitionError(f"step name {name!r} must be a non-empty string without '/'")
-            return name
-        self._counter += 1
-        return f"{kind}_{self._counter}"
+            if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+                raise FlowDefinitionError(f"step name {name!r} must be a non-empty string without '/' (it names a "
+                                          "folder)")
+        return name
+
+    def renamed(self, old: str, new: str) -> "Dataflow":
+        """Declare that step ``new`` is the step a checkpoint knows as
+        ``old``: a restore gives it that step's state (or a source's read
+        position). Needed when a step's id changed: a name given or changed,
+        or an unnamed step whose source or keyed step upstream changed.
+        ``sluiceway checkpoints show`` and the refusal of a restore name
+        the old ids. Keep the declaration until a checkpoint was taken with
+        the new id.
+
+        >>> flow = Dataflow("renamed")
+        >>> flow.renamed("aggregate_3", "totals").graph.renamed
+        {'aggregate_3': 'totals'}
+        """
+        for what, step in (("old", old), ("new", new)):
+            if not isinstance(step, str) or not step:
+                raise FlowDefinitionError(f"renamed() needs the {what} step id as text, got {step!r}")
+        if old in self.graph.renamed and self.graph.renamed[old] != new:
+            raise FlowDefinitionError(f"step {old!r} is already declared renamed to {self.graph.renamed[old]!r}")
+        self.graph.renamed[old] = new
+        return self
 
     def source(self, source: Source, *, parallelism: int | None = None, name: str | None = None) -> "Stream":
         """Read a partitioned source; ``parallelism`` tasks share its partitions.
@@ -87,7 +109,7 @@ class Dataflow:
                 f"flow.source needs a sluiceway source (GeneratorSource, ListSource, ...), got {type(source).__name__}"
             )
         _check_parallelism(parallelism)
-        step = self.graph.add(Step(self._step_id("source", name), "source", None, parallelism, source=source))
+        step = self.graph.add(Step(self._step_id(name), "source", None, parallelism, source=source))
         return Stream(self, step.id)
 
 
@@ -123,7 +145,7 @@ class Stream:
     def _then(self, kind, operator, name, parallelism=None, cls=None) -> "Stream":
         _check_parallelism(parallelism)
         step = self.flow.graph.add(
-            Step(self.flow._step_id(kind, name), kind, self.step_id, parallelism, operator=operator)
+            Step(self.flow._step_id(name), kind, self.step_id, parallelism, operator=operator)
         )
         return (cls or Stream)(self.flow, step.id)
 
@@ -189,7 +211,7 @@ class Stream:
             raise FlowDefinitionError(f"key_by needs a column name, got {column!r}")
         _check_parallelism(parallelism)
         step = self.flow.graph.add(
-            Step(self.flow._step_id("key_by", name), "key_by", self.step_id, parallelism, key=column)
+            Step(self.flow._step_id(name), "key_by", self.step_id, parallelism, key=column)
         )
         return KeyedStream(self.flow, step.id, column)
 
@@ -371,12 +393,12 @@ class Stream:
             changes = steps[steps[made.upstream].upstream]
             Stream(self.flow, changes.id)._event_time_column("enrich(version=...)")
             op = VersionedEnrich(on, table.key, version, self._event_time_column("enrich(version=...)"), how, suffix)
-            step = self.flow.graph.add(Step(self.flow._step_id("enrich", name), "versioned_enrich", self.step_id,
+            step = self.flow.graph.add(Step(self.flow._step_id(name), "versioned_enrich", self.step_id,
                                             parallelism, operator=op, key=on, right=changes.id,
                                             right_key=table.key))
             return WithLate(self.flow, step.id)
         op = Enrich(on, table.key, how, suffix)
-        step = self.flow.graph.add(Step(self.flow._step_id("enrich", name), "enrich", self.step_id, parallelism,
+        step = self.flow.graph.add(Step(self.flow._step_id(name), "enrich", self.step_id, parallelism,
                                         operator=op, key=on, right=table.step_id, right_key=table.key,
                                         right_timed=False))
         return Stream(self.flow, step.id)
@@ -425,7 +447,7 @@ class Stream:
         event_column, query_column = op.partition
         queries._check_partitioned_on(query_column, "the queries are")
         _check_parallelism(parallelism)
-        step = self.flow.graph.add(Step(self.flow._step_id("search", name), "search", self.step_id, parallelism,
+        step = self.flow.graph.add(Step(self.flow._step_id(name), "search", self.step_id, parallelism,
                                         operator=op, key=event_column, right=queries.step_id, right_key=query_column,
                                         right_timed=False))
         return Stream(self.flow, step.id)
@@ -461,7 +483,7 @@ class Stream:
         right_on = right_on or on
         op = WindowJoin(on, right_on, self._event_time_column("join"), other._event_time_column("join"), within,
                         how, suffix)
-        step = self.flow.graph.add(Step(self.flow._step_id("join", name), "window_join", self.step_id, parallelism,
+        step = self.flow.graph.add(Step(self.flow._step_id(name), "window_join", self.step_id, parallelism,
                                         operator=op, key=on, right=other.step_id, right_key=right_on))
         return WithLate(self.flow, step.id)
 
@@ -469,7 +491,7 @@ class Stream:
         """Write the stream to ``sink``, exactly once."""
         if not isinstance(sink, Sink):
             raise FlowDefinitionError(f"stream.sink needs a sluiceway sink (ParquetSink, ...), got {type(sink).__name__}")
-        self.flow.graph.add(Step(self.flow._step_id("sink", name), "sink", self.step_id, sink=sink))
+        self.flow.graph.add(Step(self.flow._step_id(name), "sink", self.step_id, sink=sink))
 
 
 class KeyedStream(Stream):
@@ -681,7 +703,7 @@ class Table(Stream):
             table._check_partitioned_on(column, f"the {side} table is")
         _check_parallelism(parallelism)
         op = TableJoin(on, right_on, self.key, other.key, suffix)
-        step = self.flow.graph.add(Step(self.flow._step_id("table_join", name), "table_join", self.step_id,
+        step = self.flow.graph.add(Step(self.flow._step_id(name), "table_join", self.step_id,
                                         parallelism, operator=op, key=on, right=other.step_id, right_key=right_on,
                                         right_timed=False))
         return Stream(self.flow, step.id)

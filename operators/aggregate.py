@@ -220,9 +220,21 @@ class AggregateLogic(KeyedLogic):
         # aggregates in one group-by, and written back as the keys' new rows.
         old = self.store.get(partial.column(key))
         if old is not None:
+            if not set(partial.column_names).issubset(old.column_names):
+                old = _with_new_pairs(old, partial.schema)
             combined = pa.concat_tables([partial, old.select(partial.column_names)], promote_options="permissive")
             merged = op.acc.merge(combined, [key])
         else:
             merged = partial
         self.store.put(merged)
         return op.acc.finalize(merged, [key])
+
+
+def _with_new_pairs(old: pa.Table, schema: pa.Schema) -> pa.Table:
+    """State restored from before pairs were added at the end of the
+    aggregate: their accumulators start empty (nulls, which the merge skips),
+    so they count from the restore on."""
+    for field in schema:
+        if field.name not in old.column_names:
+            old = old.append_column(field, pa.nulls(old.num_rows, field.type))
+    return old

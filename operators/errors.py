@@ -51,6 +51,13 @@ class SinkError(OperatorError):
     """A sink's own files (output, commit markers) cannot be used."""
 
 
+class SinkOwnershipError(SinkError):
+    """A sink's folder or table is written by another job, another sink step
+    of this job, or this job under other checkpoints: refused when the run
+    starts (``Sink.claim``), before anything is written or deleted. The
+    message is one line: the place, its owner, the fix."""
+
+
 class SourceError(OperatorError):
     """A source cannot give what a plan asks for: an unknown topic, records
     already deleted by retention. Replaying does not help; the job stops."""

@@ -15,6 +15,16 @@ The protocol, for sink authors:
 3. **Abort** (on the coordinator, when a job starts or recovers):
    ``Sink.abort(after_epoch, context)`` discards every pre-commit of an epoch
    after ``after_epoch`` (those never completed; they will be replayed).
+4. **Claim** (on the coordinator, once per sink step when a run starts,
+   before any commit, abort or pre-commit of the run):
+   ``Sink.claim(owner)`` records the :class:`SinkOwner` (job, job id, sink
+   step) where the sink writes, or refuses, in one line naming the owner
+   found and the fix (:class:`~sluiceway.operators.errors.SinkOwnershipError`),
+   a second job, a second sink step of this job, or this job under other
+   checkpoints than the ones that committed there. The default does nothing
+   (a sink that keeps nothing between runs). :func:`check_sink_locations`
+   refuses, before anything runs, two sink steps of one flow that write one
+   place (``Sink.location()``).
 
 Epochs the commit log already holds are never pre-committed again: a replay
 runs them for their state and skips the sink. The coordinator records each
@@ -26,6 +36,11 @@ epoch's handles in its commit log entry before it commits them.
     _committed/<epoch>.json     created once by commit(): names the epoch's files
     data/compacted/<from>-<to>-<id>.parquet, _compacted/<from>-<to>.json
                                 consecutive epochs merged (ParquetSink(compaction=...))
+    _sluiceway/owner.json       the job and sink step that write here, created by claim()
+    _sluiceway/schema.json      the schema of the committed epochs (as readers merge them), written by
+                                commit() before the marker of an epoch that adds a column or promotes a type
+    _sluiceway/columns/<hash>.json   a column's type, claimed by the first pre-commit of a column that
+                                nothing committed has yet; removed by abort()
 
 Files of an epoch that its marker does not name (an attempt that failed, a
 run that lost its lease) are deleted once the marker exists.
@@ -33,6 +48,15 @@ run that lost its lease) are deleted once the marker exists.
 Readers (:func:`read_committed`) see only files named by a commit marker or
 a compaction marker, each committed epoch once, so they never see a
 half-written or replayed epoch twice (:mod:`sluiceway.operators.compaction`).
+They read nothing under ``_sluiceway/``.
+
+Column types: a pre-commit whose batch has a column that readers cannot
+merge with the committed epochs (string where they hold int64), or with the
+type another pre-commit already wrote for a new column, fails with one line
+naming the column and the epoch; the epoch never commits, and once the job
+casts the column it runs on from there. Types Arrow promotes (int64 and
+float64 into float64) are written, and read back merged
+(:mod:`sluiceway.operators.sink_guard`).
 """
 
 from __future__ import annotations
@@ -47,17 +71,21 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sluiceway.checkpoint.storage import (
-    StorageRetry,
-    absolute_url,
-    arrow_buffer,
-    atomic_write,
-    call_with_retry,
-    create_exclusive,
-    open_filesystem,
-)
+from sluiceway.checkpoint.storage import StorageRetry, absolute_url, arrow_buffer, atomic_write, create_exclusive
 from sluiceway.operators.connectors import lazy_exports
-from sluiceway.operators.errors import SinkError
+from sluiceway.operators.errors import FlowDefinitionError, SinkError
+from sluiceway.operators.sink_guard import (
+    SCHEMA,
+    ColumnClaims,
+    SchemaCheck,
+    SinkFolder,
+    claim_folder,
+    footer_schema,
+    merge_schemas,
+    schema_from_text,
+    schema_record,
+    schema_text,
+)
 
 _DIGITS = 10
 
@@ -74,6 +102,18 @@ class SinkContext:
     job: str
     attempt: str = "f0g0"
     on_wait: Callable[[str, str], None] | None = None  # hears when the sink's storage fails and is back
+
+
+@dataclass(frozen=True)
+class SinkOwner:
+    """Who writes a sink: the job, its identity, the sink step."""
+
+    job: str          # the job's name
+    job_id: str       # job.json's "id": a uuid made when the job's checkpoint history was created
+    step: str         # the sink step's id
+    checkpoints: str  # the job's checkpoint folder as a URL, for messages
+    fresh: bool       # True when this run created job.json (the job has no checkpoint history)
+    previous: tuple[str, ...] = ()  # ids this step had, declared with flow.renamed(old, new)
 
 
 class SinkWriter:
@@ -114,21 +154,61 @@ class Sink:
         default does nothing: right for sinks whose pre-commits are
         invisible files that a later commit never names."""
 
+    def claim(self, owner: SinkOwner) -> None:
+        """Record ``owner`` where this sink writes, or refuse it with a
+        :class:`~sluiceway.operators.errors.SinkOwnershipError` whose one line
+        names the place, the owner found and the fix (see the module doc).
+        Called once per sink step when a run starts, on the coordinator. The
+        default does nothing: right for sinks that keep nothing between runs."""
+
+    def location(self) -> str | None:
+        """Where this sink writes, normalized (a folder's URL, a table's
+        identity), for :func:`check_sink_locations`; None when no other sink
+        can write there."""
+        return None
+
     def describe(self) -> dict:
         return {"kind": self.kind}
 
 
-class _ParquetLayout:
+def _inside(inner: str, outer: str) -> bool:
+    """Whether folder URL ``inner`` is ``outer`` or a folder under it (not for tables or key spaces)."""
+    if inner == outer:
+        return True
+    return "://" in outer and not outer.startswith(("postgresql://", "redis://")) and \
+        inner.startswith(outer.rstrip("/") + "/")
+
+
+def check_sink_locations(sinks: dict[str, Sink]) -> None:
+    """Refuse, before anything runs, two sink steps of one flow that write one
+    place (or a folder inside the other's): each would take the other's
+    commits for its own. ``sinks``: step id -> sink.
+
+    >>> check_sink_locations({"a": ParquetSink("/data/out"), "b": ParquetSink("/data/out/")})
+    Traceback (most recent call last):
+    ...
+    sluiceway.operators.errors.FlowDefinitionError: sink steps 'a' (ParquetSink) and 'b' (ParquetSink) both write file:///data/out; give each sink its own folder
+    """
+    seen: list[tuple[str, str, Sink]] = []
+    for step, sink in sinks.items():
+        here = sink.location()
+        if here is None:
+            continue
+        for other, there, first in seen:
+            if not (_inside(here, there) or _inside(there, here)):
+                continue
+            noun = {"postgresql": "table", "redis": "key prefix"}.get(here.split("://")[0], "folder")
+            a, b = f"{other!r} ({type(first).__name__})", f"{step!r} ({type(sink).__name__})"
+            if here == there:
+                raise FlowDefinitionError(f"sink steps {a} and {b} both write {here}; give each sink its own {noun}")
+            outer, inner = (there, here) if _inside(here, there) else (here, there)
+            raise FlowDefinitionError(f"sink steps {a} and {b} write {outer} and {inner}, one folder inside "
+                                      f"the other; give each sink a folder of its own, outside the other's")
+        seen.append((step, here, sink))
+
+
+class _ParquetLayout(SinkFolder):
     """Paths of a ParquetSink, and its reads, retried like every storage call."""
-
-    def __init__(self, url: str, retry: StorageRetry = StorageRetry(), on_wait=None):
-        self.url = url
-        self.fs, self.base = open_filesystem(url)
-        self.retry = retry
-        self.on_wait = on_wait
-
-    def call(self, what: str, path: str, fn):
-        return call_with_retry(what, self.fs.unstrip_protocol(path), fn, self.retry, self.on_wait)
 
     def data_path(self, epoch: int, subtask: int, attempt: str) -> str:
         name = f"part-{subtask:05d}-{attempt}.parquet"
@@ -157,13 +237,6 @@ class _ParquetLayout:
         return {int(s[len("epoch="):]): name for name, s in stems.items()
                 if s.startswith("epoch=") and s[len("epoch="):].isdigit()}
 
-    def delete_folder(self, path: str) -> None:
-        """Delete ``path`` and what it holds; gone already is fine."""
-        try:
-            self.call("delete", path, lambda: self.fs.rm(path, recursive=True))
-        except FileNotFoundError:
-            pass
-
     def read_marker(self, epoch: int) -> dict | None:
         path = self.marker_path(epoch)
         try:
@@ -176,11 +249,51 @@ class _ParquetLayout:
             raise SinkError(f"commit marker {self.fs.unstrip_protocol(path)} is malformed: it lists no 'files'")
         return doc
 
+    def committed_files(self) -> list[str]:
+        """What readers read (paths relative to the folder): each compaction they use, and the files of the
+        committed epochs no such compaction covers."""
+        from sluiceway.operators.compaction import list_compactions, usable
+
+        epochs = self.committed_epochs()
+        compactions = usable(list_compactions(self), set(epochs))
+        covered = {e for c in compactions for e in range(c.first, c.last + 1)}
+        return [c.path for c in compactions] + \
+            [f["path"] for e in epochs if e not in covered for f in self.read_marker(e)["files"]]
+
+    def committed_schema(self) -> pa.Schema | None:
+        """The schema readers see over the committed epochs; None when nothing is committed. A folder
+        committed to before its schema was recorded gets the record now, once, from its files' footers."""
+        path = self.path(SCHEMA)
+        doc = self.read_json(path)
+        if doc is not None:
+            if not isinstance(doc.get("schema"), str):
+                raise SinkError(f"{self.fs.unstrip_protocol(path)} is malformed: it holds no 'schema'")
+            return schema_from_text(doc["schema"])
+        if not self.committed_epochs():
+            return None
+        schemas = []
+        for relative in self.committed_files():
+            file = self.path(relative)
+            schemas.append(self.call("read", file, lambda f=file: footer_schema(self.fs, f)))
+        schema, conflict = merge_schemas(schemas)
+        if conflict is not None:
+            name, a, b = conflict
+            raise SinkError(f"ParquetSink folder {self.address} already holds committed epochs that readers cannot "
+                            f"merge: column {name!r} is {a} in some files and {b} in others; move the folder "
+                            "aside and write to a new one")
+        self.create_json(path, schema_record(schema, None))  # if another did meanwhile, it wrote the same
+        return schema
+
+    def write_schema(self, schema: pa.Schema, epoch: int) -> None:
+        self.write_json(self.path(SCHEMA), schema_record(schema, epoch))
+
 
 class _ParquetWriter(SinkWriter):
     def __init__(self, layout: _ParquetLayout, context: SinkContext):
         self.layout = layout
         self.context = context
+        self.types = SchemaCheck(context.step, f"ParquetSink folder {layout.address}", "folder",
+                                 layout.committed_schema, ColumnClaims(layout), exact=False)
 
     def precommit(self, epoch: int, table: pa.Table | None) -> dict:
         subtask = self.context.subtask
@@ -189,12 +302,16 @@ class _ParquetWriter(SinkWriter):
             return {"subtask": subtask, "already_committed": True, "rows": 0, "path": None}
         if table is None or table.num_rows == 0:
             return {"subtask": subtask, "rows": 0, "path": None}
+        carry = self.types.check(epoch, subtask, table.schema)  # before anything is written
         buf = io.BytesIO()
         pq.write_table(table, buf)
         path = self.layout.data_path(epoch, subtask, self.context.attempt)
         data = buf.getvalue()
         self.layout.call("write", path, lambda: atomic_write(self.layout.fs, path, data))
-        return {"subtask": subtask, "rows": table.num_rows, "path": posixpath.relpath(path, self.layout.base)}
+        handle = {"subtask": subtask, "rows": table.num_rows, "path": posixpath.relpath(path, self.layout.base)}
+        if carry:  # a column or type the committed schema lacks: the commit records it
+            handle["schema"] = schema_text(table.schema.remove_metadata())
+        return handle
 
 
 class ParquetSink(Sink):
@@ -247,6 +364,9 @@ class ParquetSink(Sink):
             ({"subtask": h["subtask"], "path": h["path"], "rows": h["rows"]} for h in handles if h.get("path")),
             key=lambda f: f["subtask"],
         )
+        carried = [schema_from_text(h["schema"]) for h in handles if h.get("path") and h.get("schema")]
+        if carried:
+            self._record_schema(layout, epoch, carried)
         marker = {"epoch": epoch, "files": files, "rows": sum(f["rows"] for f in files), "committed_at": time.time()}
         data, path = json.dumps(marker, indent=1).encode(), layout.marker_path(epoch)
         try:  # created only if absent: a marker never names another run's files
@@ -256,12 +376,48 @@ class ParquetSink(Sink):
         self._remove_unnamed(layout, epoch, marker)
         self._after_commit()
 
+    def _record_schema(self, layout: _ParquetLayout, epoch: int, carried: list[pa.Schema]) -> None:
+        """Before the epoch's marker: the committed schema grows by the columns and promotions its files
+        bring. Pre-commits checked each file against it; a mix they could not see (an edge of Arrow's
+        promotion) refuses the commit and leaves the files in place, never visible."""
+        committed = layout.committed_schema()
+        merged, conflict = merge_schemas(([] if committed is None else [committed]) + carried)
+        if conflict is not None:
+            name, a, b = conflict
+            raise SinkError(f"ParquetSink folder {layout.address} cannot commit epoch {epoch}: column {name!r} is "
+                            f"{b} in one of its files but {a} in the others or in the epochs committed before, and "
+                            "readers cannot merge the two; its files stay, not committed: make the job give the "
+                            "column one type, and write to a new folder")
+        if committed is None or not merged.equals(committed):
+            layout.write_schema(merged, epoch)
+
     def abort(self, after_epoch: int, context: SinkContext) -> None:
-        """Delete the files of epochs after ``after_epoch`` that no marker names."""
+        """Delete the files of epochs after ``after_epoch`` that no marker names, and the column types
+        their pre-commits claimed."""
         layout = _ParquetLayout(self.url, self.retry, context.on_wait)
         for epoch, folder in layout.epoch_folders().items():
             if epoch > after_epoch and layout.read_marker(epoch) is None:
                 layout.delete_folder(folder)
+        ColumnClaims(layout).clear()
+
+    def claim(self, owner: SinkOwner) -> None:
+        """Record ``owner`` in ``_sluiceway/owner.json``, or refuse it (see the module doc). A folder with
+        committed epochs and no owner record (written before sinks recorded one) is adopted by a job with
+        checkpoint history, and refused to a job without (those epochs are not its)."""
+        layout = _ParquetLayout(self.url, self.retry, self.on_wait)
+
+        def committed_output() -> str | None:
+            epochs = layout.committed_epochs()
+            if not epochs:
+                return None
+            return f"committed epoch {epochs[0]}" if len(epochs) == 1 else \
+                f"{len(epochs)} committed epochs ({epochs[0]} to {epochs[-1]})"
+
+        claim_folder(layout, owner, f"ParquetSink folder {layout.address}", "folder", self.kind, committed_output)
+        layout.committed_schema()  # a folder written before its schema was recorded: record it now, once
+
+    def location(self) -> str:
+        return _ParquetLayout(self.url).address
 
     def _remove_unnamed(self, layout: _ParquetLayout, epoch: int, marker: dict) -> None:
         """Once an epoch is committed, files in its folder that the marker does

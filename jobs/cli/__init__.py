@@ -9,14 +9,12 @@ import argparse
 import os
 import sys
 
-from sluiceway.checkpoint.errors import CheckpointError
-from sluiceway.cluster.errors import ClusterError
 from sluiceway.jobs.cli import cdc, checkpoints, cluster, jobs, log, run, ui
 from sluiceway.jobs.cli.checkpoints import cmd_checkpoints_list, format_record
-from sluiceway.jobs.cli.common import UsageError
+from sluiceway.jobs.cli.common import UsageError, error_text
 from sluiceway.cluster.events import format_event
 from sluiceway.jobs.errors import JobFileError
-from sluiceway.operators.errors import FlowDefinitionError, OperatorError
+from sluiceway.operators.errors import FlowDefinitionError
 
 __all__ = ["build_parser", "cmd_checkpoints_list", "format_event", "format_record", "main", "UsageError"]
 
@@ -37,18 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. An error prints ``sluiceway: error: <cause>`` as its
+    first line, then the rest of its message and, for errors from the
+    user's code, the user's own frames (:func:`~sluiceway.jobs.cli.common.error_text`)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (UsageError, JobFileError, FlowDefinitionError) as exc:
-        print(f"sluiceway: error: {exc}", file=sys.stderr)
+        print(f"sluiceway: error: {error_text(exc)}", file=sys.stderr)
         return 2
-    except (CheckpointError, OperatorError, ClusterError, ValueError) as exc:
-        print(f"sluiceway: error: {exc}", file=sys.stderr)
-        return 1
     except BrokenPipeError:  # `sluiceway logs JOB | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt as exc:  # Ctrl-C: what it stopped, in one line
+        print(f"sluiceway: stopped by Ctrl-C{': ' + error_text(exc) if str(exc) else ''}", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every other error: its cause first, never a Ray wrapper
+        print(f"sluiceway: error: {error_text(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

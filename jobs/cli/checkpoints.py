@@ -24,11 +24,26 @@ def offsets_summary(offsets: dict) -> str:
     return " ".join(f"{s}:{sum(parts.values())}" for s, parts in offsets.items()) or "-"
 
 
+def job_storage(args):
+    """The storage of job ``args.job_name`` under ``args.checkpoint_dir``; a
+    job that never ran there is an error naming the jobs that did."""
+    from sluiceway.checkpoint.errors import CheckpointError
+    from sluiceway.checkpoint.storage import JobStorage
+    from sluiceway.jobs.ui.model import job_names
+
+    storage = JobStorage(args.checkpoint_dir, args.job_name)
+    if storage.read_job() is None:
+        known = job_names(args.checkpoint_dir)
+        there = f"the jobs there: {', '.join(known)}" if known else "no job has run there"
+        raise CheckpointError(f"no job named {args.job_name!r} under {storage.root_url} ({there}); check the name "
+                              "and --checkpoint-dir")
+    return storage
+
+
 def _history(args):
     from sluiceway.checkpoint.history import CheckpointHistory
-    from sluiceway.checkpoint.storage import JobStorage
 
-    return CheckpointHistory(JobStorage(args.checkpoint_dir, args.job_name))
+    return CheckpointHistory(job_storage(args))
 
 
 def cmd_checkpoints_list(args) -> int:
@@ -86,6 +101,9 @@ def cmd_checkpoints_show(args) -> int:
     print(f"  started {when(manifest['started_at'])}, took {manifest['duration_s']:.3f} s, "
           f"{manifest['size_bytes']:,} bytes of state, {manifest['written_bytes']:,} written by this checkpoint")
     print(f"  offsets: {json.dumps(manifest['offsets'])}")
+    for step, sig in manifest.get("steps", {}).items():
+        key = f" keyed by {sig['key']!r}" if sig.get("key") else ""
+        print(f"  step {step}: {sig['kind']}{key}" + (f", made at {sig['at']}" if sig.get("at") else ""))
     marks = {t: m for t, m in manifest.get("watermarks", {}).items() if m is not None}
     if marks:
         print(f"  watermarks: {', '.join(f'{t} {format_watermark(m)}' for t, m in sorted(marks.items()))}")
@@ -173,10 +191,9 @@ def format_record(r: dict) -> str:
 
 
 def cmd_history(args) -> int:
-    from sluiceway.checkpoint.storage import JobStorage
     from sluiceway.checkpoint.timeline import read_history
 
-    records = read_history(JobStorage(args.checkpoint_dir, args.job_name)).records
+    records = read_history(job_storage(args)).records
     if args.json:
         print(json.dumps(records, indent=1))
         return 0

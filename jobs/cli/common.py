@@ -6,10 +6,81 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import re
 
 
 class UsageError(Exception):
     """A flag or argument the command cannot use (exit status 2)."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_FRAME = re.compile(r'\s*File "([^"]+)", line \d+')
+
+
+def _unwrapped(exc: BaseException) -> BaseException:
+    """The error a Ray wrapper (``ray::Actor.method()``, ``RayTaskError``) carries."""
+    while type(exc).__module__.startswith("ray.") and isinstance(getattr(exc, "cause", None), BaseException):
+        exc = exc.cause
+    return exc
+
+
+def own_frames(text: str) -> str:
+    """A message holding a traceback, with the frames that are not the
+    user's own code left out (sluiceway's, Ray's, libraries'). Without any
+    of those it is returned as it is; when frames were left out, so is the
+    traceback's header and the chained exceptions: the user's frames stay,
+    then the last line (the exception).
+
+    >>> print(own_frames("boom\\nTraceback (most recent call last):\\n"
+    ...                  '  File "/usr/lib/python3/site-packages/ray/actor.py", line 9, in run\\n    x()\\n'
+    ...                  "ValueError: boom"))
+    boom
+    """
+    lines = text.splitlines()
+    files = [m.group(1) for m in map(_FRAME.match, lines) if m]
+    from sluiceway.jobs.jobfile import _own_frame
+
+    if all(_own_frame(f) for f in files):
+        return text
+    head: list[str] = []
+    for line in lines:
+        if line.startswith("Traceback (most recent call last)") or _FRAME.match(line):
+            break
+        head.append(line)
+    frames, keep = [], False
+    for line in lines[len(head):]:
+        match = _FRAME.match(line)
+        if match:
+            keep = _own_frame(match.group(1))
+        elif not line.startswith("    "):  # not a frame's code line or caret
+            keep = False
+        if keep:
+            frames.append(line)
+    tail = [lines[-1]] if frames and lines[-1] not in head else []
+    return "\n".join(head + frames + tail).rstrip()
+
+
+def error_text(exc: BaseException) -> str:
+    """What the CLI prints for an error, after ``sluiceway: error:``: the
+    cause on the first line, never a Ray wrapper, no terminal colours, no
+    frames but the user's own. An error that is neither sluiceway's nor a
+    bad value nor the system's shows its type, then the user's frames in it.
+
+    >>> error_text(FileNotFoundError(2, "No such file or directory", "clicks.jsonl"))
+    'clicks.jsonl: No such file or directory'
+    """
+    exc = _unwrapped(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    elif type(exc).__module__.startswith("sluiceway.") or isinstance(exc, (UsageError, ValueError,
+                                                                           KeyboardInterrupt)):
+        text = str(exc) or type(exc).__name__
+    else:
+        import traceback
+
+        text = f"{type(exc).__name__}: {exc}".rstrip(": ") + "\n" + "".join(
+            traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+    return own_frames(_ANSI.sub("", text))
 
 
 def env(name: str, default=None):
@@ -85,9 +156,17 @@ def env_switch(parser, flag: str, name: str, help: str, group=None) -> None:
                                    help=f"{help} (env {name}=1)")
 
 
+def location(text: str) -> str:
+    """A path or URL flag: an empty one is refused (it would mean "here" without saying so)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give a path or fsspec URL (leave the flag out for the default)")
+    return text
+
+
 def checkpoint_dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint-dir",
+        type=location,
         default=env("SLUICEWAY_CHECKPOINT_DIR", ".sluiceway"),
         help="checkpoint storage: a path or fsspec URL (env SLUICEWAY_CHECKPOINT_DIR; default ./.sluiceway)",
     )

@@ -9,7 +9,7 @@ import time
 
 from sluiceway.jobs.cli.cluster import address_arg
 from sluiceway.jobs.cli.common import env_arg, env_switch, json_arg, positive_int, whole_number
-from sluiceway.jobs.cli.run import job_options, run_options
+from sluiceway.jobs.cli.run import how_it_ends, job_options, run_options
 
 
 def register(sub) -> None:
@@ -78,6 +78,7 @@ def cmd_submit(args) -> int:
     print(f"submitted job {summary['name']!r}: {len(tasks)} task(s) running on "
           f"{len(set(tasks.values()))} node(s); checkpoints in {summary['checkpoint_dir']}")
     print(f"follow it with `sluiceway status {summary['name']}`; stop it with `sluiceway stop {summary['name']}`")
+    print(how_it_ends(flow, args.epochs, stop=f"`sluiceway stop {summary['name']}`"))
     return 0
 
 

@@ -14,7 +14,7 @@ import stat
 import sys
 import time
 
-from sluiceway.jobs.cli.common import env, json_arg, nonnegative_int, positive_int, seconds_or_duration
+from sluiceway.jobs.cli.common import UsageError, env, json_arg, nonnegative_int, positive_int, seconds_or_duration
 from sluiceway.operators.connectors import DEFAULT_LOG_DIR
 from sluiceway.operators.errors import SourceError
 
@@ -116,8 +116,17 @@ def _lines(stream, linger_s: float):
 def cmd_produce(args) -> int:
     import pyarrow as pa
 
-    topic = open_log(args).topic(args.topic)
-    source = open(args.file, "rb") if args.file else sys.stdin.buffer
+    try:
+        source = open(args.file, "rb") if args.file else sys.stdin.buffer
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.file!r}: {exc.strerror or exc}; give a file of JSON lines, or none "
+                         "to read them from stdin") from None
+    try:
+        topic = open_log(args).topic(args.topic)
+    except BaseException:
+        if args.file:
+            source.close()
+        raise
     name = args.file or "stdin"
     rows: list[dict] = []
     first_line = None

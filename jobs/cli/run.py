@@ -42,18 +42,23 @@ def job_options(r) -> None:
             "delay before the second restart in a row; it doubles with each further one (the first is immediate)")
     env_arg(r, "--max-restart-delay", "SLUICEWAY_MAX_RESTART_DELAY", "60", seconds, "the longest delay between restarts")
     env_arg(r, "--storage-deadline", "SLUICEWAY_STORAGE_DEADLINE", "120", seconds,
-            "seconds to keep retrying checkpoint storage that fails (the job pauses) before the job fails")
+            "seconds to keep retrying checkpoint storage, or a source's or sink's server, that fails or cannot "
+            "be reached (the job pauses; Ctrl-C stops it) before the job fails; a connector's own "
+            "connect_deadline_s overrides it for that connector")
     env_arg(r, "--epoch-timeout", "SLUICEWAY_EPOCH_TIMEOUT", None, seconds,
             "seconds after which an epoch counts as stuck and its tasks are restarted "
             "(default: 10x the slowest recent epoch, at least 60; 120 before the first epoch completes)")
     env_switch(r, "--force", "SLUICEWAY_FORCE",
                "take the job over even if another run holds its lease; that run then stops writing")
+    r.add_argument("--allow-dropped-state", action="store_true",  # no env: a loss is accepted one run at a time
+                   help="restore the checkpoint even when the changed flow leaves some of its state without a step "
+                        "(a removed step, a changed key or window): those steps start empty")
     stop = r.add_mutually_exclusive_group()
     env_arg(r, "--epochs", "SLUICEWAY_EPOCHS", None, positive_int, "stop after N new epochs and a final checkpoint",
             group=stop)
     env_switch(r, "--until-idle", "SLUICEWAY_UNTIL_IDLE",
-               "stop when bounded sources are exhausted, after a final checkpoint; without --epochs or "
-               "--until-idle, run until Ctrl-C", group=stop)
+               "stop once every source is read to its end, after a final checkpoint (the default without "
+               "--epochs: a job with an unbounded source runs until Ctrl-C)", group=stop)
 
 
 def _join_recorded_cluster() -> None:
@@ -99,10 +104,25 @@ def run_options(args):
     try:
         return RunOptions(trigger_s=args.trigger, checkpoint_every=args.checkpoint_every,
                           restart=restart_policy(args), epoch_timeout_s=args.epoch_timeout,
-                          until_idle=args.until_idle, epochs=args.epochs, storage_deadline_s=args.storage_deadline,
-                          executors_per_node=args.executors_per_node)
+                          until_idle=args.epochs is None, epochs=args.epochs, storage_deadline_s=args.storage_deadline,
+                          executors_per_node=args.executors_per_node, allow_dropped_state=args.allow_dropped_state)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def how_it_ends(flow, epochs: int | None, stop: str = "Ctrl-C") -> str:
+    """What ``run`` and ``submit`` say at the start: when the job stops by
+    itself, if ever (``stop``: how the user stops it otherwise)."""
+    from sluiceway.jobs.runner import unbounded_sources
+
+    if epochs is not None:
+        return f"it stops after {epochs} new epoch(s) and a final checkpoint"
+    unbounded = unbounded_sources(flow)
+    if unbounded:
+        sources = f"source {unbounded[0]!r} is" if len(unbounded) == 1 else \
+            f"sources {', '.join(map(repr, unbounded))} are"
+        return f"{sources} unbounded: it runs until {stop} (--epochs N stops it after N epochs)"
+    return "every source is bounded: it stops once they are read to the end, after a final checkpoint"
 
 
 def cmd_run(args) -> int:
@@ -111,6 +131,7 @@ def cmd_run(args) -> int:
 
     options = run_options(args)
     flow = load_flow(args.job)
+    ends = how_it_ends(flow, args.epochs)
     if not args.embedded:
         _join_recorded_cluster()
     summary = run(
@@ -120,7 +141,7 @@ def cmd_run(args) -> int:
         parallelism=args.parallelism,
         force=args.force,
         on_event=print_event,
-        on_started=lambda _: print(f"job {flow.name!r}: checkpoints in {args.checkpoint_dir}", flush=True),
+        on_started=lambda _: print(f"job {flow.name!r}: checkpoints in {args.checkpoint_dir}; {ends}", flush=True),
     )
     print(
         f"done ({summary['stopped']}): {summary['epochs']} epochs, {summary['rows_in']:,} rows in, "

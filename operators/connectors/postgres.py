@@ -22,12 +22,27 @@ The server must allow prepared transactions (``max_prepared_transactions`` >
 0, at least the number of sink subtasks times two epochs in flight).
 
 A server that cannot be reached is waited for: connecting is retried with a
-growing backoff for ``connect_deadline_s`` (default 120 s), and the job
-reports that it waits (a ``storage_waiting`` event naming the server)
-instead of failing.
+growing backoff for ``connect_deadline_s`` (default: the run's storage
+deadline, ``--storage-deadline``, 120 s unless set), and the job reports
+that it waits (a ``storage_waiting`` event naming the server) instead of
+failing. Ctrl-C stops a job that waits at once.
 Before its first rows, each writer checks that the table exists and has
 every column of the stream: a table that does not fit stops the job with
 the columns named, before anything is written.
+
+**Owner** (``claim``, when a run starts): the bookkeeping table
+``sluiceway_sink_owners`` (made in the connection's current schema on first
+use) holds, per table, the job, job id and sink step that write it. Another
+job, another sink step of this job, or this job under other checkpoints (its
+checkpoint history was deleted: appending again would duplicate) is refused
+in one line before anything is written or rolled back: two runs of one job
+and step would roll back each other's prepared transactions. A record keeps
+the table's oid (from the claim, or from the first writer once it made the
+table): when that table was dropped since (it is gone, or another has its
+name) the record protects nothing and is replaced. To hand a table over,
+``DELETE FROM sluiceway_sink_owners WHERE target = '<schema>.<table>'``. A
+table without a record is claimed as it is: its rows carry no epochs, so
+nothing tells whose they are.
 """
 
 from __future__ import annotations
@@ -38,10 +53,12 @@ import re
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from sluiceway.operators.errors import FlowValidationError, SinkError
+from sluiceway.checkpoint.storage import StorageRetry
+from sluiceway.operators.errors import FlowValidationError, SinkError, SinkOwnershipError
 from sluiceway.operators.connectors import requires
 from sluiceway.operators.connectors.codec import call_server
-from sluiceway.operators.sinks import Sink, SinkContext, SinkWriter
+from sluiceway.operators.sink_guard import owner_refusal
+from sluiceway.operators.sinks import Sink, SinkContext, SinkOwner, SinkWriter
 
 MODES = ("append", "upsert")
 _PG_TYPES = [
@@ -88,20 +105,30 @@ def column_type(t: pa.DataType) -> str:
     raise SinkError(f"PostgresSink cannot create a column for Arrow type {t}; create the table yourself")
 
 
-def server_name(dsn: str) -> str:
-    """Where a DSN points, without its password, for messages.
-
-    >>> server_name("host=db.internal port=5433 user=app password=secret dbname=shop")
-    'PostgreSQL at db.internal:5433 (database shop)'
-    """
+def _server(dsn: str) -> tuple[str, int, str]:
+    """A DSN's host, port and database."""
     fields = dict(re.findall(r"(\w+)=(\S+)", dsn))
     if "://" in dsn:
         from urllib.parse import urlsplit
 
         url = urlsplit(dsn)
         fields = {"host": url.hostname or "localhost", "port": url.port or 5432, "dbname": url.path.lstrip("/")}
-    return (f"PostgreSQL at {fields.get('host', 'localhost')}:{fields.get('port', 5432)}"
-            f" (database {fields.get('dbname') or fields.get('user') or 'postgres'})")
+    return (fields.get("host", "localhost"), int(fields.get("port", 5432)),
+            fields.get("dbname") or fields.get("user") or "postgres")
+
+
+def server_name(dsn: str) -> str:
+    """Where a DSN points, without its password, for messages.
+
+    >>> server_name("host=db.internal port=5433 user=app password=secret dbname=shop")
+    'PostgreSQL at db.internal:5433 (database shop)'
+    """
+    host, port, dbname = _server(dsn)
+    return f"PostgreSQL at {host}:{port} (database {dbname})"
+
+
+OWNERS = "sluiceway_sink_owners"  # the bookkeeping table: who writes each table (see the module doc)
+_TARGET = "COALESCE(NULLIF(%s, ''), current_schema()) || '.' || %s"  # a table's name, schema-qualified
 
 
 def connect(dsn: str, deadline_s: float, on_wait=None, autocommit: bool = False):
@@ -153,6 +180,16 @@ class _PostgresWriter(SinkWriter):
                                       f"{', '.join(missing)} of the stream (table: {', '.join(have)}; stream: "
                                       f"{', '.join(schema.names)}); alter the table or select the columns it has")
 
+    def _record_oid(self, conn) -> None:
+        """The owner record of a table made after its claim learns the table's oid: dropped and made again
+        (another oid), the table no longer holds what the record speaks for."""
+        if conn.execute("SELECT to_regclass(%s)", [OWNERS]).fetchone()[0] is None:
+            return  # no run has claimed a table in this database
+        schema_name, _, table_name = self.sink.table.rpartition(".")
+        conn.execute(f"UPDATE {OWNERS} SET target_oid = to_regclass(%s)::oid WHERE target = {_TARGET} "
+                     "AND target_oid IS NULL AND job = %s AND step = %s",
+                     [_table_ident(self.sink.table), schema_name, table_name, self.context.job, self.context.step])
+
     def precommit(self, epoch: int, table: pa.Table | None) -> dict:
         handle = {"subtask": self.context.subtask, "gid": None, "rows": 0}
         if table is None or table.num_rows == 0:
@@ -173,6 +210,7 @@ class _PostgresWriter(SinkWriter):
                 sink.ensure_table(table.schema, self.context.on_wait)
             with connect(sink.dsn, sink.connect_deadline_s, self.context.on_wait) as conn:
                 self._check_table(conn, table.schema)
+                self._record_oid(conn)
             self.checked = True
         gid = (f"{gid_prefix(self.context.job, self.context.step)}{epoch}:{self.context.subtask}:"
                f"{self.context.attempt}")
@@ -239,7 +277,7 @@ class PostgresSink(Sink):
     kind = "postgres"
 
     def __init__(self, dsn: str, table: str, mode: str = "append", key: list[str] | None = None,
-                 create_table: bool = False, connect_deadline_s: float = 120.0):
+                 create_table: bool = False, connect_deadline_s: float | None = None):
         if mode not in MODES:
             raise SinkError(f"PostgresSink mode {mode!r} is not one of {MODES}")
         if mode == "upsert" and not key:
@@ -247,7 +285,13 @@ class PostgresSink(Sink):
         self.dsn, self.table, self.mode = dsn, table, mode
         self.key = list(key or [])
         self.create_table = create_table
-        self.connect_deadline_s = connect_deadline_s
+        self.own_deadline_s = connect_deadline_s
+        self.run_deadline_s = StorageRetry.deadline_s  # the run sets its storage deadline here
+
+    @property
+    def connect_deadline_s(self) -> float:
+        """How long connecting is retried: ``connect_deadline_s`` if given, else the run's storage deadline."""
+        return self.run_deadline_s if self.own_deadline_s is None else self.own_deadline_s
 
     def open(self, context: SinkContext) -> SinkWriter:
         return _PostgresWriter(self, context)
@@ -271,6 +315,43 @@ class PostgresSink(Sink):
             for gid in gids:
                 if gid in prepared:  # otherwise committed before
                     conn.execute(_gid_statement("COMMIT PREPARED", gid))
+
+    def claim(self, owner: SinkOwner) -> None:
+        """Record ``owner`` in ``sluiceway_sink_owners``, or refuse it (see the module doc)."""
+        psycopg = _psycopg()
+        schema_name, _, table_name = self.table.rpartition(".")
+        with connect(self.dsn, self.connect_deadline_s, self.on_wait) as conn:  # one transaction
+            try:
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext('sluiceway:owners'))")  # claims one at a time
+                conn.execute(f"CREATE TABLE IF NOT EXISTS {OWNERS} (target text PRIMARY KEY, target_oid oid, "
+                             "job text NOT NULL, job_id text NOT NULL, step text NOT NULL, checkpoints text NOT NULL, "
+                             "created_at timestamptz NOT NULL DEFAULT now())")
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise SinkError(f"PostgresSink cannot keep its owner records in {OWNERS} in {server_name(self.dsn)} "
+                                f"({exc.diag.message_primary}): let the job's user create tables in its schema, or "
+                                f"create {OWNERS} for it (see sluiceway.operators.connectors.postgres)") from None
+            target, oid = conn.execute(f"SELECT {_TARGET}, to_regclass(%s)::oid",
+                                       [schema_name, table_name, _table_ident(self.table)]).fetchone()
+            row = conn.execute(f"SELECT job, job_id, step, checkpoints, target_oid FROM {OWNERS} WHERE target = %s",
+                               [target]).fetchone()
+            if row is not None and row[4] is not None and row[4] != oid:
+                conn.execute(f"DELETE FROM {OWNERS} WHERE target = %s", [target])  # its table was dropped
+                row = None
+            if row is None:
+                conn.execute(f"INSERT INTO {OWNERS} (target, target_oid, job, job_id, step, checkpoints) "
+                             "VALUES (%s, %s, %s, %s, %s, %s)",
+                             [target, oid, owner.job, owner.job_id, owner.step, owner.checkpoints])
+                return
+            found = {"job": row[0], "job_id": row[1], "step": row[2], "checkpoints": row[3]}
+            refusal = owner_refusal(f"PostgresSink table {target!r} in {server_name(self.dsn)}", "table", found, owner)
+            if refusal is not None:
+                raise SinkOwnershipError(refusal)
+            if row[4] is None and oid is not None:
+                conn.execute(f"UPDATE {OWNERS} SET target_oid = %s WHERE target = %s", [oid, target])
+
+    def location(self) -> str:
+        host, port, dbname = _server(self.dsn)
+        return f"postgresql://{host}:{port}/{dbname}/{self.table}"
 
     def abort(self, after_epoch: int, context: SinkContext) -> None:
         prefix = gid_prefix(context.job, context.step)

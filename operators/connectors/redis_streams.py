@@ -19,6 +19,14 @@ the key made from its key columns: ``HSET`` of its other columns, or
 ``MULTI``/``EXEC`` transaction that also records the epoch in a marker key,
 and skips an epoch the marker already holds: a replay writes nothing new,
 and a key never goes back to an older value.
+
+The sink's key prefix is its place, as a folder is a file sink's: when a run
+starts, ``claim`` records the job, job id and sink step in
+``sluiceway:owner:<prefix>`` (``SET NX``), and refuses another job, another
+sink step, or this job under other checkpoints (its markers would make the
+new run skip its epochs), in one line. A prefix without a record whose
+marker keys hold epochs of this job and step is adopted by a run with
+checkpoint history and refused to one without.
 """
 
 from __future__ import annotations
@@ -32,8 +40,9 @@ import pyarrow.compute as pc
 
 from sluiceway.operators.connectors import requires
 from sluiceway.operators.connectors.codec import bounded_ends, call_server, check_schema, decode_json
-from sluiceway.operators.errors import FlowDefinitionError, SinkError, SourceError
-from sluiceway.operators.sinks import Sink, SinkContext, SinkWriter
+from sluiceway.operators.errors import FlowDefinitionError, SinkError, SinkOwnershipError, SourceError
+from sluiceway.operators.sink_guard import owner_record, owner_refusal, untracked_refusal
+from sluiceway.operators.sinks import Sink, SinkContext, SinkOwner, SinkWriter
 from sluiceway.operators.sources import Lag, Source, dead_letter
 
 _SEQ_BITS = 20
@@ -240,12 +249,17 @@ class RedisStreamSource(Source):
                 "server": _server(self.url)}
 
 
+def marker_key(job: str, step: str, subtask: int | str) -> str:
+    """The key holding the last epoch a sink subtask wrote."""
+    return f"sluiceway:sink:{job}:{step}:{subtask}"
+
+
 class _RedisWriter(SinkWriter):
     def __init__(self, sink: "RedisSink", context: SinkContext):
         self.sink, self.context = sink, context
         self.client = _Client(sink.url, sink.connect_deadline_s)
         self.client.on_wait = context.on_wait
-        self.marker = f"sluiceway:sink:{context.job}:{context.step}:{context.subtask}"  # the last epoch written
+        self.marker = marker_key(context.job, context.step, context.subtask)  # the last epoch written
 
     def precommit(self, epoch: int, table: pa.Table | None) -> dict:
         redis = _redis()
@@ -302,6 +316,37 @@ class RedisSink(Sink):
 
     def commit(self, epoch: int, handles: list[dict]) -> None:
         """Nothing left to do: each subtask's epoch became visible in its one transaction."""
+
+    def claim(self, owner: SinkOwner) -> None:
+        """Record ``owner`` in ``sluiceway:owner:<prefix>``, or refuse it (see the module doc)."""
+        key = f"sluiceway:owner:{self.prefix}"
+        where = f"RedisSink key prefix {self.prefix!r} in {_server(self.url)}"
+        markers = marker_key(owner.job, owner.step, "*")  # a new run would skip the epochs they hold
+        start_over = f"delete the keys {self.prefix}*, {markers} and {key}"
+        client = _Client(self.url, self.connect_deadline_s)
+        client.on_wait = self.on_wait
+
+        def claim(r) -> dict | None:
+            found = r.get(key)
+            if found is None:
+                done = r.get(marker_key(owner.job, owner.step, 0))  # subtask 0 marks every epoch it writes
+                if done is not None and owner.fresh:
+                    output = f"the markers of job {owner.job!r} (sink step {owner.step!r}) through epoch {int(done)}"
+                    raise SinkOwnershipError(untracked_refusal(where, "key prefix", output, owner, start_over))
+                if r.set(key, json.dumps(owner_record(owner, self.kind)), nx=True):
+                    return None
+                found = r.get(key)  # another job claimed it at the same moment
+            return json.loads(found)
+
+        found = client.call("claim", claim)
+        refusal = None if found is None else owner_refusal(where, "key prefix", found, owner, start_over)
+        if refusal is not None:
+            raise SinkOwnershipError(refusal)
+
+    def location(self) -> str:
+        parts = urlsplit(self.url)
+        db = parts.path.strip("/") or "0"
+        return f"redis://{parts.hostname or 'localhost'}:{parts.port or 6379}/{db}/{self.prefix}*"
 
     def commands(self, table: pa.Table) -> list[tuple]:
         """The Redis commands for ``table``'s rows, in order.

@@ -75,8 +75,9 @@ def _job_env(work, rows: int, rate: int, name: str) -> dict:
 
 def _submit(cli, work, name: str, rows: int, rate: int, extra: tuple = (), until_idle: bool = True) -> dict:
     env = _job_env(work, rows, rate, name)
-    cli("submit", JOB, "--name", name, "--checkpoint-dir", str(work / name / "ckpt"),
-        *(("--until-idle",) if until_idle else ()), "--checkpoint-every", "2", *extra, env=env)
+    cli("submit", JOB, "--name", name, "--checkpoint-dir", str(work / name / "ckpt"),  # a bounded job ends by itself:
+        *(("--until-idle",) if until_idle else ("--epochs", "1000000")),  # --epochs keeps it on once its input is read
+        "--checkpoint-every", "2", *extra, env=env)
     return env
 
 
@@ -139,7 +140,7 @@ def _exactly_once(env: dict) -> None:
 
 
 def test_up_submit_status_kill_node_history_stop(cli, tmp_path, request):
-    # Not --until-idle here and below: the job runs on when its input is read, so a kill, a scale or a chaos
+    # Not until idle here and below: the job runs on when its input is read, so a kill, a scale or a chaos
     # run finds it running however slow the machine, and the test stops it once every row is committed.
     env = _submit(cli, tmp_path, "walk", rows=28_000, rate=4000, until_idle=False)
     jobs = cli.json("jobs")
