@@ -45,6 +45,8 @@ def format_event(event: dict) -> str | None:
     if kind == "recovered":
         return (f"recovered in {event['duration_s']:.2f} s: restarted {event['restarted_tasks'] or 'no'} task(s), "
                 f"restored checkpoint {event['checkpoint']}, replaying epochs {event['replay_epochs']}")
+    if kind == "flow_changed":  # the flow differs from the one its checkpoint was written by
+        return f"{'DROPPED' if event['drops_state'] else 'changed'}: {event['message']}"
     if kind == "storage_waiting":
         return f"WAITING ({event['who']}): {event['error']}; retrying for up to {event['deadline_s']:g} s"
     if kind == "storage_resumed":  # storage, or a source's or sink's server

@@ -351,9 +351,16 @@ class JobSupervisor:
         storage = lease = None
         try:
             plan = physical_plan(flow.graph, self.parallelism or flow.graph.parallelism or default_parallelism())
-            storage, job_doc, lease = open_job(plan, self.spec.checkpoint_dir,
-                                               storage_deadline_s=self.spec.options.storage_deadline_s, force=force,
-                                               lease_ttl_s=self.spec.options.lease_ttl_s)
+            sinks = plan.sinks()
+            for step, sink in sinks.items():  # a sink claiming its output may wait for its server: say so
+                sink.on_wait = self._sink_waits(step)
+            try:
+                storage, job_doc, lease = open_job(plan, self.spec.checkpoint_dir,
+                                                   storage_deadline_s=self.spec.options.storage_deadline_s,
+                                                   force=force, lease_ttl_s=self.spec.options.lease_ttl_s)
+            finally:
+                for sink in sinks.values():
+                    sink.on_wait = None  # the coordinator sets its own
         except Exception as exc:  # noqa: BLE001 - shown as the job's error
             self._end(FAILED, str(exc))
             return None
@@ -412,6 +419,19 @@ class JobSupervisor:
     def _pump(self, coordinator: Coordinator, ended: threading.Event) -> None:
         while not ended.wait(0.2):
             self._drain(coordinator)
+
+    def _sink_waits(self, step: str):
+        """An ``on_wait`` for a sink's wait before the coordinator runs, logged as the coordinator's are."""
+
+        def on_wait(kind: str, message: str) -> None:
+            if kind == "waiting":
+                self._on_event({"type": "storage_waiting", "at": time.time(), "who": f"sink {step}",
+                                "error": message, "deadline_s": self.spec.options.storage_deadline_s})
+            else:
+                self._on_event({"type": "storage_resumed", "at": time.time(), "who": f"sink {step}",
+                                "message": message})
+
+        return on_wait
 
     def _drain(self, coordinator: Coordinator) -> None:
         for event in coordinator.drain_events():

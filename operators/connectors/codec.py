@@ -107,6 +107,33 @@ def empty_dead_letters() -> pa.Table:
     return DEAD_LETTER_SCHEMA.empty_table()
 
 
+class ServerDeadline:
+    """For a source or sink that waits for a server: how long it retries
+    connecting. ``connect_deadline_s`` when the user gave one, else the
+    run's storage deadline (``--storage-deadline``, which
+    :func:`sluiceway.jobs.runner.set_server_deadline` sets as
+    ``run_deadline_s``): one deadline for every wait of a job.
+
+    >>> class Server(ServerDeadline):
+    ...     def __init__(self, connect_deadline_s=None):
+    ...         self.connect_deadline_s = connect_deadline_s
+    >>> s = Server(); s.run_deadline_s = 5.0
+    >>> s.connect_deadline_s, Server(30.0).connect_deadline_s
+    (5.0, 30.0)
+    """
+
+    own_deadline_s: float | None = None
+    run_deadline_s: float = StorageRetry.deadline_s
+
+    @property
+    def connect_deadline_s(self) -> float:
+        return self.run_deadline_s if self.own_deadline_s is None else self.own_deadline_s
+
+    @connect_deadline_s.setter
+    def connect_deadline_s(self, value: float | None) -> None:
+        self.own_deadline_s = value
+
+
 def call_server(what: str, server: str, fn, deadline_s: float, on_wait=None, *, retry_on=Exception,
                 error=SourceError, address: str = "URL"):
     """``fn()``, retried with backoff (0.1 s doubling to 5 s) while ``server``
@@ -116,7 +143,8 @@ def call_server(what: str, server: str, fn, deadline_s: float, on_wait=None, *, 
 
     def give_up(cause: str, waited_s: float) -> Exception:
         return error(f"{cause.splitlines()[0]} (kept failing for {waited_s:.0f} s, past the {deadline_s:g} s "
-                     f"connect deadline); check that the server runs and the {address} is right")
+                     f"connect deadline: --storage-deadline, or the connector's connect_deadline_s); check that the "
+                     f"server runs and the {address} is right")
 
     return call_with_retry(what, server, fn, StorageRetry(deadline_s, 0.1, 5.0), on_wait,
                            retry_on=retry_on, give_up=give_up)

@@ -25,7 +25,7 @@ import threading
 import pyarrow as pa
 
 from sluiceway.operators.connectors import requires
-from sluiceway.operators.connectors.codec import bounded_ends, call_server, check_schema, decode_json
+from sluiceway.operators.connectors.codec import ServerDeadline, bounded_ends, call_server, check_schema, decode_json
 from sluiceway.operators.errors import FlowDefinitionError, SourceError
 from sluiceway.operators.sources import Lag, Source
 
@@ -85,7 +85,7 @@ class _Loop:
                            self.deadline_s, self.on_wait, retry_on=unreachable)
 
 
-class NatsJetStreamSource(Source):
+class NatsJetStreamSource(ServerDeadline, Source):
     """Messages of JetStream streams, a partition per stream or per subject (see the module)."""
 
     kind = "nats"
@@ -93,7 +93,7 @@ class NatsJetStreamSource(Source):
     def __init__(self, url: str, schema, *, stream: str | None = None, subjects: list[str] | None = None,
                  streams: list[str] | None = None, subject_column: str | None = None,
                  sequence_column: str | None = None, time_column: str | None = None, skip_deleted: bool = False,
-                 bounded: bool | dict[int, int] = False, connect_deadline_s: float = 120.0):
+                 bounded: bool | dict[int, int] = False, connect_deadline_s: float | None = None):
         if (stream is None) == (streams is None):
             raise FlowDefinitionError("NatsJetStreamSource needs stream='NAME' (with subjects=[...] for a "
                                       "partition per subject) or streams=['A', 'B'] (a partition per stream)")

@@ -53,10 +53,9 @@ import re
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from sluiceway.checkpoint.storage import StorageRetry
 from sluiceway.operators.errors import FlowValidationError, SinkError, SinkOwnershipError
 from sluiceway.operators.connectors import requires
-from sluiceway.operators.connectors.codec import call_server
+from sluiceway.operators.connectors.codec import ServerDeadline, call_server
 from sluiceway.operators.sink_guard import owner_refusal
 from sluiceway.operators.sinks import Sink, SinkContext, SinkOwner, SinkWriter
 
@@ -266,7 +265,7 @@ class _PostgresWriter(SinkWriter):
         conn.execute(f"DROP TABLE {stage}")
 
 
-class PostgresSink(Sink):
+class PostgresSink(ServerDeadline, Sink):
     """Rows of each epoch into PostgreSQL table ``table`` (``schema.table``
     allowed), visible per epoch, exactly once. ``mode="upsert"`` needs
     ``key`` (the table's primary key or a unique constraint on it), and
@@ -285,13 +284,7 @@ class PostgresSink(Sink):
         self.dsn, self.table, self.mode = dsn, table, mode
         self.key = list(key or [])
         self.create_table = create_table
-        self.own_deadline_s = connect_deadline_s
-        self.run_deadline_s = StorageRetry.deadline_s  # the run sets its storage deadline here
-
-    @property
-    def connect_deadline_s(self) -> float:
-        """How long connecting is retried: ``connect_deadline_s`` if given, else the run's storage deadline."""
-        return self.run_deadline_s if self.own_deadline_s is None else self.own_deadline_s
+        self.connect_deadline_s = connect_deadline_s  # None: the run's storage deadline (ServerDeadline)
 
     def open(self, context: SinkContext) -> SinkWriter:
         return _PostgresWriter(self, context)

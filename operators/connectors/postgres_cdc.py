@@ -62,7 +62,7 @@ import time
 import pyarrow as pa
 
 from sluiceway.operators.connectors import requires
-from sluiceway.operators.connectors.codec import call_server
+from sluiceway.operators.connectors.codec import ServerDeadline, call_server
 from sluiceway.operators.errors import FlowDefinitionError, SourceError
 from sluiceway.operators.sources import Lag, Source, dead_letter
 
@@ -160,7 +160,7 @@ class _Snapshot:
         return full < self.xmin or (full < self.xmax and full not in self.xip)
 
 
-class PostgresCDCSource(Source):
+class PostgresCDCSource(ServerDeadline, Source):
     """The changes of ``tables`` (``"orders"`` or ``"shop.orders"``) through the
     logical replication slot ``slot``, created with ``wal2json`` when missing
     (and dropped only by ``sluiceway cdc drop-slot``). See the module."""
@@ -168,7 +168,7 @@ class PostgresCDCSource(Source):
     kind = "postgres-cdc"
 
     def __init__(self, dsn: str, tables: list[str] | str, slot: str, *, updates: str = "upsert",
-                 connect_deadline_s: float = 120.0):
+                 connect_deadline_s: float | None = None):
         tables = [tables] if isinstance(tables, str) else list(tables)
         if not tables:
             raise FlowDefinitionError("PostgresCDCSource needs tables=[...]: the tables whose changes to capture")

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 
 from sluiceway.operators.connectors import requires
-from sluiceway.operators.connectors.codec import call_server, check_schema, decode_json
+from sluiceway.operators.connectors.codec import ServerDeadline, call_server, check_schema, decode_json
 from sluiceway.operators.errors import FlowDefinitionError, SourceError
 from sluiceway.operators.sources import Source
 
@@ -59,7 +59,7 @@ def message_key(message_id: str | None, body: bytes) -> str:
     return message_id if message_id else "sha256:" + hashlib.sha256(body).hexdigest()
 
 
-class RabbitMQSource(Source):
+class RabbitMQSource(ServerDeadline, Source):
     """Messages of a RabbitMQ queue, each a JSON object with the schema's columns (see the module).
 
     ``queue`` must exist, unless ``exchange`` is given: then a durable queue
@@ -72,7 +72,7 @@ class RabbitMQSource(Source):
 
     def __init__(self, url: str, queue: str, schema, *, exchange: str | None = None, routing_key: str = "",
                  partitions: int = 1, max_unacked: int = 50_000, id_column: str | None = None,
-                 wal_retention_s: float = 7 * 24 * 3600.0, connect_deadline_s: float = 120.0):
+                 wal_retention_s: float = 7 * 24 * 3600.0, connect_deadline_s: float | None = None):
         if not isinstance(url, str) or not url.startswith(("amqp://", "amqps://")):
             raise FlowDefinitionError(f"RabbitMQSource url must be amqp://user:password@host:port/vhost, got {url!r}")
         if not isinstance(queue, str) or not queue:
@@ -99,7 +99,7 @@ class RabbitMQSource(Source):
 
     def __getstate__(self):
         keep = ("url", "queue", "exchange", "routing_key", "schema", "partitions", "max_unacked", "id_column",
-                "wal_retention_s", "connect_deadline_s", "_wal_url")
+                "wal_retention_s", "own_deadline_s", "run_deadline_s", "_wal_url")
         return {k: v for k, v in self.__dict__.items() if k in keep}
 
     def __setstate__(self, state):

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluiceway.operators.connectors import requires
-from sluiceway.operators.connectors.codec import bounded_ends, call_server, check_schema, decode_json
+from sluiceway.operators.connectors.codec import ServerDeadline, bounded_ends, call_server, check_schema, decode_json
 from sluiceway.operators.errors import FlowDefinitionError, SinkError, SinkOwnershipError, SourceError
 from sluiceway.operators.sink_guard import owner_record, owner_refusal, untracked_refusal
 from sluiceway.operators.sinks import Sink, SinkContext, SinkOwner, SinkWriter
@@ -100,7 +100,7 @@ class _Client:
                            retry_on=(redis.ConnectionError, redis.TimeoutError))
 
 
-class RedisStreamSource(Source):
+class RedisStreamSource(ServerDeadline, Source):
     """Entries of Redis streams, one partition per stream key.
 
     ``schema`` names the columns and their types; ``json_field`` is the
@@ -118,7 +118,7 @@ class RedisStreamSource(Source):
 
     def __init__(self, url: str, streams: list[str] | str, schema, *, json_field: str | None = None,
                  id_column: str | None = "_id", skip_trimmed: bool = False, bounded: bool | dict[int, int] = False,
-                 connect_deadline_s: float = 120.0):
+                 connect_deadline_s: float | None = None):
         streams = [streams] if isinstance(streams, str) else list(streams)
         if not streams or not all(isinstance(s, str) and s for s in streams):
             raise FlowDefinitionError(f"RedisStreamSource needs streams=[key, ...], got {streams!r}")
@@ -287,7 +287,7 @@ class _RedisWriter(SinkWriter):
         return {"subtask": self.context.subtask, "rows": len(commands) if wrote else 0, "written": wrote}
 
 
-class RedisSink(Sink):
+class RedisSink(ServerDeadline, Sink):
     """Rows as Redis keys, idempotent per epoch and subtask (see the module).
 
     ``key`` is the column (or columns, joined by ``:``) that names each
@@ -300,7 +300,7 @@ class RedisSink(Sink):
     kind = "redis"
 
     def __init__(self, url: str, key: str | list[str], *, mode: str = "hash", prefix: str = "",
-                 connect_deadline_s: float = 120.0):
+                 connect_deadline_s: float | None = None):
         if mode not in ("hash", "set"):
             raise FlowDefinitionError(f"RedisSink mode must be 'hash' or 'set', got {mode!r}")
         keys = [key] if isinstance(key, str) else list(key)

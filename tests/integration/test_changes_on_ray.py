@@ -8,6 +8,7 @@ import pytest
 
 from sluiceway.checkpoint.errors import IncompatibleJobError
 from sluiceway.checkpoint.storage import JobStorage
+from sluiceway.cluster.events import format_event
 from sluiceway.jobs import run
 from sluiceway.jobs.dataflow import Dataflow
 from sluiceway.operators.sinks import ParquetSink, read_committed
@@ -79,7 +80,10 @@ def test_a_changed_key_is_refused_then_starts_empty_when_allowed(tmp_path):
                            "aggregate step (keyed by 'user_id') 'aggregate-user_id-")
     assert "--allow-dropped-state" in line
     assert JobStorage(str(tmp_path / "ckpt"), "payments").read_job().get("graph_history") is None
-    rest(tmp_path, build(tmp_path, key="page"), allow_dropped_state=True)
+    events = []
+    rest(tmp_path, build(tmp_path, key="page"), allow_dropped_state=True, on_event=events.append)
+    assert [format_event(e) for e in events if e["type"] == "flow_changed"][0].startswith(
+        "DROPPED: the checkpoint holds the state of aggregate step (keyed by 'user_id')")
     assert_raw_exactly_once(tmp_path)
     pages = [r for r in read_committed(str(tmp_path / "totals")).to_pylist() if r.get("page") is not None]
     assert sum(1 for _ in pages) > 0
