@@ -813,6 +813,7 @@ def _submit_to_first_epoch(exe: str, job: str, work: str, env: dict, runs: int =
             subprocess.run([exe, "stop", "ten"], capture_output=True, env=env)
         print(f"sluiceway submit -> first committed epoch (a running `up` cluster, CLI start included): "
               f"{', '.join(f'{s:.2f} s' for s in took)}", flush=True)
+        shutil.rmtree(os.path.join(work, "out"), ignore_errors=True)  # owned by the last submitted job
         t0 = time.perf_counter()
         subprocess.run([exe, "run", job, "--checkpoint-dir", os.path.join(work, "ran"), "--until-idle",
                         "--trigger", "0.1"], check=True, capture_output=True, env=env)
