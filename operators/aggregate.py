@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluiceway.operators.base import KeyedLogic, Operator, OperatorContext, OperatorLogic
-from sluiceway.operators.errors import FlowDefinitionError, missing_columns
+from sluiceway.operators.errors import FlowDefinitionError, FlowValidationError, missing_columns
+from sluiceway.operators.sink_guard import promoted
 from sluiceway.operators.store import KeyedStore
 
 SUPPORTED_FUNCTIONS = ("count", "count_all", "sum", "min", "max", "mean")
@@ -222,12 +223,30 @@ class AggregateLogic(KeyedLogic):
         if old is not None:
             if not set(partial.column_names).issubset(old.column_names):
                 old = _with_new_pairs(old, partial.schema)
-            combined = pa.concat_tables([partial, old.select(partial.column_names)], promote_options="permissive")
+            try:
+                combined = pa.concat_tables([partial, old.select(partial.column_names)], promote_options="permissive")
+            except (pa.ArrowTypeError, pa.ArrowInvalid):
+                raise self._state_type_error(partial, old) from None
             merged = op.acc.merge(combined, [key])
         else:
             merged = partial
         self.store.put(merged)
         return op.acc.finalize(merged, [key])
+
+    def _state_type_error(self, partial: pa.Table, old: pa.Table) -> FlowValidationError:
+        """A pair whose values this epoch cannot merge with what its state holds (a column changed type)."""
+        for i, (column, function) in enumerate(self.op.pairs):
+            for name in (f"__acc{i}", f"__acc{i}_sum"):
+                if name in partial.column_names and name in old.column_names:
+                    now, before = partial.schema.field(name).type, old.schema.field(name).type
+                    if promoted(now, before) is None:
+                        return FlowValidationError(
+                            self.context.step, "aggregate",
+                            f"{function}({column}) gets {now} values now, and its state holds {before} (from "
+                            f"earlier epochs or the restored checkpoint); cast {column!r} in the job to keep the "
+                            f"state, or name the step anew to start it empty")
+        return FlowValidationError(self.context.step, "aggregate", "this epoch's values cannot be merged with the "
+                                   "types its state holds; cast the aggregated columns in the job")
 
 
 def _with_new_pairs(old: pa.Table, schema: pa.Schema) -> pa.Table:

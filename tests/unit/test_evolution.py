@@ -148,3 +148,23 @@ def test_new_steps_and_sources_are_reported_and_carried():
     changes = evolution.compare(checkpoint_of(flow()), flow(second_source=True).graph)
     assert not losing(changes)
     assert [c.line.split(" is new")[1] for c in changes] == [": it reads from its start"]
+
+
+def test_a_pair_whose_column_changed_type_names_the_pair_not_its_state_columns():
+    import pyarrow as pa
+
+    from sluiceway.jobs.testing import run_local
+    from sluiceway.operators.errors import FlowValidationError
+    from sluiceway.operators.sources import GeneratorSource
+
+    def values(partition, start, stop):  # int64 for two epochs, then text
+        v = pa.array([str(i) for i in range(start, stop)]) if start >= 2 else pa.array(range(start, stop))
+        return pa.record_batch({"u": pa.array([1] * (stop - start)), "v": v})
+
+    f = Dataflow("j")
+    f.source(GeneratorSource(values, 1, 1e9, 4)).key_by("u").aggregate([("v", "max")], name="top").sink(CollectSink())
+    with pytest.raises(FlowValidationError) as err:
+        run_local(f, max_records_per_epoch=1)
+    assert str(err.value) == ("step 'top' (aggregate): max(v) gets string values now, and its state holds int64 "
+                              "(from earlier epochs or the restored checkpoint); cast 'v' in the job to keep the "
+                              "state, or name the step anew to start it empty")
