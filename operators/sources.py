@@ -242,7 +242,7 @@ class ListSource(Source):
     def __init__(self, rows: list[dict] | pa.Table, partitions: int = 1):
         if not isinstance(partitions, int) or partitions < 1:
             raise FlowDefinitionError(f"ListSource partitions must be a positive integer, got {partitions!r}")
-        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows))
+        table = rows if isinstance(rows, pa.Table) else _rows_table(rows)
         n = table.num_rows
         self.parts = [table.take(pa.array(range(p, n, partitions), pa.int64())) for p in range(partitions)]
 
@@ -257,6 +257,33 @@ class ListSource(Source):
 
     def read(self, partition: int, start: int, stop: int) -> pa.Table:
         return self.parts[partition].slice(start, stop - start)
+
+
+def _rows_table(rows) -> pa.Table:
+    """ListSource's rows as a table, or a line saying which row is not a record and why.
+
+    >>> _rows_table([{"x": 1}, 2])
+    Traceback (most recent call last):
+    ...
+    sluiceway.operators.errors.FlowDefinitionError: ListSource rows are dicts of column -> value (or one pyarrow Table); row 1 is an int: 2
+    >>> _rows_table([{"x": 1}, {"x": "a"}])
+    Traceback (most recent call last):
+    ...
+    sluiceway.operators.errors.FlowDefinitionError: ListSource rows do not fit one table: Could not convert 'a' with type str: tried to convert to int64
+    """
+    if isinstance(rows, (str, bytes, dict)) or not hasattr(rows, "__iter__"):
+        raise FlowDefinitionError(f"ListSource takes a list of rows (dicts of column -> value) or a pyarrow Table, "
+                                  f"got {type(rows).__name__}")
+    rows = list(rows)
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise FlowDefinitionError(f"ListSource rows are dicts of column -> value (or one pyarrow Table); row {i} "
+                                      f"is {'an' if type(row).__name__[0] in 'aeiou' else 'a'} "
+                                      f"{type(row).__name__}: {row!r:.60}")
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise FlowDefinitionError(f"ListSource rows do not fit one table: {str(exc).splitlines()[0]}") from None
 
 
 __getattr__ = lazy_exports(__name__, {
