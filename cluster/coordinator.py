@@ -43,7 +43,6 @@ from sluiceway.cluster.controller import JobController
 from sluiceway.cluster.driver import Driver
 from sluiceway.cluster.epochs import TaskAck
 from sluiceway.cluster.errors import JobFailedError
-from sluiceway.cluster.events import wait_event
 from sluiceway.cluster.executor import interleave, place
 from sluiceway.cluster.executor_actor import ExecutorActor
 from sluiceway.cluster.graph import PhysicalPlan
@@ -119,8 +118,13 @@ class Coordinator(Driver):
 
     def storage_event(self, who: str, kind: str, message: str) -> None:
         """A task, a sink or the coordinator waits for storage, or has it back."""
-        self.publish(wait_event(who, kind, message, self.storage.retry.deadline_s))
-        self.inbox.put(p.StorageWait(who, kind == "waiting", message))
+        waiting = kind == "waiting"
+        if waiting:
+            self.publish({"type": "storage_waiting", "at": time.time(), "who": who, "error": message,
+                          "deadline_s": self.storage.retry.deadline_s})
+        else:
+            self.publish({"type": "storage_resumed", "at": time.time(), "who": who, "message": message})
+        self.inbox.put(p.StorageWait(who, waiting, message))
 
     def request_stop(self, savepoint: bool = False) -> None:
         """Stop after the epochs in flight and a final checkpoint; with

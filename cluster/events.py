@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import glob
 import os
-import time
 
 
 
@@ -18,14 +17,6 @@ def lowest_watermark(event: dict) -> int | None:
     """
     marks = [m for m in (event.get("watermark") or {}).values() if m is not None]
     return min(marks) if marks else None
-
-
-def wait_event(who: str, kind: str, message: str, deadline_s: float) -> dict:
-    """The progress event of ``who`` waiting for storage or a server (``kind`` "waiting", until
-    ``deadline_s``), or having it back ("resumed"): what an ``on_wait`` listener hears, as an event."""
-    if kind == "waiting":
-        return {"type": "storage_waiting", "at": time.time(), "who": who, "error": message, "deadline_s": deadline_s}
-    return {"type": "storage_resumed", "at": time.time(), "who": who, "message": message}
 
 
 def format_event(event: dict) -> str | None:

@@ -33,9 +33,9 @@ def open_job(plan: PhysicalPlan, checkpoint_dir: str, *, storage_deadline_s: flo
     holder = LeaseHolder(socket.gethostname(), os.getpid(), uuid.uuid4().hex[:8], time.time())
     lease = leases.acquire(storage, holder, ttl_s=lease_ttl_s, now=time.time(), force=force)
     try:
-        existing = storage.read_job()
-        doc = job_document(storage, plan, existing)
-        claim_sinks(plan, storage, doc, fresh=existing is None)
+        fresh = storage.read_job() is None
+        doc = job_document(storage, plan)
+        claim_sinks(plan, storage, doc, fresh)
         return storage, doc, lease
     except BaseException:
         release_job(storage, lease)
@@ -62,9 +62,9 @@ def release_job(storage: JobStorage, lease: Lease) -> None:
         pass
 
 
-def job_document(storage: JobStorage, plan: PhysicalPlan, existing: dict | None) -> dict:
-    """Create job.json on first run (``existing``: the one read, None for none); on later runs check the flow
-    still fits it."""
+def job_document(storage: JobStorage, plan: PhysicalPlan) -> dict:
+    """Create job.json on first run; on later runs check the flow still fits it."""
+    existing = storage.read_job()
     if existing is not None:
         if not isinstance(existing, dict) or not isinstance(existing.get("max_key_groups"), int):
             raise IncompatibleJobError(

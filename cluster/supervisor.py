@@ -34,7 +34,7 @@ from sluiceway.checkpoint.timeline import RecordKind, read_history
 from sluiceway.cluster.coordinator import Coordinator
 from sluiceway.cluster.options import RunOptions
 from sluiceway.cluster.errors import JobFailedError
-from sluiceway.cluster.events import format_event, lowest_watermark, wait_event
+from sluiceway.cluster.events import format_event, lowest_watermark
 from sluiceway.operators.errors import OperatorError
 from sluiceway.operators.event_time import format_watermark
 from sluiceway.cluster.graph import plan as physical_plan
@@ -423,8 +423,15 @@ class JobSupervisor:
     def _sink_waits(self, step: str):
         """An ``on_wait`` for a sink's wait before the coordinator runs, logged as the coordinator's are."""
 
-        deadline_s = self.spec.options.storage_deadline_s
-        return lambda kind, message: self._on_event(wait_event(f"sink {step}", kind, message, deadline_s))
+        def on_wait(kind: str, message: str) -> None:
+            if kind == "waiting":
+                self._on_event({"type": "storage_waiting", "at": time.time(), "who": f"sink {step}",
+                                "error": message, "deadline_s": self.spec.options.storage_deadline_s})
+            else:
+                self._on_event({"type": "storage_resumed", "at": time.time(), "who": f"sink {step}",
+                                "message": message})
+
+        return on_wait
 
     def _drain(self, coordinator: Coordinator) -> None:
         for event in coordinator.drain_events():

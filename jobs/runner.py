@@ -6,13 +6,13 @@ import os
 import site
 import sys
 import sysconfig
+import time
 from typing import Callable
 
 import ray
 from ray.exceptions import RayTaskError
 
 from sluiceway.cluster.coordinator import CoordinatorActor, start_executors
-from sluiceway.cluster.events import wait_event
 from sluiceway.cluster.options import RunOptions
 from sluiceway.cluster.launch import open_job, release_job
 from sluiceway.cluster.restart import RestartPolicy
@@ -238,7 +238,14 @@ class _Progress:
     def listener(self, who: str) -> Callable[[str, str], None]:
         """An ``on_wait`` for a wait in this process, told as the coordinator tells its own."""
 
-        return lambda kind, message: self.deliver(wait_event(who, kind, message, self.deadline_s))
+        def on_wait(kind: str, message: str) -> None:
+            if kind == "waiting":
+                self.deliver({"type": "storage_waiting", "at": time.time(), "who": who, "error": message,
+                              "deadline_s": self.deadline_s})
+            else:
+                self.deliver({"type": "storage_resumed", "at": time.time(), "who": who, "message": message})
+
+        return on_wait
 
     def pump(self, coordinator, done) -> bool:
         """Deliver the coordinator's events of the last quarter second; True once the run ended."""

@@ -85,20 +85,14 @@ class SinkFolder:
     def call(self, what: str, path: str, fn):
         return call_with_retry(what, self.fs.unstrip_protocol(path), fn, self.retry, self.on_wait)
 
-    def parse_json(self, path: str, what: str = ""):
-        """The JSON value at ``path`` (``FileNotFoundError`` when absent); one that does not parse is a
-        :class:`SinkError` naming it, after ``what`` (``"commit marker "``)."""
-        try:
-            return json.loads(self.call("read", path, lambda: self.fs.cat_file(path)))
-        except ValueError as exc:
-            raise SinkError(f"{what}{self.fs.unstrip_protocol(path)} is not valid JSON: {exc}") from None
-
     def read_json(self, path: str) -> dict | None:
         """The JSON object at ``path``, None when absent; a malformed one is a :class:`SinkError`."""
         try:
-            doc = self.parse_json(path)
+            doc = json.loads(self.call("read", path, lambda: self.fs.cat_file(path)))
         except FileNotFoundError:
             return None
+        except ValueError as exc:
+            raise SinkError(f"{self.fs.unstrip_protocol(path)} is not valid JSON: {exc}") from None
         if not isinstance(doc, dict):
             raise SinkError(f"{self.fs.unstrip_protocol(path)} is not a JSON object")
         return doc

@@ -240,9 +240,11 @@ class _ParquetLayout(SinkFolder):
     def read_marker(self, epoch: int) -> dict | None:
         path = self.marker_path(epoch)
         try:
-            doc = self.parse_json(path, "commit marker ")
+            doc = json.loads(self.call("read", path, lambda: self.fs.cat_file(path)))
         except FileNotFoundError:
             return None
+        except ValueError as exc:
+            raise SinkError(f"commit marker {self.fs.unstrip_protocol(path)} is not valid JSON: {exc}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("files"), list):
             raise SinkError(f"commit marker {self.fs.unstrip_protocol(path)} is malformed: it lists no 'files'")
         return doc

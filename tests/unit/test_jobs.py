@@ -93,4 +93,4 @@ def test_malformed_job_document_names_the_file(tmp_path):
     storage = JobStorage(str(tmp_path / "ckpt"), "clicks")
     storage.write_json(storage.job_path, ["not", "a", "job"])
     with pytest.raises(IncompatibleJobError, match=r"^file://.*clicks/job.json is malformed"):
-        job_document(storage, plan(flow.graph), storage.read_job())
+        job_document(storage, plan(flow.graph))
